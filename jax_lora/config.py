@@ -1,0 +1,118 @@
+"""`LoraConfig`: what to adapt, at which rank and scale, and how to initialise it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+INITS = ("peft", "gaussian", "seed")
+"""Named initialisations of the input-side factor ``a`` (``b`` always starts at zero).
+
+- ``"peft"``: PEFT's default, kaiming-uniform with ``a=sqrt(5)``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+- ``"gaussian"``: PEFT's ``init_lora_weights="gaussian"``: ``N(0, (1/rank)^2)``.
+- ``"seed"``: the seed document's ``N(0, 1)``.
+"""
+
+Initializer = Callable[[Any, tuple[int, ...], Any], Any]
+
+
+def _patterns(field: str, value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"`{field}` must be a regex string or a list of regex strings, got {type(value).__name__}"
+        ) from None
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(f"`{field}` entries must be regex strings, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"`{field}` pattern {pattern!r} is not a valid regex: {e}") from None
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which layers get LoRA factors and how they behave. Validated on construction.
+
+    Each targeted layer with kernel ``W: (in..., out...)`` gets ``a: (in..., rank)`` and
+    ``b: (rank, out...)`` and computes ``y = base(x) + scale * (dropout(x) @ a) @ b``.
+
+    Args:
+      rank: the rank ``r`` of the update, ``>= 1``.
+      alpha: the LoRA alpha; ``scale = alpha / rank`` (or ``alpha / sqrt(rank)`` with
+        ``rslora``). Defaults to ``rank``, i.e. scale 1.
+      targets: a regex, or a list of regexes, matched with ``re.fullmatch`` against each
+        layer's module path joined with ``/`` (e.g. ``r".*/attention/(query|value)"``).
+        ``None`` (default) adapts every supported layer (``Dense``, ``DenseGeneral``,
+        ``Einsum``), like PEFT's ``"all-linear"``.
+      exclude: regex(es) of paths never adapted, even if ``targets`` matches them.
+      dropout: dropout rate on the LoRA branch input only (as PEFT), in ``[0, 1)``.
+      init: ``"peft"`` (default), ``"gaussian"``, ``"seed"`` (see `INITS`) or a callable
+        ``init(key, shape, dtype)`` for ``a``; ``b`` always starts at zero, so a freshly
+        wrapped model returns exactly the base model's output.
+      rslora: use rank-stabilised scaling ``alpha / sqrt(rank)``.
+      param_dtype: dtype of ``a`` and ``b`` (default float32, also for a bf16 base).
+
+    >>> from jax_lora import LoraConfig
+    >>> cfg = LoraConfig(rank=8, alpha=16, targets=r".*/(query|value)")
+    >>> cfg.scale
+    2.0
+    """
+
+    rank: int
+    alpha: float | None = None
+    targets: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    dropout: float = 0.0
+    init: str | Initializer = "peft"
+    rslora: bool = False
+    param_dtype: Any = np.float32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+            raise TypeError(f"`rank` must be an int >= 1, got {self.rank!r}")
+        if self.rank < 1:
+            raise ValueError(f"`rank` must be >= 1, got {self.rank}")
+        object.__setattr__(self, "rank", int(self.rank))
+        alpha = self.rank if self.alpha is None else self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
+            raise TypeError(f"`alpha` must be a number, got {alpha!r}")
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"`alpha` must be a finite number > 0, got {alpha}")
+        object.__setattr__(self, "alpha", float(alpha))
+        object.__setattr__(self, "targets", _patterns("targets", self.targets))
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if isinstance(self.init, str):
+            if self.init not in INITS:
+                raise ValueError(f"`init` must be one of {INITS} or a callable, got {self.init!r}")
+        elif not callable(self.init):
+            raise TypeError(f"`init` must be one of {INITS} or a callable, got {self.init!r}")
+        try:
+            dtype = np.dtype(self.param_dtype)
+        except TypeError:
+            raise TypeError(f"`param_dtype` must be a dtype, got {self.param_dtype!r}") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"`param_dtype` must be a floating dtype, got {dtype}")
+        object.__setattr__(self, "param_dtype", dtype)
+
+    @property
+    def scale(self) -> float:
+        """The factor on ``a @ b``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``rslora``."""
+        denom = math.sqrt(self.rank) if self.rslora else self.rank
+        return self.alpha / denom

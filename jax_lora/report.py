@@ -1,0 +1,50 @@
+"""Count trainable vs total parameters, like PEFT's ``print_trainable_parameters``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from .optim import trainable_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamReport:
+    """Parameter counts: ``trainable`` (LoRA factors), ``total`` (base + LoRA)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f}"
+        )
+
+
+def param_report(variables: Any, *, also_train: Any = None) -> ParamReport:
+    """Trainable/total parameter counts of ``{"params": ..., "lora": ...}``.
+
+    Only the ``params`` and ``lora`` collections count (not e.g. ``batch_stats``).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jax_lora
+    >>> model = jax_lora.wrap(nn.Dense(16), jax_lora.LoraConfig(rank=4))
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+    >>> print(jax_lora.param_report(variables))  # a: (8, 4), b: (4, 16); kernel (8, 16), bias (16,)
+    trainable params: 96 || all params: 240 || trainable%: 40.0000
+    """
+    counted = {k: v for k, v in variables.items() if k in ("params", "lora")}
+    mask = trainable_mask(counted, also_train=also_train)
+    sizes = jax.tree.map(lambda x: int(np.size(x)), counted)
+    total = sum(jax.tree.leaves(sizes))
+    trainable = sum(
+        s for s, m in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask), strict=True) if m
+    )
+    return ParamReport(trainable=trainable, total=total)

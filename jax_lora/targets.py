@@ -1,0 +1,72 @@
+"""Which module paths a `LoraConfig` adapts, and the errors when its patterns miss."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from .config import LoraConfig
+
+SUPPORTED = "Dense, DenseGeneral, Einsum (linen) and Linear, LinearGeneral, Einsum (nnx)"
+
+
+def path_str(path: Iterable[object]) -> str:
+    """Module path as the ``/``-joined string that `LoraConfig.targets` patterns match."""
+    return "/".join(str(p) for p in path)
+
+
+def _any(patterns: Sequence[str] | None, path: str) -> bool:
+    return patterns is not None and any(re.fullmatch(p, path) for p in patterns)
+
+
+def is_target(config: LoraConfig, path: str) -> bool:
+    """Whether a supported layer at ``path`` gets LoRA factors under ``config``."""
+    if _any(config.exclude, path):
+        return False
+    return config.targets is None or _any(config.targets, path)
+
+
+def explicitly_targeted(config: LoraConfig, path: str) -> bool:
+    """Whether an explicit ``targets`` pattern names ``path`` (and ``exclude`` does not)."""
+    return config.targets is not None and is_target(config, path)
+
+
+def check_all_matched(
+    config: LoraConfig,
+    candidates: Sequence[tuple[str, str]],
+    containers: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Raise if a ``targets`` pattern matched none of ``candidates`` ((path, type) pairs).
+
+    ``containers`` are matched modules that hold other modules; they feed a hint."""
+    paths = [p for p, _ in candidates]
+    if not paths:
+        raise ValueError(
+            f"the model has no layer LoRA can adapt; supported layer types: {SUPPORTED}."
+        )
+    patterns = config.targets if config.targets is not None else ()
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, p) and is_target(config, p) for p in paths):
+            listing = "\n".join(f"  {p}  ({t})" for p, t in candidates[:50])
+            more = f"\n  ... and {len(candidates) - 50} more" if len(candidates) > 50 else ""
+            hits = [(p, t) for p, t in containers if re.fullmatch(pattern, p)]
+            if hits:
+                p, t = hits[0]
+                more += (
+                    f"\nIt matches '{p}' ({t}), which holds layers but is not one; "
+                    f"did you mean {pattern + '/.*'!r}?"
+                )
+            raise ValueError(
+                f"`targets` pattern {pattern!r} matches no supported layer (patterns are "
+                f"matched with re.fullmatch against the '/'-joined module path). "
+                f"Candidate paths:\n{listing}{more}"
+            )
+    if not any(is_target(config, p) for p in paths):
+        raise ValueError(f"`exclude` {config.exclude!r} excludes every supported layer.")
+
+
+def unsupported_error(path: str, type_name: str) -> ValueError:
+    return ValueError(
+        f"`targets` matches module '{path}' of type {type_name}, which LoRA cannot adapt "
+        f"(supported: {SUPPORTED}). Narrow the pattern, or add '{path}' to `exclude`."
+    )

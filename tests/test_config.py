@@ -1,0 +1,49 @@
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_lora import LoraConfig
+
+
+def test_defaults_and_scale():
+    cfg = LoraConfig(rank=8)
+    assert cfg.alpha == 8.0 and cfg.scale == 1.0
+    assert LoraConfig(rank=8, alpha=16).scale == 2.0
+    assert LoraConfig(rank=16, alpha=8, rslora=True).scale == pytest.approx(8 / math.sqrt(16))
+    assert cfg.param_dtype == np.float32
+    assert LoraConfig(rank=2, param_dtype=jnp.bfloat16).param_dtype == jnp.bfloat16
+
+
+def test_targets_normalised_and_input_untouched():
+    targets = [r".*/query", r".*/value"]
+    cfg = LoraConfig(rank=2, targets=targets, exclude="head")
+    assert cfg.targets == (r".*/query", r".*/value")
+    assert cfg.exclude == ("head",)
+    assert targets == [r".*/query", r".*/value"]
+    hash(cfg)  # usable as a linen module attribute
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, text",
+    [
+        ({"rank": 0}, ValueError, "`rank` must be >= 1"),
+        ({"rank": -3}, ValueError, "`rank` must be >= 1"),
+        ({"rank": 2.0}, TypeError, "`rank` must be an int"),
+        ({"rank": True}, TypeError, "`rank` must be an int"),
+        ({"rank": 2, "alpha": 0}, ValueError, "`alpha`"),
+        ({"rank": 2, "alpha": float("nan")}, ValueError, "`alpha`"),
+        ({"rank": 2, "dropout": -0.1}, ValueError, "`dropout` must be in [0, 1)"),
+        ({"rank": 2, "dropout": 1.0}, ValueError, "`dropout` must be in [0, 1)"),
+        ({"rank": 2, "init": "kaiming"}, ValueError, "`init` must be one of"),
+        ({"rank": 2, "init": 3}, TypeError, "`init` must be one of"),
+        ({"rank": 2, "targets": "(unclosed"}, ValueError, "`targets` pattern '(unclosed'"),
+        ({"rank": 2, "targets": [1]}, TypeError, "`targets` entries"),
+        ({"rank": 2, "exclude": 5}, TypeError, "`exclude`"),
+        ({"rank": 2, "param_dtype": jnp.int32}, TypeError, "`param_dtype`"),
+    ],
+)
+def test_bad_config(kwargs, err, text):
+    with pytest.raises(err, match=__import__("re").escape(text)):
+        LoraConfig(**kwargs)

@@ -1,0 +1,34 @@
+"""README's commands are what CI runs, and its worked example runs and prints what it says."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_second():
+    head = README.split("## ")[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", head, re.S)
+    assert len(commands) == 2
+    assert "examples/digits.py" in commands[0]
+    assert "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci
+
+
+def test_worked_example_runs_and_prints_its_comments():
+    import jax
+
+    code = _blocks("python")[0]
+    out = io.StringIO()
+    with jax.numpy_dtype_promotion("standard"), contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    expected = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    assert out.getvalue().splitlines() == expected
