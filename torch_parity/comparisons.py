@@ -121,10 +121,7 @@ def _base_linear(tm, name):
     m = tm.get_submodule(name)
     if hasattr(m, "base_layer"):  # PEFT
         m = m.base_layer
-    if hasattr(m, "parametrizations"):
-        w = m.parametrizations["weight"].original
-    else:
-        w = m.weight
+    w = m.parametrizations["weight"].original if hasattr(m, "parametrizations") else m.weight
     return {"weight": w, "bias": m.bias, "in": m.in_features, "out": m.out_features}
 
 
@@ -242,6 +239,12 @@ def _forward_and_grads(pair: _Pair, label: str) -> list[Row]:
 
 
 def _train(pair: _Pair, label: str, opt: str, steps: int = 20) -> list[Row]:
+    # optax's Adam raises its int32 step count to a float power: not strict-promotion clean
+    with jax.numpy_dtype_promotion("standard"):
+        return _train_impl(pair, label, opt, steps)
+
+
+def _train_impl(pair: _Pair, label: str, opt: str, steps: int) -> list[Row]:
     x, y = _data(3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     tp = pair.torch_factor_params()
@@ -613,7 +616,7 @@ def minilm_bert() -> list[Row]:
 
     def loss(lora):
         out = wrapped.apply({"params": params, "lora": lora}, ids, mask)
-        return jnp.sum((out * keep[..., None]) ** 2)
+        return jnp.sum((out * keep[..., None].astype(out.dtype)) ** 2)
 
     out_j = wrapped.apply({"params": params, "lora": lora}, ids, mask)
     assert np.abs(np.asarray(out_j) - np.asarray(base_j))[keep].max() > 1e-2, (
