@@ -1,5 +1,7 @@
 """jax_lora: LoRA (arXiv 2106.09685) for JAX and Flax."""
 
+from .checkpoint import AdapterCheckpointer as AdapterCheckpointer
+from .checkpoint import Restored as Restored
 from .config import INITS as INITS
 from .config import LoraConfig as LoraConfig
 from .linen import LoraWrapped as LoraWrapped
@@ -10,6 +12,8 @@ from .merge import merge as merge
 from .merge import unmerge as unmerge
 from .optim import optimizer as optimizer
 from .optim import trainable_mask as trainable_mask
+from .peft import export_peft as export_peft
+from .peft import import_peft as import_peft
 from .report import ParamReport as ParamReport
 from .report import param_report as param_report
 
@@ -17,10 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "INITS",
+    "AdapterCheckpointer",
     "LoraConfig",
     "LoraWrapped",
     "ParamReport",
+    "Restored",
     "disabled",
+    "export_peft",
+    "import_peft",
     "init_lora",
     "merge",
     "optimizer",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +203,15 @@ def delta_kernel(a: Array, b: Array, scale: float, kernel_ndim: int) -> Array:
         a, b, (((a.ndim - 1,), (n_lead,)), (lead, lead)), precision=lax.Precision.HIGHEST
     )
     return d * jnp.asarray(scale, dtype)
+
+
+def factor_nodes(
+    tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Mapping[str, Any]]]:
+    """Walk a ``lora`` tree: yield ``(layer path, {"a": ..., "b": ...})`` for each adapted layer."""
+    if "a" in tree and "b" in tree and not isinstance(tree["a"], Mapping):
+        yield prefix, tree
+        return
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from factor_nodes(v, (*prefix, str(k)))

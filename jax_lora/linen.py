@@ -154,16 +154,6 @@ class _Interceptor:
         return y + factors.branch(x, a, b, geom, cfg.scale, module.precision)
 
 
-def _factor_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    if "a" in tree and not isinstance(tree["a"], Mapping):
-        return [prefix]
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out += _factor_paths(v, prefix + (k,))
-    return out
-
-
 class LoraWrapped(nn.Module):
     """A linen module computing ``base`` with LoRA on the layers that ``config`` targets.
 
@@ -199,7 +189,7 @@ class LoraWrapped(nn.Module):
         lora = self.variables.get(COLLECTION, {})
         n = len(self.path)
         used_rel = {p[n:] for p in used}
-        for p in _factor_paths(lora):
+        for p, _ in factors.factor_nodes(lora):
             if p not in used_rel:
                 raise ValueError(
                     f"the `lora` variables have factors at '{path_str(p)}', but no targeted "

@@ -16,15 +16,6 @@ def _copy(tree: Any) -> Any:
     return tree
 
 
-def _factor_nodes(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
-    if "a" in tree and "b" in tree and not isinstance(tree["a"], Mapping):
-        yield prefix, tree
-        return
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _factor_nodes(v, prefix + (k,))
-
-
 def _apply(variables: Mapping[str, Any], config: LoraConfig, sign: float) -> dict[str, Any]:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jax_lora.LoraConfig, got {type(config).__name__}")
@@ -34,7 +25,7 @@ def _apply(variables: Mapping[str, Any], config: LoraConfig, sign: float) -> dic
                 f"`variables` has no {key!r} entry; pass {{'params': ..., 'lora': ...}}."
             )
     params = _copy(variables["params"])
-    for path, node in _factor_nodes(variables["lora"]):
+    for path, node in factors.factor_nodes(variables["lora"]):
         where = path_str(path) or "<root>"
         layer = params
         for k in path:

