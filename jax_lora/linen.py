@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -80,6 +81,27 @@ def _owns_variables(module: nn.Module) -> bool:
     )
 
 
+def _factor_boxes(module: nn.Module, geom: factors.Geometry):
+    """Partitioning for ``a`` and ``b`` inherited from the kernel's flax metadata, if any.
+
+    ``a`` takes the kernel's (leading and) input-axis names and replicates the rank axis; ``b``
+    replicates the rank axis and takes the output-axis names. Works for
+    ``nn.with_logical_partitioning`` (logical names) and ``nn.with_partitioning`` (mesh axes).
+    Returns two functions value -> boxed value (identity when the kernel carries no names).
+    """
+    box = module.get_variable("params", "kernel")
+    names = getattr(box, "names", None)
+    if not isinstance(box, nn.meta.AxisMetadata) or names is None or len(names) != box.value.ndim:
+        return (lambda v: v), (lambda v: v)
+    n_lead, n_in = len(geom.lead_shape), len(geom.in_shape)
+    a_names = (*names[: n_lead + n_in], None)
+    b_names = (*names[:n_lead], None, *names[n_lead + n_in :])
+    return (
+        lambda v: dataclasses.replace(box, value=v, names=a_names),
+        lambda v: dataclasses.replace(box, value=v, names=b_names),
+    )
+
+
 def _factor(module: nn.Module, name: str, want: tuple[int, ...], init, path: str) -> jax.Array:
     value = module.variable(COLLECTION, name, init).value
     if tuple(value.shape) != want:
@@ -132,18 +154,21 @@ class _Interceptor:
                     "`jax_lora.init_lora`, or run the base module for the plain model."
                 )
             factors.check_rank(geom, cfg.rank, path)
+            box_a, box_b = _factor_boxes(module, geom)
+        else:
+            box_a = box_b = None  # the factors exist: their initialisers never run
         a = _factor(
             module,
             "a",
-            geom.a_shape + (cfg.rank,),
-            lambda: factors.init_a(module.make_rng("params"), geom, cfg),
+            (*geom.a_shape, cfg.rank),
+            lambda: box_a(factors.init_a(module.make_rng("params"), geom, cfg)),
             path,
         )
         b = _factor(
             module,
             "b",
-            geom.lead_shape + (cfg.rank,) + geom.out_shape,
-            lambda: factors.init_b(geom, cfg),
+            (*geom.lead_shape, cfg.rank, *geom.out_shape),
+            lambda: box_b(factors.init_b(geom, cfg)),
             path,
         )
         if not self.enabled:

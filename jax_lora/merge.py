@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flax.core import meta
+
 from . import factors
 from .config import LoraConfig
 from .targets import path_str
@@ -24,8 +26,9 @@ def _apply(variables: Mapping[str, Any], config: LoraConfig, sign: float) -> dic
             raise ValueError(
                 f"`variables` has no {key!r} entry; pass {{'params': ..., 'lora': ...}}."
             )
-    params = _copy(variables["params"])
-    for path, node in factors.factor_nodes(variables["lora"]):
+    # partitioning boxes (nn.LogicallyPartitioned, ...) are metadata: work on the arrays
+    params = _copy(meta.unbox(variables["params"]))
+    for path, node in factors.factor_nodes(meta.unbox(variables["lora"])):
         where = path_str(path) or "<root>"
         layer = params
         for k in path:
