@@ -1,0 +1,410 @@
+"""LoRA step cost vs the frozen model's floor, full fine-tuning, Flax's nnx.LoRA and PEFT.
+
+Every configuration is built once, warmed up, then timed in interleaved rounds (one step of
+each per round, so machine noise hits all alike); medians are reported with compile time
+separately, and ratios of medians measured side by side in this one process. Peak RSS of
+`full` and `lora_all` come from separate processes.
+
+    python benchmarks/run.py                 # defaults of the issue: d 768, 2 layers, fp32
+    python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
+    python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
+    python benchmarks/run.py --json          # last line: one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, torch_gpt
+
+import jax_lora
+
+QUICK = {"vocab": 2048, "d_model": 256, "heads": 4, "d_ff": 1024, "layers": 2, "seq": 64}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = GPTConfig()
+    p.add_argument("--vocab", type=int, default=d.vocab)
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--d-ff", type=int, default=d.d_ff)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--seq", type=int, default=d.seq)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="base model dtype (LoRA factors stay fp32)",
+    )
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10 for the report)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--quick", action="store_true", help="small model and 6 rounds: < 60 s on 2 cores"
+    )
+    p.add_argument("--only", default="", help="comma-separated configurations to run")
+    p.add_argument("--no-torch", action="store_true", help="skip the PEFT configuration")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (e.g. 790 for H200 bf16 here)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument(
+        "--rss-of", default=None, help=argparse.SUPPRESS
+    )  # internal: peak RSS of one config
+    a = p.parse_args(argv)
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(a, k.replace("-", "_"), v)
+        a.repeats = min(a.repeats, 6)
+    return a
+
+
+def _cfg(a) -> GPTConfig:
+    return GPTConfig(a.vocab, a.d_model, a.heads, a.d_ff, a.layers, a.seq, a.dtype)
+
+
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels
+    ).mean()
+
+
+def build(a, names: list[str]) -> dict:
+    """``{name: step()}``: each call runs one step on device and blocks until it is done."""
+    cfg = _cfg(a)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab, (a.batch, cfg.seq)), jnp.int32)
+    labels = jnp.asarray(rng.integers(0, cfg.vocab, (a.batch, cfg.seq)), jnp.int32)
+    model = LinenGPT(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    steps: dict = {}
+    tx = optax.adam(1e-4)
+    # build only what `names` asks for: the peak-RSS processes build one configuration each
+
+    if "full" in names:
+        state = {"p": jax.tree.map(jnp.copy, params)}
+        state["o"] = tx.init(state["p"])
+
+        @jax.jit
+        def full(p, o):
+            loss, g = jax.value_and_grad(lambda p: _ce(model.apply({"params": p}, tokens), labels))(
+                p
+            )
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+
+        full = jax.jit(full, donate_argnums=(0, 1))
+
+        def run_full():
+            state["p"], state["o"], loss = full(state["p"], state["o"])
+            loss.block_until_ready()
+
+        steps["full"] = run_full
+
+    if "floor" in names:
+        s = {"s": jnp.ones((), jnp.float32)}
+
+        @jax.jit
+        def floor(scale, params):
+            loss, g = jax.value_and_grad(
+                lambda sc: _ce(model.apply({"params": params}, tokens, sc), labels)
+            )(scale)
+            return scale - 1e-4 * g, loss
+
+        def run_floor():
+            s["s"], loss = floor(s["s"], params)
+            loss.block_until_ready()
+
+        steps["floor"] = run_floor
+
+    def lora_model(targets):
+        config = jax_lora.LoraConfig(
+            rank=a.rank, alpha=2 * a.rank, targets=rf".*/({'|'.join(targets)})"
+        )
+        wrapped = jax_lora.wrap(model, config)
+        init = jax.jit(
+            lambda p: jax_lora.init_lora(wrapped, jax.random.key(1), {"params": p}, tokens)
+        )
+        return wrapped, config, init(params)
+
+    for name, targets in (("lora_qv", ("q", "v")), ("lora_all", TARGETS)):
+        if name not in names:
+            continue
+        wrapped, config, lora = lora_model(targets)
+        st = {"l": jax.tree.map(jnp.copy, lora), "o": tx.init(lora)}  # the step donates its buffers
+
+        def lora_step(lora, o, params, wrapped=wrapped):
+            def loss_fn(lora):
+                return _ce(wrapped.apply({"params": params, "lora": lora}, tokens), labels)
+
+            loss, g = jax.value_and_grad(loss_fn)(lora)
+            u, o = tx.update(g, o, lora)
+            return optax.apply_updates(lora, u), o, loss
+
+        fn = jax.jit(lora_step, donate_argnums=(0, 1))
+
+        def run_lora(st=st, fn=fn):
+            st["l"], st["o"], loss = fn(st["l"], st["o"], params)
+            loss.block_until_ready()
+
+        steps[name] = run_lora
+
+    base_fwd = jax.jit(lambda p: model.apply({"params": p}, tokens))
+    if "infer_base" in names:
+        steps["infer_base"] = lambda: base_fwd(params).block_until_ready()
+    if "infer_unmerged" in names or "infer_merged" in names:
+        wrapped, config, lora = lora_model(TARGETS)
+        # non-zero b so that the unmerged branch is real work
+        lora = jax.tree_util.tree_map_with_path(
+            lambda p, x: x + 0.01 if str(p[-1]) == "['b']" else x, lora
+        )
+        v = {"params": params, "lora": lora}
+        unmerged = jax.jit(lambda v: wrapped.apply(v, tokens))
+        merged = jax.jit(jax_lora.merge, static_argnums=1)(v, config)
+        steps["infer_unmerged"] = lambda: unmerged(v).block_until_ready()
+        steps["infer_merged"] = lambda: base_fwd(merged).block_until_ready()
+
+    if "nnx_builtin" in names:
+        from flax import nnx
+
+        nm = NnxGPT(cfg, a.rank, nnx.Rngs(0))
+        opt = nnx.Optimizer(nm, tx, wrt=nnx.LoRAParam)
+        graphdef, nstate = nnx.split((nm, opt))
+
+        def nnx_step(nstate):
+            m, o = nnx.merge(graphdef, nstate)
+
+            def loss_fn(m):
+                return _ce(m(tokens), labels)
+
+            loss, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
+            o.update(m, g)
+            return nnx.state((m, o)), loss
+
+        nfn = jax.jit(nnx_step, donate_argnums=0)
+        box = {"s": nstate}
+
+        def run_nnx():
+            box["s"], loss = nfn(box["s"])
+            loss.block_until_ready()
+
+        steps["nnx_builtin"] = run_nnx
+
+    if "peft" in names:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.manual_seed(0)
+        tm = get_peft_model(
+            torch_gpt(cfg),
+            LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS)),
+        )
+        topt = torch.optim.Adam([p for p in tm.parameters() if p.requires_grad], lr=1e-4)
+        tt, tl = (
+            torch.from_numpy(np.array(tokens)).long(),
+            torch.from_numpy(np.array(labels)).long(),
+        )
+
+        def run_peft():
+            topt.zero_grad(set_to_none=True)
+            logits = tm(tt)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), tl.reshape(-1))
+            loss.backward()
+            topt.step()
+
+        steps["peft"] = run_peft
+    return steps
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss
+    does not (a child forked from a big parent inherits the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_rss_mib(name: str, a) -> float:
+    """Peak RSS of a fresh process that builds ``name`` and runs three steps."""
+    args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
+    for k in ("vocab", "d_model", "heads", "d_ff", "layers", "seq", "batch", "rank", "dtype"):
+        args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(a) -> dict:
+    if a.rss_of:
+        if a.rss_of == "baseline":  # the process itself: imports and the XLA runtime
+            jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+        else:
+            step = build(a, [a.rss_of])[a.rss_of]
+            for _ in range(3):
+                step()
+        print(_peak_rss_mib())
+        return {}
+    names = [
+        "full",
+        "floor",
+        "lora_qv",
+        "lora_all",
+        "infer_base",
+        "infer_unmerged",
+        "infer_merged",
+        "nnx_builtin",
+    ]
+    torch_ok = not a.no_torch and a.dtype == "float32"
+    if torch_ok:
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+
+            names.append("peft")
+        except ImportError:
+            torch_ok = False
+    if a.only:
+        names = [n for n in names if n in a.only.split(",")]
+    cfg = _cfg(a)
+    t0 = time.perf_counter()
+    steps = build(a, names)
+    compile_s = {}
+    for n in names:
+        t = time.perf_counter()
+        steps[n]()  # first call: trace + compile + one step
+        compile_s[n] = time.perf_counter() - t
+        for _ in range(a.warmup - 1):
+            steps[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(a.repeats):
+        for n in names:
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    rss = {}
+    if not a.no_rss and not a.only:
+        rss = {n: peak_rss_mib(n, a) for n in ("baseline", "full", "lora_all")}
+
+    def ratio(x, y):
+        return med[x] / med[y] if x in med and y in med else None
+
+    tokens = a.batch * cfg.seq
+    fwd = cfg.forward_flops(tokens)
+    flops = {
+        "full": 3 * fwd,
+        "floor": 2 * fwd,
+        "lora_qv": 2 * fwd,
+        "lora_all": 2 * fwd,
+        "nnx_builtin": 2 * fwd,
+        "peft": 2 * fwd,
+        "infer_base": fwd,
+        "infer_unmerged": fwd,
+        "infer_merged": fwd,
+    }
+    dev = jax.devices()[0]
+    report = {
+        "lora_all_over_floor": ratio("lora_all", "floor"),
+        "lora_qv_over_floor": ratio("lora_qv", "floor"),
+        "lora_all_over_full": ratio("lora_all", "full"),
+        "floor_over_full": ratio("floor", "full"),
+        "merged_over_base": ratio("infer_merged", "infer_base"),
+        "unmerged_over_base": ratio("infer_unmerged", "infer_base"),
+        "vs_nnx_builtin": ratio("lora_all", "nnx_builtin"),
+        "vs_peft": ratio("lora_all", "peft") if torch_ok else None,
+        "rss_lora_over_full": rss["lora_all"] / rss["full"] if rss else None,
+        # the same without the process baseline (imports + XLA runtime, ~0.5 GiB here)
+        "rss_lora_over_full_net": (rss["lora_all"] - rss["baseline"])
+        / (rss["full"] - rss["baseline"])
+        if rss
+        else None,
+        "median_ms": med,
+        "compile_s": compile_s,
+        "tokens_per_s": {n: tokens / (med[n] / 1e3) for n in med},
+        "tflops_per_s": {n: flops[n] / (med[n] / 1e3) / 1e12 for n in med},
+        "mfu": {n: flops[n] / (med[n] / 1e3) / 1e12 / a.peak_tflops for n in med}
+        if a.peak_tflops
+        else None,
+        "peak_rss_mib": rss or None,
+        "forward_gflops": fwd / 1e9,
+        "config": dataclasses.asdict(cfg)
+        | {"batch": a.batch, "rank": a.rank, "repeats": a.repeats},
+        "env": {
+            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "flax": __import__("flax").__version__,
+            "total_s": None,
+        },
+    }
+    report["env"]["total_s"] = time.perf_counter() - t0
+    print(
+        f"{report['env']['device']}, {os.cpu_count()} cores, jax {jax.__version__}; d={cfg.d_model} L={cfg.layers} vocab={cfg.vocab} "
+        f"batch={a.batch} seq={cfg.seq} {cfg.dtype}, rank {a.rank}; median of {a.repeats} interleaved steps"
+    )
+    print(
+        f"{'config':<15} {'median ms':>10} {'compile s':>10} {'tokens/s':>10} {'TFLOP/s':>8}"
+        + ("  MFU" if a.peak_tflops else "")
+    )
+    for n in names:
+        line = f"{n:<15} {med[n]:10.2f} {compile_s[n]:10.2f} {report['tokens_per_s'][n]:10.0f} {report['tflops_per_s'][n]:8.3f}"
+        if a.peak_tflops:
+            line += f"  {report['mfu'][n]:.1%}"
+        print(line)
+    for k in (
+        "lora_all_over_floor",
+        "lora_qv_over_floor",
+        "lora_all_over_full",
+        "floor_over_full",
+        "merged_over_base",
+        "unmerged_over_base",
+        "vs_nnx_builtin",
+        "vs_peft",
+        "rss_lora_over_full",
+        "rss_lora_over_full_net",
+    ):
+        v = report[k]
+        print(f"{k:<22} {'n/a' if v is None else f'{v:.3f}'}")
+    if rss:
+        print(
+            f"peak RSS MiB: full {rss['full']:.0f}, lora_all {rss['lora_all']:.0f}, process baseline {rss['baseline']:.0f}"
+        )
+    print(
+        f"forward matmul FLOPs/step {fwd / 1e9:.2f} G (train steps: full 3x, LoRA/floor 2x); total {report['env']['total_s']:.0f} s"
+    )
+    if a.json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
