@@ -10,6 +10,8 @@ from .linen import init_lora as init_lora
 from .linen import wrap as wrap
 from .merge import merge as merge
 from .merge import unmerge as unmerge
+from .nnx import load_lora as load_lora
+from .nnx import lora_state as lora_state
 from .optim import optimizer as optimizer
 from .optim import trainable_mask as trainable_mask
 from .peft import export_peft as export_peft
@@ -30,6 +32,8 @@ __all__ = [
     "export_peft",
     "import_peft",
     "init_lora",
+    "load_lora",
+    "lora_state",
     "merge",
     "optimizer",
     "param_report",

@@ -223,7 +223,7 @@ class LoraWrapped(nn.Module):
                 )
 
 
-def wrap(module: nn.Module, config: LoraConfig, *, name: str | None = None) -> LoraWrapped:
+def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any = None) -> Any:
     """Add LoRA to ``module``: a module transformation.
 
     Args:
@@ -231,6 +231,10 @@ def wrap(module: nn.Module, config: LoraConfig, *, name: str | None = None) -> L
       config: the `LoraConfig` saying which layers and how.
       name: the wrapper's name when it is made inside a parent module's compact method
         (paths matched by ``targets`` then start with it).
+      rngs: NNX only: ``nnx.Rngs`` for the factor init and LoRA dropout (see `wrap_nnx`).
+
+    An ``nnx.Module`` is adapted in place instead (graph surgery, see `jax_lora.nnx.wrap_nnx`)
+    and returned.
 
     Returns:
       A `LoraWrapped` module with ``module``'s call signature. ``wrapped.init(key, *args)``
@@ -245,8 +249,16 @@ def wrap(module: nn.Module, config: LoraConfig, *, name: str | None = None) -> L
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jax_lora.LoraConfig, got {type(config).__name__}")
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        from .nnx import wrap_nnx
+
+        return wrap_nnx(module, config, rngs=rngs)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"jax_lora.wrap expects a flax.linen.Module, got {type(module).__name__}")
+        raise TypeError(
+            f"jax_lora.wrap expects a flax.linen.Module or an nnx.Module, got {type(module).__name__}"
+        )
     # A module made inside a parent's compact method comes attached to that parent; the
     # wrapper adopts a detached copy so that its params land under the wrapper's own name.
     return LoraWrapped(base=module.clone(parent=None), config=config, name=name)

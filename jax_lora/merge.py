@@ -60,7 +60,7 @@ def _apply(variables: Mapping[str, Any], config: LoraConfig, sign: float) -> dic
     return params
 
 
-def merge(variables: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+def merge(variables: Any, config: LoraConfig | None = None) -> Any:
     """Params for the *unwrapped* module with each adapted kernel ``W`` replaced by
     ``W + scale * a @ b`` (computed in fp32, cast back to ``W``'s dtype).
 
@@ -71,6 +71,8 @@ def merge(variables: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     Returns:
       A new params tree; ``variables`` is not modified.
 
+    For an NNX model (``merge(model)``): a new plain model with merged kernels, no factors.
+
     >>> import flax.linen as nn, jax, jax.numpy as jnp, jax_lora
     >>> model, config = nn.Dense(16), jax_lora.LoraConfig(rank=4)
     >>> wrapped, x = jax_lora.wrap(model, config), jnp.ones((2, 8))
@@ -80,12 +82,25 @@ def merge(variables: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     >>> bool(jnp.allclose(model.apply({"params": merged}, x), wrapped.apply(variables, x), atol=1e-5))
     True
     """
+    from flax import nnx
+
+    if isinstance(variables, nnx.Module):
+        from .nnx import merge_nnx
+
+        return merge_nnx(variables)
     return _apply(variables, config, 1.0)
 
 
-def unmerge(variables: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+def unmerge(variables: Any, config: Any) -> Any:
     """The inverse of `merge`: ``W = W' - scale * a @ b`` for ``{"params": merged, "lora": ...}``.
 
-    Exact up to floating-point rounding of the subtraction (in fp32).
+    Exact up to floating-point rounding of the subtraction (in fp32). For NNX:
+    ``unmerge(merged_model, adapted_model)`` (the factors come from the adapted model).
     """
+    from flax import nnx
+
+    if isinstance(variables, nnx.Module):
+        from .nnx import unmerge_nnx
+
+        return unmerge_nnx(variables, config)
     return _apply(variables, config, -1.0)

@@ -23,13 +23,15 @@ def _key_name(k: Any) -> str:
 
 def trainable_mask(variables: Any, *, also_train: str | Sequence[str] | None = None) -> Any:
     """A pytree of bools like ``variables``: ``True`` for leaves under the top-level ``"lora"``
-    collection, and for ``params`` leaves whose ``/``-joined path (without the collection name)
+    collection (linen) or named ``lora_a``/``lora_b`` (an ``nnx.state``), and for ``params`` leaves whose ``/``-joined path (without the collection name)
     fully matches an ``also_train`` regex (e.g. a classifier head: ``r"classifier/.*"``)."""
     patterns = (also_train,) if isinstance(also_train, str) else tuple(also_train or ())
 
     def label(path, _):
         names = [_key_name(k) for k in path]
         if names and names[0] == COLLECTION:
+            return True
+        if "lora_a" in names or "lora_b" in names:  # an NNX state
             return True
         rest = "/".join(names[1:])
         return bool(names) and names[0] == "params" and any(re.fullmatch(p, rest) for p in patterns)

@@ -32,7 +32,8 @@ class ParamReport:
 def param_report(variables: Any, *, also_train: Any = None) -> ParamReport:
     """Trainable/total parameter counts of ``{"params": ..., "lora": ...}``.
 
-    Only the ``params`` and ``lora`` collections count (not e.g. ``batch_stats``).
+    Only the ``params`` and ``lora`` collections count (not e.g. ``batch_stats``). An NNX model
+    counts its ``nnx.Param``s, of which the ``nnx.LoRAParam`` factors are the trainable ones.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, jax_lora
     >>> model = jax_lora.wrap(nn.Dense(16), jax_lora.LoraConfig(rank=4))
@@ -40,6 +41,13 @@ def param_report(variables: Any, *, also_train: Any = None) -> ParamReport:
     >>> print(jax_lora.param_report(variables))  # a: (8, 4), b: (4, 16); kernel (8, 16), bias (16,)
     trainable params: 96 || all params: 240 || trainable%: 40.0000
     """
+    from flax import nnx
+
+    if isinstance(variables, nnx.Module):
+        from .nnx import param_counts
+
+        trainable, total = param_counts(variables)
+        return ParamReport(trainable=trainable, total=total)
     counted = {k: v for k, v in variables.items() if k in ("params", "lora")}
     mask = trainable_mask(counted, also_train=also_train)
     sizes = jax.tree.map(lambda x: int(np.size(x)), counted)

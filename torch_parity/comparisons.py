@@ -740,3 +740,114 @@ def peft_format_minilm() -> list[Row]:
 
 
 ALL["peft_format_minilm"] = peft_format_minilm
+
+
+# --- the NNX path against the same PEFT model ---------------------------------------------
+
+
+def peft_mlp_nnx() -> list[Row]:
+    """jax_lora on an NNX model (graph surgery) vs PEFT: forward, gradients, 20 Adam steps with
+    ``nnx.Optimizer(wrt=nnx.LoRAParam)``, merged weights, disabled."""
+    from flax import nnx
+
+    class NnxMLP(nnx.Module):
+        def __init__(self):
+            r = nnx.Rngs(0)
+            self.fc1, self.fc2, self.head = (
+                nnx.Linear(D_IN, D_HID, rngs=r),
+                nnx.Linear(D_HID, D_HID, rngs=r),
+                nnx.Linear(D_HID, D_OUT, rngs=r),
+            )
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+    def build():
+        pair = _Pair("peft")
+        model = NnxMLP()
+        for n in LINEARS:
+            getattr(model, n).kernel[...] = pair.params[n]["kernel"]
+            getattr(model, n).bias[...] = pair.params[n]["bias"]
+        jax_lora.wrap(model, pair.config)
+        jax_lora.load_lora(model, pair.lora)
+        return pair, model
+
+    label = "PEFT MLP via NNX"
+    pair, model = build()
+    x, y = _data()
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out_t = pair.torch(xt)
+    torch.mean((out_t - torch.from_numpy(y)) ** 2).backward()
+
+    def loss(m, x):
+        return jnp.mean((m(x) - y) ** 2)
+
+    g, g_x = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.LoRAParam), 1))(model, jnp.asarray(x))
+    tp = pair.torch_factor_params()
+    rows = [
+        row(f"{label}: forward", model(x), out_t),
+        row(
+            f"{label}: grad A",
+            [convert.a_to_peft(g[n]["lora_a"][...]) for n, _, _ in tp],
+            [a.grad for _, a, _ in tp],
+        ),
+        row(
+            f"{label}: grad B",
+            [convert.b_to_peft(g[n]["lora_b"][...]) for n, _, _ in tp],
+            [b.grad for _, _, b in tp],
+        ),
+        row(f"{label}: grad input", g_x, xt.grad),
+    ]
+    with torch.no_grad(), pair.torch.disable_adapter():
+        off_t = pair.torch(torch.from_numpy(x))
+    with jax_lora.disabled():
+        rows.append(row(f"{label}: disabled", model(x), off_t))
+    merged = jax_lora.merge(model)
+    merged_t = _Pair("peft").torch.merge_and_unload()
+    rows.append(
+        row(
+            f"{label}: merged weights",
+            [convert.kernel_to_torch(getattr(merged, n).kernel[...]) for n in LINEARS],
+            [getattr(merged_t, n).weight for n in LINEARS],
+        )
+    )
+
+    pair, model = build()
+    x, y = _data(3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    tp = pair.torch_factor_params()
+    topt = torch.optim.Adam([p for _, a, b in tp for p in (a, b)], lr=1e-2)
+    losses_t = []
+    for _ in range(20):
+        topt.zero_grad()
+        lt = torch.mean((pair.torch(xt) - yt) ** 2)
+        lt.backward()
+        topt.step()
+        losses_t.append(lt.item())
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+        @nnx.jit
+        def step(model, opt):
+            lj, gj = nnx.value_and_grad(
+                lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)
+            )(model)
+            opt.update(model, gj)
+            return lj
+
+        losses_j = [float(step(model, opt)) for _ in range(20)]
+    lora = jax_lora.lora_state(model)
+    rows += [
+        row(f"{label}: loss over 20 Adam steps", np.array(losses_j), np.array(losses_t), TRAIN_TOL),
+        row(
+            f"{label}: A, B after 20 Adam steps",
+            [convert.a_to_peft(lora[n]["a"]) for n, _, _ in tp]
+            + [convert.b_to_peft(lora[n]["b"]) for n, _, _ in tp],
+            [a for _, a, _ in tp] + [b for _, _, b in tp],
+            TRAIN_TOL,
+        ),
+    ]
+    return rows
+
+
+ALL["peft_mlp_nnx"] = peft_mlp_nnx

@@ -1,0 +1,227 @@
+"""The NNX path: same math as linen (shared factors.py), graph surgery, NNX training idioms."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _check import assert_close
+from _models import MLP
+from flax import nnx
+
+import jax_lora
+from jax_lora import LoraConfig
+
+
+class NnxMLP(nnx.Module):
+    """tests/_models.MLP in NNX: 16 -> 16 -> 16 -> 4."""
+
+    def __init__(self, rngs):
+        self.fc1, self.fc2, self.head = (
+            nnx.Linear(16, 16, rngs=rngs),
+            nnx.Linear(16, 16, rngs=rngs),
+            nnx.Linear(16, 4, rngs=rngs),
+        )
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+class Heads(nnx.Module):
+    def __init__(self, rngs):
+        self.q = nnx.LinearGeneral(16, (2, 8), rngs=rngs)
+        self.up = nnx.Einsum("btd,dnf->btnf", (16, 2, 8), rngs=rngs)
+        self.out = nnx.LinearGeneral((2, 8), 16, axis=(-2, -1), rngs=rngs)
+        self.ln = nnx.LayerNorm(16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.ln(self.out(self.q(x) * self.up(x)))
+
+
+@pytest.fixture(autouse=True)
+def _standard_promotion():
+    with jax.numpy_dtype_promotion("standard"):  # optax and nnx internals
+        yield
+
+
+def _pair(cfg, seed=7):
+    """The same weights and factors in linen and NNX."""
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    wrapped = jax_lora.wrap(MLP(), cfg)
+    v = wrapped.init(jax.random.key(0), x)
+    v["lora"] = jax.tree.map(
+        lambda t: 0.3 * jax.random.normal(jax.random.key(seed + t.size), t.shape), v["lora"]
+    )
+    model = jax_lora.wrap(NnxMLP(nnx.Rngs(0)), cfg)
+    for name in ("fc1", "fc2", "head"):
+        layer = getattr(model, name)
+        layer.kernel[...] = v["params"][name]["kernel"]
+        layer.bias[...] = v["params"][name]["bias"]
+    jax_lora.load_lora(model, v["lora"])
+    return x, wrapped, v, model
+
+
+def test_surgery_keeps_objects_and_paths():
+    model = NnxMLP(nnx.Rngs(0))
+    kernel = model.fc1.kernel
+    before = nnx.state(model, nnx.Param)
+    jax_lora.wrap(model, LoraConfig(rank=2, targets="fc.*"))
+    assert model.fc1.kernel is kernel and type(model.fc1).__name__ == "LoraLinear"
+    assert type(model.head) is nnx.Linear
+    after = nnx.state(model, nnx.Param)
+    assert set(
+        jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(before)[0]
+    ) < set(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(after)[0])
+    assert jax.tree.map(jnp.shape, jax_lora.lora_state(model)) == {
+        "fc1": {"a": (16, 2), "b": (2, 16)},
+        "fc2": {"a": (16, 2), "b": (2, 16)},
+    }
+    x = jnp.ones((2, 16))
+    assert_close(model(x), NnxMLP(nnx.Rngs(0))(x), 0.0)  # b = 0: the base output exactly
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_linen_and_nnx_agree(rslora):
+    cfg = LoraConfig(rank=4, alpha=6, rslora=rslora)
+    x, wrapped, v, model = _pair(cfg)
+    assert_close(nnx.jit(lambda m, x: m(x))(model, x), wrapped.apply(v, x), 1e-6)
+
+    def nnx_loss(m):
+        return jnp.sum(m(x) ** 2)
+
+    g_nnx = nnx.grad(nnx_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    g_linen = jax.grad(
+        lambda lora: jnp.sum(wrapped.apply({"params": v["params"], "lora": lora}, x) ** 2)
+    )(v["lora"])
+    for name in ("fc1", "fc2", "head"):
+        assert_close(g_nnx[name]["lora_a"][...], g_linen[name]["a"], 1e-5)
+        assert_close(g_nnx[name]["lora_b"][...], g_linen[name]["b"], 1e-5)
+
+
+def test_multi_axis_layers():
+    model = jax_lora.wrap(Heads(nnx.Rngs(0)), LoraConfig(rank=3), rngs=nnx.Rngs(5))
+    assert jax.tree.map(jnp.shape, jax_lora.lora_state(model)) == {
+        "q": {"a": (16, 3), "b": (3, 2, 8)},
+        "up": {"a": (16, 3), "b": (3, 2, 8)},
+        "out": {"a": (2, 8, 3), "b": (3, 16)},
+    }
+    lora = jax.tree.map(
+        lambda t: 0.2 * jax.random.normal(jax.random.key(t.size), t.shape),
+        jax_lora.lora_state(model),
+    )
+    jax_lora.load_lora(model, lora)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    merged = jax_lora.merge(model)
+    assert not jax_lora.nnx.adapted_layers(merged) and jax_lora.nnx.adapted_layers(model)
+    assert_close(merged(x), model(x), 1e-5)
+    back = jax_lora.unmerge(merged, model)
+    with jax_lora.disabled():
+        assert_close(back(x), model(x), 1e-5)
+
+
+def test_nnx_optimizer_trains_factors_only():
+    x, _, _, model = _pair(LoraConfig(rank=4))
+    y = jax.random.normal(jax.random.key(3), (8, 4))
+    base = jax.tree.map(np.array, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, opt):
+        loss, g = nnx.value_and_grad(
+            lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)
+        )(model)
+        opt.update(model, g)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(30)]
+    assert losses[-1] < 0.7 * losses[0]
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Not(nnx.LoRAParam)), base)
+    n_lora = sum(t.size for t in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    floats = [t for t in jax.tree.leaves(nnx.state(opt)) if jnp.issubdtype(t.dtype, jnp.floating)]
+    assert sum(t.size for t in floats) == 2 * n_lora
+
+
+def test_jax_lora_optimizer_on_nnx_state():
+    _, _, _, model = _pair(LoraConfig(rank=2))
+    state = nnx.state(model, nnx.Param)
+    tx = jax_lora.optimizer(optax.adam(1e-3))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, state), tx.init(state), state)
+    mask = jax_lora.trainable_mask(state)
+    for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask), strict=True):
+        assert np.asarray(u).all() if m else not np.asarray(u).any()
+    assert sum(jax.tree.leaves(mask)) == 6  # a and b of three layers
+
+
+def test_disable_dropout_and_report():
+    model = jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=2, dropout=0.5), rngs=nnx.Rngs(3))
+    jax_lora.load_lora(model, jax.tree.map(jnp.ones_like, jax_lora.lora_state(model)))
+    x = jnp.ones((4, 16))
+    model.eval()
+    y_eval = model(x)
+    assert_close(model(x), y_eval, 0.0)
+    model.train()
+    y1, y2 = model(x), model(x)
+    assert np.abs(np.asarray(y1 - y_eval)).max() > 1e-3 and np.abs(np.asarray(y1 - y2)).max() > 1e-3
+    model.eval()
+    plain = NnxMLP(nnx.Rngs(0))
+    with jax_lora.disabled():
+        assert_close(model(x), plain(x), 0.0)
+    jax_lora.nnx.set_enabled(model, False)
+    assert_close(model(x), plain(x), 0.0)
+    rep = jax_lora.param_report(model)
+    assert (
+        rep.trainable == 2 * (16 * 2 + 2 * 16) + (16 * 2 + 2 * 4)
+        and rep.total == 16 * 16 * 2 + 16 * 4 + 16 * 2 + 4 + rep.trainable
+    )
+
+
+def test_checkpoint_and_peft_round_trip_from_nnx(tmp_path):
+    _, _, v, model = _pair(LoraConfig(rank=4, alpha=8))
+    with jax_lora.AdapterCheckpointer(tmp_path / "ck") as ck:
+        ck.save(1, jax_lora.lora_state(model), LoraConfig(rank=4, alpha=8))
+        ck.wait()
+        r = ck.restore(jax_lora.lora_state(model))
+    fresh = jax_lora.wrap(NnxMLP(nnx.Rngs(0)), r.config)
+    jax_lora.load_lora(fresh, r.lora)
+    jax.tree.map(
+        np.testing.assert_array_equal, jax_lora.lora_state(fresh), jax_lora.lora_state(model)
+    )
+    jax_lora.export_peft(tmp_path / "peft", jax_lora.lora_state(model), LoraConfig(rank=4, alpha=8))
+    lora, cfg = jax_lora.import_peft(tmp_path / "peft", like=jax_lora.lora_state(model))
+    assert cfg.rank == 4 and cfg.alpha == 8.0
+    jax.tree.map(np.testing.assert_array_equal, lora, jax.tree.map(np.asarray, v["lora"]))
+
+
+def test_nnx_remat():
+    x, wrapped, v, model = _pair(LoraConfig(rank=2))
+
+    @nnx.remat
+    def fwd(m, x):
+        return m(x)
+
+    g = nnx.grad(lambda m: jnp.sum(fwd(m, x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    g_linen = jax.grad(
+        lambda lora: jnp.sum(wrapped.apply({"params": v["params"], "lora": lora}, x) ** 2)
+    )(v["lora"])
+    assert_close(g["fc2"]["lora_b"][...], g_linen["fc2"]["b"], 1e-5)
+
+
+def test_same_errors_as_linen():
+    with pytest.raises(ValueError, match=r"`rank`=5 .* 'head'"):
+        jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=5))
+    with pytest.raises(ValueError, match="matches no supported layer") as e:
+        jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=2, targets="nope"))
+    assert "fc2  (Linear)" in str(e.value)
+    with pytest.raises(ValueError, match="'ln' of type LayerNorm"):
+        jax_lora.wrap(Heads(nnx.Rngs(0)), LoraConfig(rank=2, targets="ln|q"))
+    model = jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="already has LoRA factors"):
+        jax_lora.wrap(model, LoraConfig(rank=2))
+    with pytest.raises(
+        ValueError, match=r"has 'fc1/a' with shape \(16, 3\), the model needs \(16, 2\)"
+    ):
+        jax_lora.load_lora(
+            model, jax_lora.lora_state(jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=3)))
+        )
+    assert nn.Dense  # linen and nnx coexist in one process
