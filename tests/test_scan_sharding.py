@@ -140,14 +140,15 @@ def _sharded_run(*extra):
 
 
 def test_sharded_training_matches_single_device_fsdp_tp():
-    report = _sharded_run()
+    # SGD: updates are linear in the gradients, so a sharding bug shows and float reassociation
+    # across shards stays ~1e-6 (Adam's 1/sqrt(v) amplifies it on near-zero gradients)
+    report = _sharded_run("--optimizer", "sgd")
     assert report["devices"] == 8
     single, *meshes = report["meshes"]
     assert single["mesh"] == "1x1"
     for m in meshes:
         assert m["max_loss_rel_vs_first"] < 1e-5, m
-        # Adam divides by sqrt(v): after 6 steps float reassociation across shards shows at ~1e-4
-        assert m["max_lora_rel_vs_first"] < 1e-3, m
+        assert m["max_update_rel_vs_first"] < 1e-4, m
         assert m["params_keep_sharding"] and m["lora_keep_sharding"], m
         assert m["fc1_kernel_spec"] == [None, "data", "model"]
         assert m["fc1_a_spec"] == [None, "data", None]

