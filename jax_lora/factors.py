@@ -205,6 +205,13 @@ def delta_kernel(a: Array, b: Array, scale: float, kernel_ndim: int) -> Array:
     return d * jnp.asarray(scale, dtype)
 
 
+def fold(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """``kernel + scale * a @ b`` computed in fp32 and cast back to the kernel's dtype (merge;
+    a negative ``scale`` unmerges)."""
+    delta = delta_kernel(a, b, scale, kernel.ndim)
+    return (kernel.astype(delta.dtype) + delta).astype(kernel.dtype)
+
+
 def factor_nodes(
     tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
 ) -> Iterator[tuple[tuple[str, ...], Mapping[str, Any]]]:

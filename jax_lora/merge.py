@@ -55,8 +55,7 @@ def _apply(variables: Mapping[str, Any], config: LoraConfig, sign: float) -> dic
                 f"b {tuple(b.shape)} vs kernel {tuple(w.shape)} (need a: (lead..., in..., r), "
                 "b: (lead..., r, out...), kernel: (lead..., in..., out...))."
             )
-        delta = factors.delta_kernel(a, b, sign * config.scale, w.ndim)
-        layer["kernel"] = (w.astype(delta.dtype) + delta).astype(w.dtype)
+        layer["kernel"] = factors.fold(w, a, b, sign * config.scale)
     return params
 
 

@@ -30,7 +30,8 @@ from .targets import (
 )
 
 SUPPORTED_NNX = (nnx.LinearGeneral, nnx.Linear, nnx.Einsum)
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type, type] = {}  # base layer class -> its Lora subclass
+_BASES: dict[type, type] = {}  # and back
 
 
 def _call_geometry(
@@ -109,9 +110,6 @@ def lora_class(base: type) -> type:
     _CLASSES[base] = cls
     _BASES[cls] = base
     return cls
-
-
-_BASES: dict[type, type] = {}
 
 
 def is_adapted(layer: Any) -> bool:
@@ -222,9 +220,9 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
         if path not in src:
             continue
         f = src[path]
-        w = layer.kernel[...]
-        delta = factors.delta_kernel(f.lora_a[...], f.lora_b[...], sign * f.lora_scale, w.ndim)
-        layer.kernel[...] = (w.astype(delta.dtype) + delta).astype(w.dtype)
+        layer.kernel[...] = factors.fold(
+            layer.kernel[...], f.lora_a[...], f.lora_b[...], sign * f.lora_scale
+        )
         if is_adapted(layer):
             object.__setattr__(layer, "__class__", _BASES[type(layer)])
             for name in (
