@@ -43,14 +43,16 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
         var = jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
-        return (x * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * w
+        return (x * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * w.reshape(
+            (1,) * (x.ndim - 1) + (-1,)
+        )
 
 
 def rope(x, positions, theta):
     """HF's rotate-half rotary embedding on ``x: (batch, seq, heads, head_dim)``."""
     hd = x.shape[-1]
     inv = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions[:, :, None].astype(jnp.float32) * inv  # (b, t, hd/2)
+    freqs = positions[:, :, None].astype(jnp.float32) * inv[None, None, :]  # (b, t, hd/2)
     emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
