@@ -81,6 +81,22 @@ def _stacked(geom: factors.Geometry, layer: nnx.Module, path: str) -> factors.Ge
     return dataclasses.replace(geom, lead_shape=kernel[:extra] + geom.lead_shape)
 
 
+def _factor_metadata(layer: nnx.Module, geom: factors.Geometry) -> tuple[dict, dict]:
+    """Partitioning for ``lora_a``/``lora_b`` inherited from the kernel's metadata, as in linen:
+    ``a`` takes the (leading and) input-axis names, ``b`` the output-axis names; the rank axis is
+    replicated. Empty when the kernel carries no names."""
+    meta = dict(layer.kernel.get_metadata())
+    key = next((k for k in ("out_sharding", "sharding_names", "sharding") if meta.get(k)), None)
+    names = meta.get(key) if key else None
+    if names is None or len(names) != layer.kernel.ndim:
+        return {}, {}
+    n = len(geom.lead_shape) + len(geom.in_shape)
+    return {**meta, key: (*names[:n], None)}, {
+        **meta,
+        key: (*names[: len(geom.lead_shape)], None, *names[n:]),
+    }
+
+
 def lora_class(base: type) -> type:
     """The adapted subclass of ``base`` (one per base class, so jit caches stay valid)."""
     if base in _CLASSES:
@@ -165,8 +181,9 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
     for path, layer in targets:
         geom = _stacked(_init_geometry(layer, path), layer, path)
         factors.check_rank(geom, config.rank, path)
-        layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, config))
-        layer.lora_b = nnx.LoRAParam(factors.init_b(geom, config))
+        meta_a, meta_b = _factor_metadata(layer, geom)
+        layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, config), **meta_a)
+        layer.lora_b = nnx.LoRAParam(factors.init_b(geom, config), **meta_b)
         layer.lora_scale = config.scale
         layer.lora_dropout = config.dropout
         layer.lora_rngs = rngs if config.dropout > 0 else None

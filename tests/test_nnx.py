@@ -278,3 +278,21 @@ def test_scanned_stack_equals_unrolled():
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
     assert g["blocks"]["fc"]["lora_a"][...].shape == (n, 16, 2)
     assert all(np.abs(np.asarray(g["blocks"]["fc"]["lora_b"][...][i])).max() > 0 for i in range(n))
+
+
+def test_factors_inherit_partitioning():
+    init = nnx.initializers.lecun_normal()
+    with nnx.use_eager_sharding(False):
+        model = Heads(nnx.Rngs(0))
+        model.q = nnx.LinearGeneral(
+            16,
+            (2, 8),
+            kernel_init=nnx.with_partitioning(init, ("embed", "heads", "kv")),
+            rngs=nnx.Rngs(0),
+        )
+        jax_lora.wrap(model, LoraConfig(rank=2, targets="q|up"))
+    spec = nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam))
+    P = jax.sharding.PartitionSpec
+    assert spec["q"]["lora_a"].get_value() == P("embed", None)
+    assert spec["q"]["lora_b"].get_value() == P(None, "heads", "kv")
+    assert spec["up"]["lora_a"].get_value() == P()  # no names on the kernel: replicated
