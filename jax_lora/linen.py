@@ -201,9 +201,21 @@ class LoraWrapped(nn.Module):
         nn.share_scope(self, self.base)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(lambda: self.base(*args, **kwargs))
+
+    def call_method(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Run another method of ``base`` with LoRA:
+        ``wrapped.apply(variables, "encode", x, method="call_method")``."""
+        return self._run(lambda: getattr(self.base, name)(*args, **kwargs), whole_model=False)
+
+    def _run(self, fn, whole_model: bool = True) -> Any:
+        """Run ``fn`` under the interceptor. Only a whole-model call checks the targets and the
+        `lora` tree against the layers it met (a method may touch some layers only)."""
         interceptor = _Interceptor(self)
         with nn.intercept_methods(interceptor):
-            out = self.base(*args, **kwargs)
+            out = fn()
+        if not whole_model:
+            return out
         if self.is_mutable_collection(COLLECTION):
             check_all_matched(self.config, interceptor.candidates, interceptor.containers)
         elif interceptor.enabled:

@@ -387,3 +387,31 @@ def test_wrap_rejects_non_modules():
         jax_lora.wrap(lambda x: x, LoraConfig(rank=2))
     with pytest.raises(TypeError, match="`config` must be a jax_lora.LoraConfig"):
         jax_lora.wrap(MLP(), {"rank": 2})
+
+
+def test_other_methods_of_the_base_via_call_method():
+    class EncDec(nn.Module):
+        def setup(self):
+            self.enc, self.dec = nn.Dense(8), nn.Dense(4)
+
+        def encode(self, x):
+            return self.enc(x)
+
+        def __call__(self, x):
+            return self.dec(nn.relu(self.encode(x)))
+
+    x = _x((3, 16))
+    cfg = LoraConfig(rank=2)
+    wrapped = jax_lora.wrap(EncDec(), cfg)
+    v = wrapped.init(KEY, x)
+    assert set(v["lora"]) == {"enc", "dec"}
+    v["lora"] = _randomize(v["lora"])
+    got = wrapped.apply(v, "encode", x, method="call_method")
+    k = v["params"]["enc"]["kernel"] + v["lora"]["enc"]["a"] @ v["lora"]["enc"]["b"]
+    assert_close(got, x @ k + v["params"]["enc"]["bias"][None], 1e-5)
+    # the plain method, without the wrapper, is the base model
+    assert_close(
+        EncDec().apply({"params": v["params"]}, x, method="encode"),
+        x @ v["params"]["enc"]["kernel"] + v["params"]["enc"]["bias"][None],
+        1e-6,
+    )
