@@ -276,35 +276,31 @@ def _train_impl(pair: _Pair, label: str, opt: str, steps: int) -> list[Row]:
         losses_t.append(loss.item())
 
     if opt == "sgd":  # the fast path: optax on the lora tree alone
-        tx = optax.sgd(lr)
-        state, lora = tx.init(pair.lora), pair.lora
+        tx, tree = optax.sgd(lr), pair.lora
 
-        @jax.jit
-        def step(lora, state):
-            loss, g = jax.value_and_grad(pair.jax_loss)(lora, x, y)
-            u, state = tx.update(g, state, lora)
-            return optax.apply_updates(lora, u), state, loss
+        def lora_of(t):
+            return t
 
-        losses_j = []
-        for _ in range(steps):
-            lora, state, loss = step(lora, state)
-            losses_j.append(float(loss))
     else:  # the whole variables tree through jax_lora.optimizer (optax's Adam: eps outside the sqrt, as torch)
-        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
-        v = {"params": pair.params, "lora": pair.lora}
-        state = tx.init(v)
+        tx, tree = (
+            jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)),
+            {"params": pair.params, "lora": pair.lora},
+        )
 
-        @jax.jit
-        def step(v, state):
-            loss, g = jax.value_and_grad(lambda v: pair.jax_loss(v["lora"], x, y))(v)
-            u, state = tx.update(g, state, v)
-            return optax.apply_updates(v, u), state, loss
+        def lora_of(t):
+            return t["lora"]
 
-        losses_j = []
-        for _ in range(steps):
-            v, state, loss = step(v, state)
-            losses_j.append(float(loss))
-        lora = v["lora"]
+    @jax.jit
+    def step(tree, state):
+        loss, g = jax.value_and_grad(lambda t: pair.jax_loss(lora_of(t), x, y))(tree)
+        u, state = tx.update(g, state, tree)
+        return optax.apply_updates(tree, u), state, loss
+
+    state, losses_j = tx.init(tree), []
+    for _ in range(steps):
+        tree, state, loss = step(tree, state)
+        losses_j.append(float(loss))
+    lora = lora_of(tree)
     name = "SGD" if opt == "sgd" else "Adam"
     ratio = losses_j[-1] / losses_j[0]
     return [
