@@ -70,3 +70,23 @@ def unsupported_error(path: str, type_name: str) -> ValueError:
         f"`targets` matches module '{path}' of type {type_name}, which LoRA cannot adapt "
         f"(supported: {SUPPORTED}). Narrow the pattern, or add '{path}' to `exclude`."
     )
+
+
+def weight_path(module_path: str, name: str) -> str:
+    """The path of a weight: its module's path, ``/``, its name (``h/0/attn/c_attn/kernel``)."""
+    return f"{module_path}/{name}" if module_path else name
+
+
+def weight_targeted(config: LoraConfig, module_path: str, name: str) -> bool:
+    """Whether weight ``name`` of the module at ``module_path`` is targeted: a pattern fully
+    matches the weight path or the module path, and no ``exclude`` pattern matches either."""
+    paths = (weight_path(module_path, name), module_path)
+    if any(_any(config.exclude, p) for p in paths):
+        return False
+    return config.targets is None or any(_any(config.targets, p) for p in paths)
+
+
+def class_name(obj: object) -> str:
+    """The full class name (``gemma.gm.nn._layers.Einsum``), never a bare ``Einsum``."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
