@@ -47,3 +47,44 @@ def test_targets_normalised_and_input_untouched():
 def test_bad_config(kwargs, err, text):
     with pytest.raises(err, match=__import__("re").escape(text)):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"rslora": "false"}, "`rslora`"),
+        ({"rslora": "True"}, "`rslora`"),
+        ({"rslora": 1}, "`rslora`"),
+        ({"rslora": None}, "`rslora`"),
+        ({"param_dtype": None}, "`param_dtype`"),
+        ({"param_dtype": "float32"}, None),  # a dtype name is not ambiguous: accepted
+        ({"dropout": "0.1"}, "`dropout`"),
+        ({"dropout": None}, "`dropout`"),
+        ({"dropout": True}, "`dropout`"),
+        ({"alpha": "8"}, "`alpha`"),
+    ],
+)
+def test_ambiguous_types_refused_naming_the_field(kwargs, field):
+    if field is None:
+        assert LoraConfig(rank=2, **kwargs).param_dtype == np.float32
+        return
+    with pytest.raises(TypeError, match=field):
+        LoraConfig(rank=2, **kwargs)
+
+
+def test_numpy_scalars_accepted_and_normalised():
+    cfg = LoraConfig(
+        rank=np.int64(4),
+        alpha=np.float32(8.0),
+        dropout=np.float32(0.25),
+        rslora=np.bool_(True),
+        param_dtype=jnp.bfloat16,
+    )
+    assert type(cfg.rank) is int and cfg.rank == 4
+    assert type(cfg.alpha) is float and cfg.alpha == 8.0
+    assert type(cfg.dropout) is float and cfg.dropout == 0.25
+    assert cfg.rslora is True and cfg.scale == 8.0 / 2.0
+    assert cfg.param_dtype == jnp.bfloat16
+    assert LoraConfig(rank=2, rslora=np.bool_(False)).rslora is False
+    assert LoraConfig(rank=2, dropout=0).dropout == 0.0
+    hash(LoraConfig(rank=2, rslora=np.bool_(True)))
