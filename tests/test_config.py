@@ -1,9 +1,12 @@
 import math
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_lora
 from jax_lora import LoraConfig
 
 
@@ -88,3 +91,47 @@ def test_numpy_scalars_accepted_and_normalised():
     assert LoraConfig(rank=2, rslora=np.bool_(False)).rslora is False
     assert LoraConfig(rank=2, dropout=0).dropout == 0.0
     hash(LoraConfig(rank=2, rslora=np.bool_(True)))
+
+
+class _FcMLP(nn.Module):
+    """Two layers whose names are prefixes of each other: ``fc`` and ``fc1``."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="fc1")(nn.relu(nn.Dense(5, name="fc")(x)))
+
+
+def _adapted(**kwargs):
+    wrapped = jax_lora.wrap(_FcMLP(), LoraConfig(rank=2, **kwargs))
+    v = wrapped.init(jax.random.key(0), jnp.ones((1, 4)))
+    return {k: (v["a"].shape, v["b"].shape) for k, v in v["lora"].items()}
+
+
+def test_targets_and_exclude_fullmatch():
+    assert _adapted() == {"fc": ((4, 2), (2, 5)), "fc1": ((5, 2), (2, 3))}
+    assert _adapted(targets="fc") == {"fc": ((4, 2), (2, 5))}  # not fc1: re.fullmatch
+    assert _adapted(exclude="fc") == {"fc1": ((5, 2), (2, 3))}  # fc1 stays adapted
+    assert _adapted(targets="fc1") == {"fc1": ((5, 2), (2, 3))}
+
+
+def test_empty_targets_message():
+    with pytest.raises(ValueError) as e:
+        _adapted(targets=[])
+    msg = str(e.value)
+    assert "`targets` is empty" in msg and "exclude" not in msg
+
+
+def test_excluded_target_message():
+    with pytest.raises(ValueError) as e:
+        _adapted(targets="fc1", exclude="fc1")
+    msg = str(e.value)
+    assert "'fc1'" in msg and "excluded by `exclude` pattern 'fc1'" in msg
+    assert "matches no supported layer" not in msg
+
+
+def test_exclude_everything_message():
+    with pytest.raises(ValueError) as e:
+        _adapted(exclude="fc.*")
+    msg = str(e.value)
+    assert "`exclude` pattern 'fc.*' excludes every supported layer" in msg
+    assert "fc1" in msg  # lists what was excluded
