@@ -193,6 +193,29 @@ def test_grad_matches_finite_difference_of_independent_model():
     )(v["lora"])
     assert_close(g, g_ref, 1e-5)
 
+    # central differences in float64: (L(t + eps) - L(t - eps)) / (2 eps), error O(eps^2)
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree.map(lambda u: jnp.asarray(u, jnp.float64), t)  # noqa: E731
+        params, lora, x64 = f64(v["params"]), f64(v["lora"]), f64(x)
+
+        def loss(lora):
+            return jnp.sum(wrapped.apply({"params": params, "lora": lora}, x64) ** 2)
+
+        loss = jax.jit(loss)
+
+        g64, eps = jax.grad(loss)(lora), 1e-6
+        for name in ("fc1", "fc2", "head"):
+            for f in ("a", "b"):
+                t = lora[name][f]
+                for idx in [(0, 0), (t.shape[0] - 1, t.shape[1] - 1), (1, 1)]:
+                    bump = lambda d: {  # noqa: E731
+                        **lora,
+                        name: {**lora[name], f: t.at[idx].add(d)},  # noqa: B023
+                    }
+                    fd = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
+                    want = float(g64[name][f][idx])
+                    assert abs(float(fd) - want) <= 1e-6 * max(1.0, abs(want)), (name, f, idx)
+
 
 def test_dropout_is_inverted_and_only_with_rng():
     n, p = 4000, 0.25
