@@ -123,9 +123,19 @@ class _Interceptor:
         self.candidates: list[tuple[str, str]] = []
         self.containers: list[tuple[str, str]] = []
         self.used: set[tuple[str, ...]] = set()
+        self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
+        if (  # the base's own method (it shares the wrapper's scope): the wrapped call's keywords
+            self.call_training is None
+            and context.method_name != "setup"
+            and tuple(module.path) == tuple(self.wrapper.path)
+        ):
+            if isinstance(kwargs.get("deterministic"), bool):
+                self.call_training = not kwargs["deterministic"]
+            elif isinstance(kwargs.get("train"), bool):
+                self.call_training = kwargs["train"]
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = path_str(module.path)
@@ -174,7 +184,18 @@ class _Interceptor:
         if not self.enabled:
             return y
         x = _input(args, kwargs).astype(y.dtype)
-        if cfg.dropout > 0 and not self.wrapper.deterministic and module.has_rng("dropout"):
+        training = self.call_training  # the rule is documented on LoraWrapped
+        if training is None and self.wrapper.deterministic is not None:
+            training = not self.wrapper.deterministic
+        if training is None:
+            training = module.has_rng("dropout")
+        if cfg.dropout > 0 and training:
+            if not (module.has_rng("dropout") or module.has_rng("params")):
+                raise ValueError(
+                    f"LoRA dropout at '{path}' runs in training mode, but `apply` got no "
+                    "'dropout' rng: pass rngs={'dropout': key}, or deterministic=True / "
+                    "train=False for evaluation."
+                )
             x = factors.dropout(x, cfg.dropout, module.make_rng("dropout"))
         return y + factors.branch(x, a, b, geom, cfg.scale, module.precision)
 
@@ -188,14 +209,23 @@ class LoraWrapped(nn.Module):
     - ``base``: the wrapped (unbound) module.
     - ``config``: the `LoraConfig`.
     - ``enabled``: ``False`` gives exactly the base output (a jit-safe `disabled`).
-    - ``deterministic``: ``True`` turns LoRA dropout off even when a ``"dropout"`` rng is given.
-      Otherwise LoRA dropout runs exactly when ``apply`` gets ``rngs={"dropout": key}``.
+    - ``deterministic``: the train/eval mode when the call does not say it (default ``None``).
+
+    LoRA dropout runs exactly when the base model runs in training mode, decided in this order:
+
+    1. a ``deterministic=`` or ``train=`` keyword (a Python bool) of the wrapped call
+       (``apply(v, x, deterministic=False)`` trains; ``deterministic=True`` or ``train=False``
+       evaluates, even when ``rngs={"dropout": key}`` is given);
+    2. else the ``deterministic`` attribute, if not ``None`` (``wrapped.clone(deterministic=True)``);
+    3. else: training exactly when ``apply`` gets ``rngs={"dropout": key}``.
+
+    Training without a ``"dropout"`` rng raises an error that names the layer.
     """
 
     base: nn.Module
     config: LoraConfig
     enabled: bool = True
-    deterministic: bool = False
+    deterministic: bool | None = None
 
     def setup(self) -> None:
         nn.share_scope(self, self.base)
