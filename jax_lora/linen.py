@@ -219,7 +219,8 @@ class LoraWrapped(nn.Module):
     2. else the ``deterministic`` attribute, if not ``None`` (``wrapped.clone(deterministic=True)``);
     3. else: training exactly when ``apply`` gets ``rngs={"dropout": key}``.
 
-    Training without a ``"dropout"`` rng raises an error that names the layer.
+    Training without a ``"dropout"`` rng raises an error that names the layer (``init`` uses
+    the ``"params"`` rng instead, as linen's own ``make_rng`` does).
     """
 
     base: nn.Module
