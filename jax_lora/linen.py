@@ -233,6 +233,7 @@ class _Interceptor:
         self.skipped: list[tuple[str, str]] = []
         self.used: set[tuple[str, ...]] = set()
         self.geoms: dict[str, weights.WeightGeometry] = {}
+        self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
@@ -240,6 +241,15 @@ class _Interceptor:
         if probe is not None:  # tracing a layer for analysis: run the base code as it is
             probe.seen(module, method)
             return next_fun(*args, **kwargs)
+        if (  # the base's own method (it shares the wrapper's scope): the wrapped call's keywords
+            self.call_training is None
+            and method != "setup"
+            and tuple(module.path) == tuple(self.wrapper.path)
+        ):
+            if isinstance(kwargs.get("deterministic"), bool):
+                self.call_training = not kwargs["deterministic"]
+            elif isinstance(kwargs.get("train"), bool):
+                self.call_training = kwargs["train"]
         if not self._in_tree(module):
             return next_fun(*args, **kwargs)  # e.g. a nested `apply` of a module made on the fly
         if isinstance(module, SUPPORTED_LINEN):
@@ -261,12 +271,26 @@ class _Interceptor:
             m = m.parent
         return True  # a scope: inside a lifted transform (nn.remat, nn.scan, ...) of ours
 
-    def _dropout(self, module: nn.Module):
-        """``x -> dropout(x)`` when LoRA dropout runs for this call, else None."""
+    def _dropout(self, module: nn.Module, path: str):
+        """``x -> dropout(x)`` when LoRA dropout runs for this call (the base model runs in
+        training mode: the rule is documented on `LoraWrapped`), else None."""
         rate = self.config.dropout
-        if rate > 0 and not self.wrapper.deterministic and module.has_rng("dropout"):
-            return lambda x: factors.dropout(x, rate, module.make_rng("dropout"))
-        return None
+        if rate <= 0:
+            return None
+        training = self.call_training
+        if training is None and self.wrapper.deterministic is not None:
+            training = not self.wrapper.deterministic
+        if training is None:
+            training = module.has_rng("dropout")
+        if not training:
+            return None
+        if not (module.has_rng("dropout") or module.has_rng("params")):
+            raise ValueError(
+                f"LoRA dropout at '{path}' runs in training mode, but `apply` got no "
+                "'dropout' rng: pass rngs={'dropout': key}, or deterministic=True / "
+                "train=False for evaluation."
+            )
+        return lambda x: factors.dropout(x, rate, module.make_rng("dropout"))
 
     def _dense(self, module, next_fun, args, kwargs):
         path = path_str(module.path)
@@ -308,7 +332,7 @@ class _Interceptor:
         if not self.enabled:
             return y
         x = _input(args, kwargs).astype(y.dtype)
-        drop = self._dropout(module)
+        drop = self._dropout(module, path)
         if drop is not None:
             x = drop(x)
         return y + factors.branch(x, a, b, geom, cfg.scale, module.precision)
@@ -432,7 +456,7 @@ class _Interceptor:
             )
             node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
         a, b = node["a"], node["b"]
-        return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module))
+        return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module, wpath))
 
 
 class LoraWrapped(nn.Module):
@@ -444,14 +468,24 @@ class LoraWrapped(nn.Module):
     - ``base``: the wrapped (unbound) module.
     - ``config``: the `LoraConfig`.
     - ``enabled``: ``False`` gives exactly the base output (a jit-safe `disabled`).
-    - ``deterministic``: ``True`` turns LoRA dropout off even when a ``"dropout"`` rng is given.
-      Otherwise LoRA dropout runs exactly when ``apply`` gets ``rngs={"dropout": key}``.
+    - ``deterministic``: the train/eval mode when the call does not say it (default ``None``).
+
+    LoRA dropout runs exactly when the base model runs in training mode, decided in this order:
+
+    1. a ``deterministic=`` or ``train=`` keyword (a Python bool) of the wrapped call
+       (``apply(v, x, deterministic=False)`` trains; ``deterministic=True`` or ``train=False``
+       evaluates, even when ``rngs={"dropout": key}`` is given);
+    2. else the ``deterministic`` attribute, if not ``None`` (``wrapped.clone(deterministic=True)``);
+    3. else: training exactly when ``apply`` gets ``rngs={"dropout": key}``.
+
+    Training without a ``"dropout"`` rng raises an error that names the layer (``init`` uses
+    the ``"params"`` rng instead, as linen's own ``make_rng`` does).
     """
 
     base: nn.Module
     config: LoraConfig
     enabled: bool = True
-    deterministic: bool = False
+    deterministic: bool | None = None
 
     def setup(self) -> None:
         nn.share_scope(self, self.base)
