@@ -457,3 +457,26 @@ def geometry_from_shapes(
             ):
                 found.append(WeightGeometry(tuple(shape), tuple(lead), tuple(ins), outs))
     return found
+
+
+def lift_consts(
+    closed: jcore.ClosedJaxpr, targets: Sequence[Any]
+) -> tuple[jcore.ClosedJaxpr, list[Any], list[int | None]]:
+    """Make the constants of ``closed`` that *are* (by identity) one of ``targets`` into leading
+    inputs (for a layer traced with its weights closed over, as an NNX module's ``__call__``).
+
+    Returns ``(closed', lifted values, position of each target among the new inputs or None if
+    the trace never reads it)``; the original inputs follow the lifted ones."""
+    jaxpr = closed.jaxpr
+    keep_v, keep_c, lift_v, lift_c, where = [], [], [], [], [None] * len(targets)
+    for v, c in zip(jaxpr.constvars, closed.consts, strict=True):
+        hit = next((i for i, t in enumerate(targets) if c is t), None)
+        if hit is None or where[hit] is not None:
+            keep_v.append(v)
+            keep_c.append(c)
+        else:
+            where[hit] = len(lift_v)
+            lift_v.append(v)
+            lift_c.append(c)
+    new = jcore.Jaxpr(keep_v, lift_v + list(jaxpr.invars), jaxpr.outvars, jaxpr.eqns, jaxpr.effects)
+    return jcore.ClosedJaxpr(new, keep_c), lift_c, where
