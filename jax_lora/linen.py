@@ -224,8 +224,12 @@ def _geometry_of_factors(node, shape, uses, derived, wpath: str, rank: int):
 class _Interceptor:
     """Adds the LoRA branch to every targeted layer call; records what it saw."""
 
-    def __init__(self, wrapper: LoraWrapped):
+    def __init__(self, wrapper: LoraWrapped, *, discover: bool = False, heads=frozenset()):
         self.wrapper = wrapper
+        self.discover = discover  # only note each layer's output (to find the output head)
+        self.heads = heads  # targets=None leaves these (the output head) alone
+        self.outputs: list[tuple[str, Any]] = []  # (path, the layer's output) per layer call
+        self.missing: list[tuple[str, Any]] = []  # targets=None layers without factors
         self.config = wrapper.config
         self.enabled = wrapper.enabled and lora_enabled()
         self.candidates: list[tuple[str, str]] = []
@@ -295,9 +299,12 @@ class _Interceptor:
     def _dense(self, module, next_fun, args, kwargs):
         path = path_str(module.path)
         self.candidates.append((path, type(module).__name__))
-        if not (is_target(self.config, path) or self._kernel_named(path)):
+        if not (is_target(self.config, path) or self._kernel_named(path)) or path in self.heads:
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
+        if self.discover:
+            self.outputs.append((path, y))
+            return y
         self.used.add(tuple(module.path))
         creating = module.is_mutable_collection(COLLECTION)
         if not self.enabled and not creating:
@@ -305,6 +312,9 @@ class _Interceptor:
         cfg = self.config
         geom = _geometry(module, args, kwargs, path)
         if not module.has_variable(COLLECTION, "a"):
+            if not creating and cfg.targets is None:
+                self.missing.append((path, y))  # fine if it is the output head (checked later)
+                return y
             if not creating:
                 raise ValueError(
                     f"no LoRA factors for the targeted layer '{path}': the variables passed to "
@@ -350,6 +360,8 @@ class _Interceptor:
         """Any other layer: adapt the targeted weights its ``method`` contracts."""
         cfg = self.config
         mpath = path_str(module.path)
+        if mpath in self.heads:
+            return next_fun(*args, **kwargs)
         new_params = not _direct_params(module)  # `init`: the call creates them
         y = next_fun(*args, **kwargs) if new_params else None
         owned = _direct_params(module)
@@ -375,6 +387,11 @@ class _Interceptor:
             return y if new_params else next_fun(*args, **kwargs)
         creating = module.is_mutable_collection(COLLECTION)
         uses = weights.analyse(trace.closed, range(len(names)))
+        if self.discover:
+            y = y if new_params else next_fun(*args, **kwargs)
+            if any(isinstance(u, list) and u and u[0].kind == "dot" for u in uses):
+                self.outputs.append((mpath, y))
+            return y
         adapters = {}
         for i, name in enumerate(names):
             adapter = self._adapter(module, mpath, name, owned[name], uses[i], trace, creating)
@@ -440,6 +457,9 @@ class _Interceptor:
         self.used.add((*module.path, name))
         self.geoms[path_str((*module.path[len(self.wrapper.path) :], name))] = geom
         if node is None:
+            if not creating and cfg.targets is None:
+                self.missing.append((mpath, None))
+                return None
             if not creating:
                 raise ValueError(
                     f"no LoRA factors for the targeted weight '{wpath}': the variables passed "
@@ -457,6 +477,19 @@ class _Interceptor:
             node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
         a, b = node["a"], node["b"]
         return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module, wpath))
+
+
+def _output_leaves(out: Any) -> list[Any]:
+    if isinstance(out, Mapping):  # e.g. transformers' ModelOutput (an OrderedDict subclass)
+        out = dict(out)
+    return jax.tree.leaves(out)
+
+
+def _heads(outputs: list[tuple[str, Any]], out: Any) -> frozenset[str]:
+    """The layers whose output *is* the model's output (the head), when there are others."""
+    leaves = _output_leaves(out)
+    heads = {p for p, y in outputs if y is not None and any(y is leaf for leaf in leaves)}
+    return frozenset(heads) if len({p for p, _ in outputs}) > len(heads) else frozenset()
 
 
 class LoraWrapped(nn.Module):
@@ -501,9 +534,24 @@ class LoraWrapped(nn.Module):
     def _run(self, fn, whole_model: bool = True) -> Any:
         """Run ``fn`` under the interceptor. Only a whole-model call checks the targets and the
         `lora` tree against the layers it met (a method may touch some layers only)."""
-        interceptor = _Interceptor(self)
+        heads: frozenset[str] = frozenset()
+        if whole_model and self.config.targets is None and self.is_mutable_collection(COLLECTION):
+            # "all-linear" leaves out the output head: a first pass finds it
+            probe = _Interceptor(self, discover=True)
+            with nn.intercept_methods(probe):
+                heads = _heads(probe.outputs, fn())
+        interceptor = _Interceptor(self, heads=heads)
         with nn.intercept_methods(interceptor):
             out = fn()
+        if interceptor.missing:
+            leaves = _output_leaves(out)
+            for path, y in interceptor.missing:
+                if not any(y is leaf for leaf in leaves):
+                    raise ValueError(
+                        f"no LoRA factors for the layer '{path}': the variables passed to "
+                        "`apply` have no `lora` entry there. Create them with `wrapped.init` "
+                        "or `jax_lora.init_lora`."
+                    )
         sink = _GEOMS.get()
         if sink is not None:
             sink.update(interceptor.geoms)

@@ -1,10 +1,21 @@
 """Adapters to and from Hugging Face PEFT's on-disk format (``adapter_model.safetensors`` +
 ``adapter_config.json``), so they load with ``peft.PeftModel.from_pretrained`` and back.
 
-Layouts: PEFT ``lora_A.weight (r, in)`` is ``a (in..., r)`` transposed, ``lora_B.weight
-(out, r)`` is ``b (r, out...)`` transposed; multi-axis ``in...``/``out...`` are flattened
-row-major, which is how a torch ``nn.Linear`` sees a Flax ``DenseGeneral`` kernel. Stacked
-(scanned) factors ``a (L, in..., r)``, ``b (L, r, out...)`` are L torch modules, one per layer.
+Layouts (``kind`` of a factor node):
+
+- ``"linear"``: PEFT ``lora_A.weight (r, in)`` is ``a (in..., r)`` transposed, ``lora_B.weight
+  (out, r)`` is ``b (r, out...)`` transposed; multi-axis ``in...``/``out...`` are flattened
+  row-major, which is how a torch ``nn.Linear`` sees a Flax ``DenseGeneral`` kernel. GPT-2's
+  ``Conv1D`` (kernel stored ``(out, in)`` in Flax, ``(in, out)`` in torch) has the same factor
+  layout: its ``a``/``b`` are read off the contraction, so only ``fan_in_fan_out`` differs.
+- ``"conv"``: a Flax conv kernel ``(window..., in, out)`` has ``a (window..., in, r)`` and
+  ``b (r, out)``; PEFT's ``lora_A`` is a conv ``(r, in, window...)``, ``lora_B`` a 1x1 conv
+  ``(out, r, 1...)``.
+- ``"embedding"``: ``nn.Embed``'s table ``(vocab, d)`` has ``a (vocab, r)``, ``b (r, d)``; PEFT's
+  ``lora_embedding_A (r, vocab)`` and ``lora_embedding_B (d, r)`` are their transposes.
+
+Stacked (scanned) factors ``a (L, in..., r)``, ``b (L, r, out...)`` are L torch modules, one per
+layer.
 """
 
 from __future__ import annotations
@@ -31,7 +42,11 @@ from .targets import path_str
 
 NameMap = Callable[[str], str] | Mapping[str, str] | None
 Stacked = Mapping[str, str | None] | None
-_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<ab>[AB])\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<name>.+)\.lora_(?:(?P<emb>embedding_)(?P<eab>[AB])|(?P<ab>[AB])\.weight)$"
+)
+KINDS = ("linear", "conv", "embedding")
+Kinds = Mapping[str, str] | None
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, "README.md"})  # what export_peft may replace
 
@@ -44,6 +59,8 @@ _HARMLESS = frozenset(
     {
         *("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision"),
         *("inference_mode", "target_modules", "exclude_modules", "layers_pattern"),
+        # the factors are the same; only how PEFT reads GPT-2's Conv1D base weight differs
+        "fan_in_fan_out",
         *("megatron_config", "megatron_core", "runtime_config", "ensure_weight_tying"),
         # used only by an `init_lora_weights` we check separately
         *("loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size"),
@@ -53,7 +70,6 @@ _OFF: tuple[Any, ...] = (None, False, {}, [], "")
 _UNSUPPORTED = {
     "use_dora": _OFF,
     "bias": ("none",),
-    "fan_in_fan_out": _OFF,
     "rank_pattern": _OFF,
     "alpha_pattern": _OFF,
     "modules_to_save": _OFF,
@@ -103,6 +119,83 @@ def b_from_peft(lora_b: Any, out_shape: tuple[int, ...]) -> np.ndarray:
             f"lora_B.weight: expected shape ({math.prod(out_shape)}, r), got {w.shape}"
         )
     return np.ascontiguousarray(w.T.reshape(w.shape[1], *out_shape))
+
+
+def _kind_of(kinds: Mapping[str, str], path: str, a: np.ndarray) -> str:
+    """The layout of the factor node at ``path``: ``kinds`` (regex -> kind, first full match),
+    else an ``embedding`` weight is an embedding, a ``kernel`` weight path with ``a.ndim > 2``
+    a conv, anything else linear."""
+    for pattern, kind in kinds.items():
+        if re.fullmatch(pattern, path):
+            return kind
+    leaf = path.rpartition("/")[2]
+    if leaf == "embedding" and a.ndim == 2:
+        return "embedding"
+    if leaf == "kernel" and a.ndim > 2:
+        return "conv"
+    return "linear"
+
+
+def _check_kinds(kinds: Mapping[str, str]) -> None:
+    for pattern, kind in kinds.items():
+        if kind not in KINDS:
+            raise ValueError(f"`kinds` maps {pattern!r} to {kind!r}; expected one of {KINDS}")
+        re.compile(pattern)
+
+
+def to_peft(a: Any, b: Any, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` -> PEFT's ``(lora_A, lora_B)`` tensors for a layer of ``kind``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if kind == "conv":
+        if b.ndim != 2:
+            raise ValueError(f"conv factors need b (r, out), got b {b.shape}")
+        n = a.ndim
+        la = np.transpose(a, (n - 1, n - 2, *range(n - 2)))  # (r, in, window...)
+        lb = b.T.reshape(b.shape[1], b.shape[0], *([1] * (n - 2)))  # (out, r, 1...)
+        return np.ascontiguousarray(la), np.ascontiguousarray(lb)
+    return a_to_peft(a), b_to_peft(b)  # linear and embedding: both transposed
+
+
+def from_peft(
+    la: Any, lb: Any, kind: str, in_shape: tuple[int, ...] | None, out_shape: tuple[int, ...] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``(lora_A, lora_B)`` -> ``(a, b)`` (inverse of `to_peft`)."""
+    la, lb = np.asarray(la), np.asarray(lb)
+    if kind == "conv":
+        if la.ndim < 3 or lb.ndim != la.ndim or any(d != 1 for d in lb.shape[2:]):
+            raise ValueError(
+                f"conv LoRA needs lora_A (r, in, window...) and lora_B (out, r, 1...), got "
+                f"{la.shape} and {lb.shape}"
+            )
+        n = la.ndim
+        a = np.transpose(la, (*range(2, n), 1, 0))
+        if in_shape is not None and a.shape[:-1] != tuple(in_shape):
+            raise ValueError(f"lora_A: expected (window..., in) {in_shape}, got {a.shape[:-1]}")
+        return np.ascontiguousarray(a), np.ascontiguousarray(lb.reshape(lb.shape[:2]).T)
+    a = a_from_peft(la, in_shape if in_shape is not None else (la.shape[1],))
+    b = b_from_peft(lb, out_shape if out_shape is not None else (lb.shape[0],))
+    return a, b
+
+
+def default_torch_name(path: str) -> str:
+    """The torch module name of a Flax factor path: ``/`` -> ``.``, without a trailing weight
+    name ``kernel`` or ``embedding`` (``h/0/attn/c_attn/kernel`` -> ``h.0.attn.c_attn``)."""
+    head, _, leaf = path.rpartition("/")
+    if head and leaf in ("kernel", "embedding"):
+        path = head
+    return path.replace("/", ".")
+
+
+def _weight_under(path: str, kind: str, flat_like: Mapping[str, Any]) -> str:
+    """The Flax factor path for torch module ``path`` (already ``/``-joined): the module itself
+    (a Dense-family layer), or its ``kernel``/``embedding`` weight (any other layer)."""
+    candidates = [path, f"{path}/kernel", f"{path}/embedding"]
+    hits = [c for c in candidates if c in flat_like]
+    if len(hits) == 1:
+        return hits[0]
+    if hits or flat_like:
+        return path
+    return {"embedding": f"{path}/embedding", "conv": f"{path}/kernel"}.get(kind, path)
 
 
 def _mapper(names: NameMap, default: Callable[[str], str], what: str) -> Callable[[str], str]:
@@ -197,6 +290,8 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     stacked: Stacked = None,
     overwrite: bool = False,
+    kinds: Kinds = None,
+    fan_in_fan_out: bool = False,
 ) -> list[str]:
     """Write ``lora`` as a PEFT LoRA adapter directory.
 
@@ -220,6 +315,12 @@ def export_peft(
         unstacked. Factors that fit both readings (``a (n, in, r)``, ``b (n, r, out)``) must
         be declared; nothing is guessed from shapes.
       overwrite: replace ``directory`` even if it holds other files.
+      kinds: ``{path regex: "linear" | "conv" | "embedding"}`` for factor nodes whose layout
+        (see the module docstring) is not the default: a weight path ending in ``embedding``
+        (``nn.Embed``) is an embedding, one ending in ``kernel`` with ``a.ndim > 2`` a conv,
+        anything else linear.
+      fan_in_fan_out: recorded in ``adapter_config.json``; set it for GPT-2's ``Conv1D``
+        layers (PEFT also switches it on by itself for them). The factors do not change.
 
     Returns:
       The torch module names written (``target_modules``).
@@ -230,9 +331,11 @@ def export_peft(
     ['h.0.fc', 'h.1.fc']
     """
     st = _safetensors()
-    name_of = _mapper(torch_name, lambda p: p.replace("/", "."), "torch_name")
+    name_of = _mapper(torch_name, default_torch_name, "torch_name")
     stacked = dict(stacked or {})
     _check_templates(stacked)
+    kinds = dict(kinds or {})
+    _check_kinds(kinds)
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}  # torch name -> Flax path
     nodes = [(path_str(parts), node) for parts, node in factor_nodes(meta.unbox(lora))]
@@ -250,8 +353,14 @@ def export_peft(
                     "give each layer its own name in `torch_name`"
                 )
             owner[name] = layer
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a_to_peft(la)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b_to_peft(lb)
+            kind = _kind_of(kinds, layer, la)
+            ta, tb = to_peft(la, lb, kind)
+            if kind == "embedding":
+                tensors[f"base_model.model.{name}.lora_embedding_A"] = ta
+                tensors[f"base_model.model.{name}.lora_embedding_B"] = tb
+            else:
+                tensors[f"base_model.model.{name}.lora_A.weight"] = ta
+                tensors[f"base_model.model.{name}.lora_B.weight"] = tb
     if not owner:
         raise ValueError("`lora` has no factors ({'a': ..., 'b': ...} nodes) to export")
     names = sorted(owner)
@@ -265,7 +374,7 @@ def export_peft(
         "use_rslora": config.rslora,
         "target_modules": names,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": True,
         "use_dora": False,
         "modules_to_save": None,
@@ -447,17 +556,27 @@ def _read_factors(directory: str, r: int, r_text: str) -> dict[str, dict[str, np
         if m is None:
             raise ValueError(
                 f"{where}: tensor {key!r} is not a LoRA Linear factor (expected "
-                "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight'); embedding, conv, DoRA "
-                "and modules_to_save weights are not supported"
+                "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / "
+                "'.lora_embedding_A' / '.lora_embedding_B'); DoRA and modules_to_save weights are "
+                "not supported"
             )
-        pairs.setdefault(m["name"], {})[m["ab"]] = value
+        node = pairs.setdefault(m["name"], {})
+        kind = "embedding" if m["emb"] else ("conv" if value.ndim > 2 else "linear")
+        if node.setdefault("kind", kind) != kind:
+            raise ValueError(
+                f"{where}: module {m['name']!r} mixes {node['kind']} and {kind} LoRA tensors"
+            )
+        node[m["eab"] or m["ab"]] = value
     for name, ab in sorted(pairs.items()):
+        kind = ab.pop("kind")
         if set(ab) != {"A", "B"}:
             raise ValueError(
                 f"{where}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B"
             )
         a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+        ab["kind"] = kind
+        ndim = a.ndim if kind == "conv" else 2
+        if a.ndim != ndim or b.ndim != ndim or a.shape[0] != r or b.shape[1] != r:
             raise ValueError(
                 f"{os.path.join(directory, CONFIG)}: {r_text} does not fit {where}: module {name!r} "
                 f"has lora_A.weight {a.shape} and lora_B.weight {b.shape}; PEFT needs (r, in) and "
@@ -552,12 +671,15 @@ def import_peft(
     flat_like = {path_str(p): n for p, n in factor_nodes(like)} if like is not None else {}
     layers: dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
     for name, (path, index) in sorted(where.items()):
-        ab, ref = pairs[name], flat_like.get(path)
+        ab = pairs[name]
+        if flax_path is None:  # the default names the module: find the weight under it
+            path = _weight_under(path, ab["kind"], flat_like)
+        ref = flat_like.get(path)
         lead = 0 if index is None else 1  # a stacked reference carries the layer axis first
-        in_shape = tuple(ref["a"].shape[lead:-1]) if ref is not None else (ab["A"].shape[1],)
-        out_shape = tuple(ref["b"].shape[lead + 1 :]) if ref is not None else (ab["B"].shape[0],)
+        in_shape = tuple(ref["a"].shape[lead:-1]) if ref is not None else None
+        out_shape = tuple(ref["b"].shape[lead + 1 :]) if ref is not None else None
         try:
-            a, b = a_from_peft(ab["A"], in_shape), b_from_peft(ab["B"], out_shape)
+            a, b = from_peft(ab["A"], ab["B"], ab["kind"], in_shape, out_shape)
         except ValueError as e:
             raise ValueError(
                 f"{os.path.join(directory, WEIGHTS)}: module {name!r} (Flax '{path}'): {e}"
