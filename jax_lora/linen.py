@@ -317,9 +317,10 @@ class _Interceptor:
                 return y
             if not creating:
                 raise ValueError(
-                    f"no LoRA factors for the targeted layer '{path}': the variables passed to "
-                    "`apply` have no `lora` entry there. Create them with `wrapped.init` or "
-                    "`jax_lora.init_lora`, or run the base module for the plain model."
+                    f"no LoRA factors for the targeted layer '{path or '<root>'}': the variables "
+                    "passed to `apply` have no `lora` entry there. Create them with "
+                    "`wrapped.init` or `jax_lora.init_lora`, or run the base module for the "
+                    "plain model."
                 )
             factors.check_rank(geom, cfg.rank, path)
             box_a, box_b = _factor_boxes(module, geom)
@@ -545,12 +546,13 @@ class LoraWrapped(nn.Module):
             out = fn()
         if interceptor.missing:
             leaves = _output_leaves(out)
+            others = {path_str(p) for p in interceptor.used} - {p for p, _ in interceptor.missing}
             for path, y in interceptor.missing:
-                if not any(y is leaf for leaf in leaves):
+                if not others or not any(y is leaf for leaf in leaves):
                     raise ValueError(
-                        f"no LoRA factors for the layer '{path}': the variables passed to "
-                        "`apply` have no `lora` entry there. Create them with `wrapped.init` "
-                        "or `jax_lora.init_lora`."
+                        f"no LoRA factors for the layer '{path or '<root>'}': the variables "
+                        "passed to `apply` have no `lora` entry there. Create them with "
+                        "`wrapped.init` or `jax_lora.init_lora`."
                     )
         sink = _GEOMS.get()
         if sink is not None:
@@ -584,7 +586,7 @@ class LoraWrapped(nn.Module):
         return out
 
     def _check_no_stray_factors(self, used: set[tuple[str, ...]]) -> None:
-        lora = self.variables.get(COLLECTION, {})
+        lora = nn.meta.unbox(self.variables.get(COLLECTION, {}))
         n = len(self.path)
         used_rel = {p[n:] for p in used}
         for p, _ in factors.factor_nodes(lora):
@@ -631,6 +633,12 @@ def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any 
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"jax_lora.wrap expects a flax.linen.Module or an nnx.Module, got {type(module).__name__}"
+        )
+    if isinstance(module, LoraWrapped):
+        raise ValueError(
+            "this module is already wrapped with LoRA (a LoraWrapped); wrap the base model once "
+            "with one LoraConfig (list all targets in it), or merge the first adapter "
+            "(`jax_lora.merge`) and wrap the plain model again"
         )
     # A module made inside a parent's compact method comes attached to that parent; the
     # wrapper adopts a detached copy so that its params land under the wrapper's own name.
