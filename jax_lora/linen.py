@@ -598,7 +598,14 @@ class LoraWrapped(nn.Module):
                 )
 
 
-def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any = None) -> Any:
+def wrap(
+    module: Any,
+    config: LoraConfig,
+    *,
+    name: str | None = None,
+    rngs: Any = None,
+    example: Any = None,
+) -> Any:
     """Add LoRA to ``module``: a module transformation.
 
     Args:
@@ -607,6 +614,7 @@ def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any 
       name: the wrapper's name when it is made inside a parent module's compact method
         (paths matched by ``targets`` then start with it).
       rngs: NNX only: ``nnx.Rngs`` for the factor init and LoRA dropout (see `wrap_nnx`).
+      example: NNX only: an example call ``(args...)`` / ``(args, kwargs)`` (see `wrap_nnx`).
 
     An ``nnx.Module`` is adapted in place instead (graph surgery, see `jax_lora.nnx.wrap_nnx`)
     and returned.
@@ -629,7 +637,7 @@ def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any 
     if isinstance(module, nnx.Module):
         from .nnx import wrap_nnx
 
-        return wrap_nnx(module, config, rngs=rngs)
+        return wrap_nnx(module, config, rngs=rngs, example=example)
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"jax_lora.wrap expects a flax.linen.Module or an nnx.Module, got {type(module).__name__}"
