@@ -802,3 +802,29 @@ def test_partitioned_transposed_kernel_gives_partitioned_factors():
     assert a.names == ("embed", None) and a.value.shape == (8, 2)
     assert b.names == (None, "mlp") and b.value.shape == (2, 6)
     assert v["params"]["c"]["kernel"].names == ("mlp", "embed")
+
+
+def test_patterns_fully_match_module_or_weight_paths():
+    model, x = GPT2MLP(), _np_normal((2, 5, 8), 3)
+    params = model.init(KEY, x)["params"]
+    for targets in ("c_fc", "c_fc/kernel", r"c_f./.*"):
+        wrapped = jax_lora.wrap(model, LoraConfig(rank=2, targets=targets))
+        lora = jax_lora.init_lora(wrapped, KEY, {"params": params}, x)
+        assert jax.tree.map(np.shape, lora) == {"c_fc": {"kernel": {"a": (8, 2), "b": (2, 12)}}}
+    for partial in ("c_", "kernel", "fc/kernel", "c_fc/kern"):  # substrings match nothing
+        wrapped = jax_lora.wrap(model, LoraConfig(rank=2, targets=partial))
+        with pytest.raises(ValueError):
+            jax_lora.init_lora(wrapped, KEY, {"params": params}, x)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a pattern that matches no weight of a model of non-Dense layers raises 'the "
+    "model has no layer LoRA can adapt; supported layer types: Dense, DenseGeneral, Einsum' "
+    "instead of naming the pattern and listing the candidate weight paths",
+)
+def test_unmatched_pattern_error_names_pattern_and_weight_paths():
+    model, x = GPT2MLP(), _np_normal((2, 5, 8), 3)
+    wrapped = jax_lora.wrap(model, LoraConfig(rank=2, targets="c_"))
+    with pytest.raises(ValueError, match=r"(?s)pattern 'c_' matches no.*c_fc/kernel"):
+        wrapped.init(KEY, x)
