@@ -78,6 +78,14 @@ class Attention(nn.Module):
         return Einsum((2, 3, 8), name="attn_vec_einsum")("BTNH,NHD->BTD", o)
 
 
+class CycledEinsum(nn.Module):
+    """A weight stored (D, N, H) used as 'BTNH,DNH->BTD': folding needs a 3-cycle, not a swap."""
+
+    @nn.compact
+    def __call__(self, x):
+        return Einsum((8, 2, 3), name="o")("BTNH,DNH->BTD", x)
+
+
 class AttnModel(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -232,6 +240,12 @@ CASES = {
             "attn/kv_einsum/w": ("cdr,crkh->ckdh", (2, 8, RANK), (2, RANK, 2, 3)),
             "attn/attn_vec_einsum/w": ("nhr,rd->nhd", (2, 3, RANK), (RANK, 8)),
         },
+    ),
+    "einsum_cycled": Case(
+        CycledEinsum(),
+        _normal((2, 5, 2, 3)),
+        ("o/w",),
+        {"o/w": ("nhr,rd->dnh", (2, 3, RANK), (RANK, 8))},
     ),
     "gemma_ffw": Case(
         FFWModel(),
@@ -802,6 +816,21 @@ def test_partitioned_transposed_kernel_gives_partitioned_factors():
     assert a.names == ("embed", None) and a.value.shape == (8, 2)
     assert b.names == (None, "mlp") and b.value.shape == (2, 6)
     assert v["params"]["c"]["kernel"].names == ("mlp", "embed")
+
+
+class PrefixNames(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Conv1D(8, name="fc_out")(jax.nn.gelu(Conv1D(12, name="fc")(x)))
+
+
+@pytest.mark.parametrize("targets", ["fc", "fc/kernel", "f./kernel", r"fc(/\w+)?"])
+def test_pattern_does_not_reach_a_longer_name(targets):
+    """``fc`` must not adapt ``fc_out`` (re.fullmatch, not re.search)."""
+    model, x = PrefixNames(), _np_normal((2, 5, 8), 3)
+    wrapped = jax_lora.wrap(model, LoraConfig(rank=2, targets=targets))
+    lora = jax_lora.init_lora(wrapped, KEY, {"params": model.init(KEY, x)["params"]}, x)
+    assert jax.tree.map(np.shape, lora) == {"fc": {"kernel": {"a": (8, 2), "b": (2, 12)}}}
 
 
 def test_patterns_fully_match_module_or_weight_paths():
