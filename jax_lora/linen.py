@@ -235,6 +235,7 @@ class _Interceptor:
         self.candidates: list[tuple[str, str]] = []
         self.containers: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str]] = []
+        self.seen: list[tuple[str, str]] = []  # every matrix weight of a non-Dense layer met
         self.used: set[tuple[str, ...]] = set()
         self.geoms: dict[str, weights.WeightGeometry] = {}
         self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
@@ -322,6 +323,10 @@ class _Interceptor:
                     "`wrapped.init` or `jax_lora.init_lora`, or run the base module for the "
                     "plain model."
                 )
+            if cfg.targets is None and cfg.rank > min(geom.fan_in, geom.fan_out):
+                self.skipped.append((path, f"rank {cfg.rank} > min(fan_in, fan_out)"))
+                self.used.discard(tuple(module.path))
+                return y
             factors.check_rank(geom, cfg.rank, path)
             box_a, box_b = _factor_boxes(module, geom)
         else:
@@ -363,9 +368,16 @@ class _Interceptor:
         mpath = path_str(module.path)
         if mpath in self.heads:
             return next_fun(*args, **kwargs)
-        new_params = not _direct_params(module)  # `init`: the call creates them
+        # `init`: the call creates the params (with nn.share_scope, a sibling may have made
+        # some already), so run it first and adapt nothing in this call (b = 0 anyway)
+        new_params = module.is_initializing() and module.is_mutable_collection("params")
         y = next_fun(*args, **kwargs) if new_params else None
         owned = _direct_params(module)
+        self.seen.extend(
+            (weight_path(mpath, n), class_name(module))
+            for n, v in owned.items()
+            if np.ndim(nn.meta.unbox(v)) >= 2
+        )
         names = [
             n
             for n, v in owned.items()
@@ -560,6 +572,16 @@ class LoraWrapped(nn.Module):
         if not whole_model:
             return out
         if self.is_mutable_collection(COLLECTION):
+            found = list(dict.fromkeys(interceptor.candidates))
+            if not found and interceptor.seen and self.config.targets is not None:
+                listing = "\n".join(f"  {p}  ({t})" for p, t in interceptor.seen[:50])
+                why = "".join(f"\n  {p}: {w}" for p, w in interceptor.skipped[:20])
+                raise ValueError(
+                    f"`targets` pattern {', '.join(map(repr, self.config.targets))} matches no "
+                    "weight LoRA can adapt "
+                    "(patterns are re.fullmatch'ed against module paths and weight paths). "
+                    f"Weights seen:\n{listing}" + (f"\nSeen but not adaptable:{why}" if why else "")
+                )
             try:
                 check_all_matched(
                     self.config, list(dict.fromkeys(interceptor.candidates)), interceptor.containers

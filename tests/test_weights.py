@@ -402,16 +402,7 @@ def test_factor_shapes(name):
         assert not np.any(np.asarray(node["b"])) and np.all(np.asarray(node["a"]) != 0)
 
 
-_SHARE_SCOPE_INIT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wrapped.init of nn.share_scope layers: the second layer sharing the scope is "
-    "traced without its not-yet-created weight (ScopeParamNotFoundError 'linear')",
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_SHARE_SCOPE_INIT_BUG) if n == "gemma_ffw" else n for n in CASES]
-)
+@pytest.mark.parametrize("name", CASES)
 def test_factor_shapes_wrapped_init(name):
     """``wrapped.init`` creates params and factors in the same call."""
     s = _setup(name)
@@ -701,16 +692,9 @@ class Conv1DClassifier(nn.Module):
         return Conv1D(4, name="head")(nn.relu(Conv1D(16, name="c_fc")(x)))
 
 
-_HEAD_RANK_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: targets=None, rank 8: the Dense 16 -> 4 head raises `rank`=8 is larger than "
-    "min(fan_in, fan_out)=4 (the generic path skips such a weight; the Dense path does not)",
-)
-
-
 @pytest.mark.parametrize(
     "model",
-    [pytest.param(DenseClassifier(), marks=_HEAD_RANK_BUG), Conv1DClassifier()],
+    [DenseClassifier(), Conv1DClassifier()],
     ids=["dense", "conv1d"],
 )
 def test_four_class_head_with_rank_8_does_not_raise(model):
@@ -783,14 +767,6 @@ def test_scan_factors_stack_per_layer_and_match_unrolled(remat):
     assert_close(jax.jit(wrapped.apply)(v, x), wrapped.apply(v, x), 1e-6)
 
 
-_SCAN_MERGE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: merge(v, wrapped, x) of a scanned weight: the traced geometry is per layer "
-    "(8, 8) but the stored weight is (3, 8, 8)",
-)
-
-
-@_SCAN_MERGE_BUG
 @pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
 def test_scan_merge_matches_unrolled(remat):
     model, x, cfg, wrapped, v = _scan_setup(remat)
@@ -846,12 +822,6 @@ def test_patterns_fully_match_module_or_weight_paths():
             jax_lora.init_lora(wrapped, KEY, {"params": params}, x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a pattern that matches no weight of a model of non-Dense layers raises 'the "
-    "model has no layer LoRA can adapt; supported layer types: Dense, DenseGeneral, Einsum' "
-    "instead of naming the pattern and listing the candidate weight paths",
-)
 def test_unmatched_pattern_error_names_pattern_and_weight_paths():
     model, x = GPT2MLP(), _np_normal((2, 5, 8), 3)
     wrapped = jax_lora.wrap(model, LoraConfig(rank=2, targets="c_"))
