@@ -108,9 +108,11 @@ def _adapted(**kwargs):
 
 
 def test_targets_and_exclude_fullmatch():
-    assert _adapted() == {"fc": ((4, 2), (2, 5)), "fc1": ((5, 2), (2, 3))}
+    # targets=None leaves out the output head, fc1 (PEFT's "all-linear")
+    assert _adapted() == {"fc": ((4, 2), (2, 5))}
+    assert _adapted(targets="fc.*") == {"fc": ((4, 2), (2, 5)), "fc1": ((5, 2), (2, 3))}
     assert _adapted(targets="fc") == {"fc": ((4, 2), (2, 5))}  # not fc1: re.fullmatch
-    assert _adapted(exclude="fc") == {"fc1": ((5, 2), (2, 3))}  # fc1 stays adapted
+    assert _adapted(targets="fc.*", exclude="fc") == {"fc1": ((5, 2), (2, 3))}  # fc1 stays
     assert _adapted(targets="fc1") == {"fc1": ((5, 2), (2, 3))}
 
 

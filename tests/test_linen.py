@@ -76,9 +76,13 @@ def test_lora_tree_spec():
             "up": {"a": (16, 4), "b": (4, 2, 16)},
             "down": {"a": (2, 16, 4), "b": (4, 16)},
         },
-        "head": {"a": (16, 4), "b": (4, 8)},
-    }
+    }  # no "head": targets=None leaves out the output head, as PEFT's "all-linear"
     assert all(t.dtype == jnp.float32 for t in jax.tree.leaves(v["lora"]))
+    with_head = jax_lora.wrap(Encoder(layers=1), LoraConfig(rank=4, targets=[".*/attn/.*", "head"]))
+    assert jax.tree.map(jnp.shape, with_head.init(KEY, x)["lora"]["head"]) == {
+        "a": (16, 4),
+        "b": (4, 8),
+    }
 
 
 @jit_or_not
@@ -174,7 +178,7 @@ def test_fast_path_grad_of_lora_only_equals_full_grad():
 def test_grad_matches_finite_difference_of_independent_model():
     """d loss / d b through wrap == d loss / d b of the base model with W + scale * a @ b."""
     x = _x((4, 16))
-    cfg = LoraConfig(rank=3, alpha=5)
+    cfg = LoraConfig(rank=3, alpha=5, targets="fc1|fc2|head")
     model = MLP()
     wrapped = jax_lora.wrap(model, cfg)
     v = wrapped.init(KEY, x)
@@ -413,7 +417,10 @@ def test_init_lora_for_pretrained_params():
 
 def test_rank_too_large_names_layer():
     with pytest.raises(ValueError, match=r"`rank`=5 .* min\(fan_in, fan_out\)=4 .* 'head'"):
-        jax_lora.wrap(MLP(out=4), LoraConfig(rank=5)).init(KEY, _x((2, 16)))
+        jax_lora.wrap(MLP(out=4), LoraConfig(rank=5, targets="fc1|head")).init(KEY, _x((2, 16)))
+    # targets=None ("all-linear") leaves the output head out, so nothing raises
+    v = jax_lora.wrap(MLP(out=4), LoraConfig(rank=5)).init(KEY, _x((2, 16)))
+    assert set(v["lora"]) == {"fc1", "fc2"}
 
 
 def test_pattern_matching_nothing_lists_candidates():
@@ -481,7 +488,7 @@ def test_other_methods_of_the_base_via_call_method():
             return self.dec(nn.relu(self.encode(x)))
 
     x = _x((3, 16))
-    cfg = LoraConfig(rank=2)
+    cfg = LoraConfig(rank=2, targets="enc|dec")
     wrapped = jax_lora.wrap(EncDec(), cfg)
     v = wrapped.init(KEY, x)
     assert set(v["lora"]) == {"enc", "dec"}

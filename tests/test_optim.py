@@ -87,7 +87,7 @@ def test_param_report_counts():
     v = _vars()
     # MLP 16-16-16-4: kernels 256 + 256 + 64, biases 16 + 16 + 4
     base = 256 + 256 + 64 + 16 + 16 + 4
-    lora = (16 * 2 + 2 * 16) * 2 + (16 * 2 + 2 * 4)
+    lora = (16 * 2 + 2 * 16) * 2  # targets=None leaves out the output head
     rep = jax_lora.param_report(v)
     assert (rep.trainable, rep.total) == (lora, base + lora)
     assert rep.percent == pytest.approx(100 * lora / (base + lora))

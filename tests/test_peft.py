@@ -14,8 +14,11 @@ import jax_lora
 from jax_lora import LoraConfig
 
 
+EVERY = [r".*/attn/.*", r".*/(up|down)", "head"]  # targets=None would leave out the head
+
+
 def _lora(cfg=None):
-    cfg = cfg or LoraConfig(rank=4, alpha=8)
+    cfg = cfg or LoraConfig(rank=4, alpha=8, targets=EVERY)
     # shapes only (no compile: fast on a busy CI machine), then random factors
     v = jax.eval_shape(jax_lora.wrap(Encoder(), cfg).init, jax.random.key(0), jnp.ones((1, 5, 16)))
     rng = np.random.default_rng(1)
@@ -94,7 +97,7 @@ def test_failed_export_keeps_existing_adapter(tmp_path):
     [
         ("use_dora", True),
         ("bias", "all"),
-        ("fan_in_fan_out", True),
+        ("lora_bias", True),
         ("rank_pattern", {"q": 2}),
         ("modules_to_save", ["classifier"]),
     ],
@@ -114,16 +117,16 @@ def test_foreign_tensor_and_layout_mismatch(tmp_path):
     jax_lora.export_peft(tmp_path, lora, LoraConfig(rank=4))
     f = tmp_path / "adapter_model.safetensors"
     t = load_file(f)
-    save_file({**t, "base_model.model.emb.lora_embedding_A": np.zeros((4, 10), np.float32)}, f)
+    save_file({**t, "base_model.model.emb.lora_magnitude_vector": np.zeros((4,), np.float32)}, f)
     with pytest.raises(
-        ValueError, match="'base_model.model.emb.lora_embedding_A' is not a LoRA Linear factor"
+        ValueError, match="'base_model.model.emb.lora_magnitude_vector' is not a LoRA Linear factor"
     ):
         jax_lora.import_peft(tmp_path)
     save_file(t, f)
     small = _lora(LoraConfig(rank=4, targets=r".*/query"))
     with pytest.raises(ValueError, match="has factor 'head/a' .* that the model does not"):
         jax_lora.import_peft(tmp_path, like=small)
-    other = _lora(LoraConfig(rank=2))
+    other = _lora(LoraConfig(rank=2, targets=EVERY))
     with pytest.raises(
         ValueError, match=r"'head/a' with shape \(16, 4\), the model needs \(16, 2\)"
     ):
@@ -164,7 +167,7 @@ class _Partitioned(nn.Module):
 
 
 def test_export_and_import_unbox_partitioned_factors(tmp_path):
-    cfg = LoraConfig(rank=2, alpha=4)
+    cfg = LoraConfig(rank=2, alpha=4, targets=["Dense_0", "out"])
     wrapped = jax_lora.wrap(_Partitioned(), cfg)
     x = jnp.ones((1, 6))
     boxed = wrapped.init(jax.random.key(0), x)["lora"]  # factors inherit the kernels' boxes
@@ -180,6 +183,17 @@ def test_export_and_import_unbox_partitioned_factors(tmp_path):
     jax_lora.export_peft(tmp_path / "ad2", fresh, cfg)
     back, _ = jax_lora.import_peft(tmp_path / "ad", like=boxed)  # `like` may be boxed too
     assert back["Dense_0"]["a"].shape == (6, 2) and back["out"]["b"].shape == (2, 4)
+
+
+def test_fan_in_fan_out_changes_no_factor(tmp_path):
+    # GPT-2's Conv1D adapters: PEFT's lora_A (r, in) / lora_B (out, r) are the same as for a
+    # Linear, fan_in_fan_out only says how PEFT reads the base weight
+    lora = {"c_attn": {"kernel": _small(rank=2)}}
+    names = jax_lora.export_peft(tmp_path, lora, LoraConfig(rank=2), fan_in_fan_out=True)
+    assert names == ["c_attn"]
+    assert json.loads(_raw_config(tmp_path))["fan_in_fan_out"] is True
+    back, _ = jax_lora.import_peft(tmp_path, like=lora)
+    jax.tree.map(np.testing.assert_array_equal, back, lora)
 
 
 def test_missing_lora_alpha_takes_peft_default_8(tmp_path):

@@ -168,7 +168,11 @@ class _Pair:
 
     def __init__(self, kind: str, rank=4, alpha=8.0, rslora=False, dropout=0.0, seed=0):
         torch.manual_seed(seed)
-        self.config = jax_lora.LoraConfig(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout)
+        # every Linear, the head too (as the seed's apply_lora and PEFT's target_modules here;
+        # targets=None would leave the output head out)
+        self.config = jax_lora.LoraConfig(
+            rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, targets=list(LINEARS)
+        )
         base = TorchMLP()
         shapes = {n: (getattr(base, n).in_features, getattr(base, n).out_features) for n in LINEARS}
         self.factors = _random_factors(shapes, rank)
