@@ -13,7 +13,6 @@ from safetensors.numpy import load_file, save_file
 import jax_lora
 from jax_lora import LoraConfig
 
-
 EVERY = [r".*/attn/.*", r".*/(up|down)", "head"]  # targets=None would leave out the head
 
 
