@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import flax.core
 import flax.linen as nn
 import jax
 import numpy as np
@@ -236,6 +237,7 @@ class _Interceptor:
         self.containers: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str]] = []
         self.seen: list[tuple[str, str]] = []  # every matrix weight of a non-Dense layer met
+        self.calls = 0  # layer calls seen: none when `nn.jit` reused a trace (checked then)
         self.used: set[tuple[str, ...]] = set()
         self.geoms: dict[str, weights.WeightGeometry] = {}
         self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
@@ -257,6 +259,8 @@ class _Interceptor:
                 self.call_training = kwargs["train"]
         if not self._in_tree(module):
             return next_fun(*args, **kwargs)  # e.g. a nested `apply` of a module made on the fly
+        if tuple(module.path) != tuple(self.wrapper.path):
+            self.calls += 1
         if isinstance(module, SUPPORTED_LINEN):
             if method != "__call__":
                 return next_fun(*args, **kwargs)
@@ -537,12 +541,33 @@ class LoraWrapped(nn.Module):
         nn.share_scope(self, self.base)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._run(lambda: self.base(*args, **kwargs))
+        with self._keyed(kwargs):
+            return self._run(lambda: self.base(*args, **kwargs))
 
     def call_method(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Run another method of ``base`` with LoRA:
         ``wrapped.apply(variables, "encode", x, method="call_method")``."""
-        return self._run(lambda: getattr(self.base, name)(*args, **kwargs), whole_model=False)
+        with self._keyed(kwargs):
+            return self._run(lambda: getattr(self.base, name)(*args, **kwargs), whole_model=False)
+
+    @contextlib.contextmanager
+    def _keyed(self, kwargs: Mapping[str, Any]) -> Iterator[None]:
+        """Put what this call's LoRA depends on (config, on/off, train/eval) into the scope's
+        flags while it runs. ``nn.jit`` inside the model (gemma's ``Transformer``) keys its
+        trace cache on the scope, so an ``apply`` under `disabled` or in eval mode never reuses
+        a trace made with LoRA on or in training (and the reverse)."""
+        mode = tuple(kwargs.get(k) for k in ("deterministic", "train"))
+        mode = tuple(m if isinstance(m, bool) else None for m in mode)
+        key = (self.config, self.enabled and lora_enabled(), self.deterministic, mode)
+        if _GEOMS.get() is not None:
+            key += (id(_GEOMS.get()),)  # `weight_geometries` needs a fresh trace to read
+        scope = self.scope
+        before = scope.flags
+        scope.flags = flax.core.freeze({**before, "jax_lora": hash(key)})
+        try:
+            yield
+        finally:
+            scope.flags = before
 
     def _run(self, fn, whole_model: bool = True) -> Any:
         """Run ``fn`` under the interceptor. Only a whole-model call checks the targets and the
@@ -569,8 +594,8 @@ class LoraWrapped(nn.Module):
         sink = _GEOMS.get()
         if sink is not None:
             sink.update(interceptor.geoms)
-        if not whole_model:
-            return out
+        if not whole_model or interceptor.calls == 0:
+            return out  # (no calls: an `nn.jit` in the model reused a trace checked when made)
         if self.is_mutable_collection(COLLECTION):
             found = list(dict.fromkeys(interceptor.candidates))
             if not found and interceptor.seen and self.config.targets is not None:
