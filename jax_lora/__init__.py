@@ -12,6 +12,7 @@ from .merge import merge as merge
 from .merge import unmerge as unmerge
 from .nnx import load_lora as load_lora
 from .nnx import lora_state as lora_state
+from .nnx import set_enabled as set_enabled
 from .optim import optimizer as optimizer
 from .optim import trainable_mask as trainable_mask
 from .peft import export_peft as export_peft
@@ -37,6 +38,7 @@ __all__ = [
     "merge",
     "optimizer",
     "param_report",
+    "set_enabled",
     "trainable_mask",
     "unmerge",
     "wrap",

@@ -82,27 +82,40 @@ class LoraConfig:
     param_dtype: Any = np.float32
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+        if isinstance(self.rank, (bool, np.bool_)) or not isinstance(self.rank, (int, np.integer)):
             raise TypeError(f"`rank` must be an int >= 1, got {self.rank!r}")
         if self.rank < 1:
             raise ValueError(f"`rank` must be >= 1, got {self.rank}")
         object.__setattr__(self, "rank", int(self.rank))
         alpha = self.rank if self.alpha is None else self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
+        if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.number)):
             raise TypeError(f"`alpha` must be a number, got {alpha!r}")
         if not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"`alpha` must be a finite number > 0, got {alpha}")
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "targets", _patterns("targets", self.targets))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "dropout", float(self.dropout))
+        dropout = self.dropout
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(
+            dropout, (int, float, np.number)
+        ):
+            raise TypeError(f"`dropout` must be a number in [0, 1), got {dropout!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+        object.__setattr__(self, "dropout", float(dropout))
+        if not isinstance(self.rslora, (bool, np.bool_)):
+            raise TypeError(
+                f"`rslora` must be a bool (True or False), got {self.rslora!r} of type "
+                f"{type(self.rslora).__name__}"
+            )
+        object.__setattr__(self, "rslora", bool(self.rslora))
         if isinstance(self.init, str):
             if self.init not in INITS:
                 raise ValueError(f"`init` must be one of {INITS} or a callable, got {self.init!r}")
         elif not callable(self.init):
             raise TypeError(f"`init` must be one of {INITS} or a callable, got {self.init!r}")
+        if self.param_dtype is None:  # np.dtype(None) silently means float64
+            raise TypeError("`param_dtype` must be a floating dtype such as jnp.float32, got None")
         try:
             dtype = np.dtype(self.param_dtype)
         except TypeError:

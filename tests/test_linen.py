@@ -193,6 +193,29 @@ def test_grad_matches_finite_difference_of_independent_model():
     )(v["lora"])
     assert_close(g, g_ref, 1e-5)
 
+    # central differences in float64: (L(t + eps) - L(t - eps)) / (2 eps), error O(eps^2)
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree.map(lambda u: jnp.asarray(u, jnp.float64), t)  # noqa: E731
+        params, lora, x64 = f64(v["params"]), f64(v["lora"]), f64(x)
+
+        def loss(lora):
+            return jnp.sum(wrapped.apply({"params": params, "lora": lora}, x64) ** 2)
+
+        loss = jax.jit(loss)
+
+        g64, eps = jax.grad(loss)(lora), 1e-6
+        for name in ("fc1", "fc2", "head"):
+            for f in ("a", "b"):
+                t = lora[name][f]
+                for idx in [(0, 0), (t.shape[0] - 1, t.shape[1] - 1), (1, 1)]:
+                    bump = lambda d: {  # noqa: E731
+                        **lora,
+                        name: {**lora[name], f: t.at[idx].add(d)},  # noqa: B023
+                    }
+                    fd = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
+                    want = float(g64[name][f][idx])
+                    assert abs(float(fd) - want) <= 1e-6 * max(1.0, abs(want)), (name, f, idx)
+
 
 def test_dropout_is_inverted_and_only_with_rng():
     n, p = 4000, 0.25
@@ -214,6 +237,60 @@ def test_dropout_is_inverted_and_only_with_rng():
     assert abs(kept - n * (1 - p)) < 4 * sigma
     det = wrapped.clone(deterministic=True)
     assert float(det.apply(v, x, rngs={"dropout": jax.random.key(3)})[0, 0]) == n
+
+
+class _ModeNet(nn.Module):
+    """One zero-kernel Dense(1) that takes the usual train/eval keywords (and ignores them)."""
+
+    @nn.compact
+    def __call__(self, x, deterministic=None, train=None):
+        return nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)(x)
+
+
+def _assert_valid_dropout(y, n: int, p: float) -> None:
+    """``y`` = sum of an inverted-dropout mask over ``n`` ones (a = b = ones, zero kernel)."""
+    kept = float(y) * (1 - p)
+    assert abs(kept - round(kept)) < 1e-2, kept  # each kept unit counts 1 / (1 - p)
+    assert round(kept) != n  # something was dropped (P(nothing dropped) = 0.75**4000)
+    assert abs(kept - n * (1 - p)) < 4 * np.sqrt(n * p * (1 - p))
+
+
+# (call keywords, LoraWrapped.deterministic) -> training mode, or None: follow the rng
+_CALL_FLAGS = {
+    "none": ({}, None),
+    "det=True": ({"deterministic": True}, False),
+    "det=False": ({"deterministic": False}, True),
+    "train=True": ({"train": True}, True),
+    "train=False": ({"train": False}, False),
+}
+
+
+@pytest.mark.parametrize("flag", list(_CALL_FLAGS))
+@pytest.mark.parametrize("attr", [None, True, False])
+@pytest.mark.parametrize("rng", [False, True])
+def test_dropout_follows_train_eval_mode(flag, attr, rng):
+    """Call keyword wins, then `LoraWrapped.deterministic`, then "a dropout rng was given"."""
+    n, p = 4000, 0.25
+    kwargs, call_training = _CALL_FLAGS[flag]
+    wrapped = jax_lora.wrap(_ModeNet(), LoraConfig(rank=1, dropout=p)).clone(deterministic=attr)
+    x = jnp.ones((1, n))
+    v = wrapped.init(KEY, x)
+    v["lora"] = {"Dense_0": {"a": jnp.ones((n, 1)), "b": jnp.ones((1, 1))}}
+    training = (
+        call_training if call_training is not None else (not attr if attr is not None else rng)
+    )
+    rngs = {"dropout": jax.random.key(3)} if rng else {}
+    if training and not rng:
+        with pytest.raises(ValueError, match="'Dense_0'.*no 'dropout' rng"):
+            wrapped.apply(v, x, rngs=rngs, **kwargs)
+        return
+    y = wrapped.apply(v, x, rngs=rngs, **kwargs)[0, 0]
+    if training:
+        _assert_valid_dropout(y, n, p)
+        y2 = wrapped.apply(v, x, rngs={"dropout": jax.random.key(4)}, **kwargs)[0, 0]
+        assert float(y2) != float(y)
+    else:
+        assert float(y) == n  # exactly the branch without dropout: sum(x) = n
 
 
 def test_disabled_and_enabled_false_give_base_exactly():
@@ -351,7 +428,10 @@ def test_pattern_matching_container_hints():
 
 
 def test_pattern_matching_unsupported_layer():
-    with pytest.raises(ValueError, match=r"'layer_0/ln' of type LayerNorm"):
+    with pytest.raises(
+        ValueError,
+        match=r"'layer_0/ln' of type flax\.linen\.normalization\.LayerNorm, which has no weight",
+    ):
         jax_lora.wrap(Encoder(), LoraConfig(rank=2, targets=r"layer_0/.*")).init(KEY, _x())
 
 

@@ -1,5 +1,7 @@
 """The NNX path: same math as linen (shared factors.py), graph surgery, NNX training idioms."""
 
+import pickle
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -296,3 +298,169 @@ def test_factors_inherit_partitioning():
     assert spec["q"]["lora_a"].get_value() == P("embed", None)
     assert spec["q"]["lora_b"].get_value() == P(None, "heads", "kv")
     assert spec["up"]["lora_a"].get_value() == P()  # no names on the kernel: replicated
+
+
+class Wide(nnx.Module):
+    """Two zero-kernel Linear(n, 1) side by side, then Dropout: ``(1, n) -> (1, 2)``."""
+
+    def __init__(self, n, rngs):
+        zeros = nnx.initializers.zeros
+        self.l1 = nnx.Linear(n, 1, use_bias=False, kernel_init=zeros, rngs=rngs)
+        self.l2 = nnx.Linear(n, 1, use_bias=False, kernel_init=zeros, rngs=rngs)
+        self.drop = nnx.Dropout(0.0, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(jnp.concatenate([self.l1(x), self.l2(x)], axis=-1))
+
+
+N, P = 4000, 0.25
+
+
+def _wide(dropout=P, before=None):
+    """A `Wide` with a = b = ones: each output is the sum of the LoRA input after dropout."""
+    model = Wide(N, nnx.Rngs(0))
+    if before is not None:
+        before(model)
+    model = jax_lora.wrap(model, LoraConfig(rank=1, dropout=dropout), rngs=nnx.Rngs(3))
+    jax_lora.load_lora(model, jax.tree.map(jnp.ones_like, jax_lora.lora_state(model)))
+    return model
+
+
+def _assert_valid_dropout(y):
+    for v in np.asarray(y).ravel():
+        kept = float(v) * (1 - P)  # inverted dropout: each kept unit counts 1 / (1 - P)
+        assert abs(kept - round(kept)) < 1e-2 and round(kept) != N, kept
+        assert abs(kept - N * (1 - P)) < 4 * np.sqrt(N * P * (1 - P))
+
+
+_EVAL = {
+    "eval()/train()": lambda m: (m.eval(), m)[1],
+    "set_attributes": lambda m: (m.set_attributes(deterministic=True), m)[1],
+    "nnx.view": lambda m: nnx.view(m, deterministic=True),
+    "nnx.with_attributes": lambda m: nnx.with_attributes(m, deterministic=True),
+}
+_TRAIN = {
+    "eval()/train()": lambda m: (m.train(), m)[1],
+    "set_attributes": lambda m: (m.set_attributes(deterministic=False), m)[1],
+    "nnx.view": lambda m: nnx.view(m, deterministic=False),
+    "nnx.with_attributes": lambda m: nnx.with_attributes(m, deterministic=False),
+}
+
+
+@pytest.mark.parametrize("how", list(_EVAL))
+def test_dropout_follows_eval_mode(how):
+    x = jnp.ones((1, N))
+    model = _wide()
+    want = np.full((1, 2), float(N), np.float32)  # the branch without dropout: sum(x) = N
+    _assert_valid_dropout(model(x))  # a fresh model trains
+    ev = _EVAL[how](model)
+    np.testing.assert_array_equal(np.asarray(ev(x)), want)
+    np.testing.assert_array_equal(np.asarray(ev(x)), want)
+    tr = _TRAIN[how](ev)
+    y1, y2 = tr(x), tr(x)
+    _assert_valid_dropout(y1)
+    _assert_valid_dropout(y2)
+    assert (np.asarray(y1) != np.asarray(y2)).all()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_wrap_takes_the_models_current_mode(mode):
+    x = jnp.ones((1, N))
+    model = _wide(before=lambda m: getattr(m, mode)())
+    assert model.l1.deterministic == model.l2.deterministic == (mode == "eval")
+    y1, y2 = model(x), model(x)
+    if mode == "eval":
+        np.testing.assert_array_equal(np.asarray(y1), np.full((1, 2), float(N), np.float32))
+        np.testing.assert_array_equal(np.asarray(y2), np.asarray(y1))
+    else:
+        _assert_valid_dropout(y1)
+        assert (np.asarray(y1) != np.asarray(y2)).all()
+
+
+def test_layers_get_their_own_dropout_masks():
+    x = jnp.ones((1, N))
+    model = _wide()
+    y = np.asarray(model(x))
+    assert y[0, 0] != y[0, 1]  # l1 and l2 draw different masks on the same input
+    # and each layer's stream is its own: l2's first mask does not depend on l1 being called
+    a, b = _wide(), _wide()
+    a.l1(x)
+    np.testing.assert_array_equal(np.asarray(a.l2(x)), np.asarray(b.l2(x)))
+
+
+class MyLinear(nnx.Linear):
+    """A user's subclass of a supported layer: gets a generated LoRA class."""
+
+
+def test_pickle_and_split_merge_round_trips():
+    x = jax.random.normal(jax.random.key(2), (2, 16))
+    model = NnxMLP(nnx.Rngs(0))
+    model.fc2 = MyLinear(16, 16, rngs=nnx.Rngs(1))
+    model = jax_lora.wrap(model, LoraConfig(rank=2, dropout=0.1))
+    jax_lora.load_lora(model, jax.tree.map(lambda t: t + 0.3, jax_lora.lora_state(model)))
+    model.eval()
+    want = np.asarray(model(x))
+    assert type(model.fc1) is jax_lora.nnx.LoraLinear
+    assert isinstance(model.fc2, MyLinear) and jax_lora.nnx.is_adapted(model.fc2)
+    back = pickle.loads(pickle.dumps(model))
+    assert type(back.fc1) is type(model.fc1) and type(back.fc2) is type(model.fc2)
+    np.testing.assert_array_equal(np.asarray(back(x)), want)
+    graphdef, state = nnx.split(model)
+    again = nnx.merge(graphdef, state)
+    np.testing.assert_array_equal(np.asarray(again(x)), want)
+    graphdef2 = pickle.loads(pickle.dumps(graphdef))  # the graphdef holds the classes
+    np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef2, state)(x)), want)
+    back.train()
+    assert back.fc1.deterministic is False and back.fc2.deterministic is False
+
+
+def test_merge_leaves_no_injected_attributes():
+    x = jax.random.normal(jax.random.key(2), (2, 16))
+    model = NnxMLP(nnx.Rngs(0))
+    model.fc2 = MyLinear(16, 16, rngs=nnx.Rngs(1))
+    fresh = nnx.clone(model)
+    jax_lora.wrap(model, LoraConfig(rank=2, dropout=0.1))
+    merged = jax_lora.merge(model)
+    for name in ("fc1", "fc2", "head"):
+        got, want = getattr(merged, name), getattr(fresh, name)
+        assert type(got) is type(want) and set(vars(got)) == set(vars(want)), name
+    assert_close(merged(x), model(x), 1e-5)  # a fresh model trains; dropout is off in eval
+    model.eval()
+    assert_close(merged(x), model(x), 1e-5)
+
+
+def test_set_enabled_for_linen_and_nnx():
+    x = jnp.ones((4, 16))
+    model = jax_lora.wrap(NnxMLP(nnx.Rngs(0)), LoraConfig(rank=2))
+    jax_lora.load_lora(model, jax.tree.map(jnp.ones_like, jax_lora.lora_state(model)))
+    plain = NnxMLP(nnx.Rngs(0))
+    assert jax_lora.set_enabled(model, False) is model  # NNX: in place
+    assert_close(model(x), plain(x), 0.0)
+    jax_lora.set_enabled(model, True)
+    assert np.abs(np.asarray(model(x) - plain(x))).max() > 0.1
+    wrapped = jax_lora.wrap(MLP(), LoraConfig(rank=2))
+    v = wrapped.init(jax.random.key(0), x)
+    v["lora"] = jax.tree.map(jnp.ones_like, v["lora"])
+    off = jax_lora.set_enabled(wrapped, False)  # linen: a clone, the original unchanged
+    assert wrapped.enabled and not off.enabled
+    np.testing.assert_array_equal(
+        np.asarray(off.apply(v, x)), np.asarray(MLP().apply({"params": v["params"]}, x))
+    )
+    with pytest.raises(TypeError, match="got Dense"):
+        jax_lora.set_enabled(nn.Dense(3), False)
+
+
+def test_scanned_stack_with_dropout():
+    """A stacked layer gets one dropout stream per stack entry (keys ``(n,)``), so nnx.scan can
+    slice it like the kernel; eval equals the no-dropout model exactly."""
+    n, x = 3, jax.random.normal(jax.random.key(2), (4, 16))
+    model = jax_lora.wrap(Stack(n, nnx.Rngs(0)), LoraConfig(rank=2, dropout=0.5), rngs=nnx.Rngs(1))
+    ref = jax_lora.wrap(Stack(n, nnx.Rngs(0)), LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    lora = jax.tree.map(lambda t: t + 0.3, jax_lora.lora_state(model))
+    jax_lora.load_lora(model, lora)
+    jax_lora.load_lora(ref, lora)
+    assert model.blocks.fc.lora_rngs.key[...].shape == (n,)
+    y1, y2 = model(x), model(x)
+    assert np.abs(np.asarray(y1 - y2)).max() > 1e-3 and np.abs(np.asarray(y1 - ref(x))).max() > 1e-3
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(ref(x)))

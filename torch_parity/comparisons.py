@@ -535,11 +535,107 @@ def init_distributions() -> list[Row]:
     return rows
 
 
+DROP_P, DROP_ROWS, DROP_D = 0.3, 256, 256
+
+
+def _stat_row(name: str, got: float, want: float, expected: float, sigma: float) -> Row:
+    """A statistic of jax (``got``) vs torch (``want``): both within 5 sigma of ``expected``,
+    and of each other (5 sigma * sqrt 2). Columns: max_abs = |jax - torch|, max_rel = |jax -
+    expected|, tol = 5 sigma."""
+    ok = abs(got - expected) <= 5 * sigma and abs(want - expected) <= 5 * sigma
+    ok = ok and abs(got - want) <= 5 * sigma * math.sqrt(2)
+    return Row(
+        name,
+        abs(got - want),
+        abs(got - expected),
+        5 * sigma,
+        test="|stat - expected| <= 5 sigma",
+        ok=bool(ok),
+    )
+
+
+def _mask_stats(out: np.ndarray, p: float) -> dict[str, float]:
+    """Statistics of a dropped-out all-ones ``(rows, d)`` block: keep rate, the value of the
+    kept entries, agreement of adjacent rows / adjacent elements, identical row pairs."""
+    kept = out != 0
+    vals = out[kept]
+    return {
+        "keep": float(kept.mean()),
+        "scale_err": float(np.abs(vals * (1 - p) - 1).max()) if vals.size else math.inf,
+        "rows_agree": float((kept[1:] == kept[:-1]).mean()),
+        "elems_agree": float((kept[:, 1:] == kept[:, :-1]).mean()),
+        "same_rows": float(sum((kept[i] == kept[j]).all() for i in range(8) for j in range(i))),
+    }
+
+
+def dropout_train() -> list[Row]:
+    """Training-mode LoRA dropout (linen, ``rngs={"dropout": key}``) vs ``torch.nn.Dropout``.
+
+    The branch alone: zero base kernel, ``a = b = I``, scale 1, so the layer outputs
+    ``dropout(x)`` for ``x = 1`` of shape (256, 256) -- identical rows. Compared: keep rate
+    (1 - p), kept values exactly 1 / (1 - p), independence across batch rows and across
+    elements (agreement of adjacent masks: (1-p)^2 + p^2 when independent, 1 when shared),
+    and no two identical rows among the first 8.
+    """
+    p, n, d = DROP_P, DROP_ROWS, DROP_D
+    cfg = jax_lora.LoraConfig(rank=d, alpha=d, dropout=p)
+    wrapped = jax_lora.wrap(nn.Dense(d, use_bias=False, kernel_init=nn.initializers.zeros), cfg)
+    x = np.ones((n, d), np.float32)
+    v = wrapped.init(jax.random.key(0), x)
+    eye = jnp.eye(d, dtype=jnp.float32)
+    v = {"params": v["params"], "lora": {"a": eye, "b": eye}}
+    out_j = np.asarray(wrapped.apply(v, x, rngs={"dropout": jax.random.key(7)}))
+    with jax_lora.disabled():
+        out_j = out_j - np.asarray(wrapped.apply(v, x, rngs={"dropout": jax.random.key(7)}))
+    torch.manual_seed(7)
+    drop = tnn.Dropout(p).train()
+    with torch.no_grad():
+        out_t = drop(torch.ones(n, d)).numpy()
+    sj, st = _mask_stats(out_j, p), _mask_stats(out_t, p)
+    q = 1 - p
+    agree = q * q + p * p
+    label = f"dropout p={p} train mode vs torch.nn.Dropout"
+    return [
+        _stat_row(f"{label}: keep rate", sj["keep"], st["keep"], q, math.sqrt(p * q / (n * d))),
+        Row(
+            f"{label}: kept value * (1-p) - 1",
+            max(sj["scale_err"], st["scale_err"]),
+            sj["scale_err"],
+            1e-6,
+            test="max|kept * (1 - p) - 1| <= tol (both)",
+            ok=bool(max(sj["scale_err"], st["scale_err"]) <= 1e-6),
+        ),
+        _stat_row(
+            f"{label}: adjacent rows agree",
+            sj["rows_agree"],
+            st["rows_agree"],
+            agree,
+            math.sqrt(agree * (1 - agree) / ((n - 1) * d)),
+        ),
+        _stat_row(
+            f"{label}: adjacent elements agree",
+            sj["elems_agree"],
+            st["elems_agree"],
+            agree,
+            math.sqrt(agree * (1 - agree) / (n * (d - 1))),
+        ),
+        Row(
+            f"{label}: identical row pairs (of 28)",
+            sj["same_rows"],
+            st["same_rows"],
+            0.0,
+            test="no two identical masks (both)",
+            ok=sj["same_rows"] == st["same_rows"] == 0.0,
+        ),
+    ]
+
+
 ALL: dict[str, Callable[[], list[Row]]] = {
     "seed_reference": seed_reference,
     "peft_mlp": lambda: peft_mlp(False),
     "peft_mlp_rslora": lambda: peft_mlp(True),
     "peft_dropout_eval": peft_dropout_eval,
+    "dropout_train": dropout_train,
     "multi_axis_layers": multi_axis_layers,
     "init_distributions": init_distributions,
 }
