@@ -293,6 +293,8 @@ def test_peft_export_loads_in_peft(gpt2, tmp_path):
     directory = tmp_path / "adapter"
     names = jax_lora.export_peft(directory, lora, config, torch_name=torch_name)
     assert names == sorted(torch_name(p) for p in ADAPTED)
+    # the default names drop the weight name too
+    assert jax_lora.export_peft(tmp_path / "default", lora, config) == names
     model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(directory))
     model.eval()
     for path, ab in factor_paths(lora).items():
