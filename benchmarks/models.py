@@ -40,14 +40,35 @@ class GPTConfig:
 # --- linen ---------------------------------------------------------------------------
 
 
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D`` as transformers' Flax GPT-2 writes it: the kernel is stored
+    ``(out, in)`` and transposed before ``lax.dot_general`` (not a flax ``Dense``)."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param(
+            "kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.dtype
+        )
+        b = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        y = jax.lax.dot_general(x, k.T, (((x.ndim - 1,), (0,)), ((), ())))
+        return y + b.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
 class LinenBlock(nn.Module):
     cfg: GPTConfig
+    conv1d: bool = False  # GPT-2-style Conv1D layers instead of nn.Dense
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
-        dense = lambda n, name: nn.Dense(n, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        if self.conv1d:
+            dense = lambda n, name: Conv1D(n, dtype=dt, name=name)  # noqa: E731
+        else:
+            dense = lambda n, name: nn.Dense(n, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
         b, t, d = x.shape
         h = nn.LayerNorm(epsilon=1e-5, dtype=dt, param_dtype=dt, name="ln1")(x)
         q, k, v = (dense(d, n)(h).reshape(b, t, c.heads, d // c.heads) for n in ("q", "k", "v"))
@@ -62,6 +83,7 @@ class LinenGPT(nn.Module):
     scalar) multiplies the embeddings: the one trainable number of the `floor` benchmark."""
 
     cfg: GPTConfig
+    conv1d: bool = False
 
     @nn.compact
     def __call__(self, tokens, input_scale=None):
@@ -74,7 +96,7 @@ class LinenGPT(nn.Module):
         if input_scale is not None:
             x = x * input_scale.astype(dt)
         for i in range(c.layers):
-            x = LinenBlock(c, name=f"h_{i}")(x)
+            x = LinenBlock(c, self.conv1d, name=f"h_{i}")(x)
         x = nn.LayerNorm(epsilon=1e-5, dtype=dt, param_dtype=dt, name="ln_f")(x)
         return nn.Dense(c.vocab, use_bias=False, dtype=dt, param_dtype=dt, name="head")(x)
 

@@ -150,10 +150,45 @@ def build(a, names: list[str]) -> dict:
         )
         return wrapped, config, init(params)
 
-    for name, targets in (("lora_qv", ("q", "v")), ("lora_all", TARGETS)):
+    conv_model = LinenGPT(cfg, conv1d=True)  # GPT-2-style Conv1D layers (the any-weight path)
+    conv_params = None
+    if "floor_conv1d" in names or "lora_all_conv1d" in names:
+        conv_params = jax.jit(conv_model.init)(jax.random.key(0), tokens)["params"]
+    if "floor_conv1d" in names:
+        sc = {"s": jnp.ones((), jnp.float32)}
+
+        @jax.jit
+        def floor_c(scale, params):
+            loss, g = jax.value_and_grad(
+                lambda s_: _ce(conv_model.apply({"params": params}, tokens, s_), labels)
+            )(scale)
+            return scale - 1e-4 * g, loss
+
+        def run_floor_c():
+            sc["s"], loss = floor_c(sc["s"], conv_params)
+            loss.block_until_ready()
+
+        steps["floor_conv1d"] = run_floor_c
+
+    for name, targets in (
+        ("lora_qv", ("q", "v")),
+        ("lora_all", TARGETS),
+        ("lora_all_conv1d", TARGETS),
+    ):
         if name not in names:
             continue
-        wrapped, config, lora = lora_model(targets)
+        if name.endswith("conv1d"):
+            config = jax_lora.LoraConfig(
+                rank=a.rank, alpha=2 * a.rank, targets=rf".*/({'|'.join(targets)})"
+            )
+            wrapped = jax_lora.wrap(conv_model, config)
+            lora = jax.jit(
+                lambda p, w=wrapped: jax_lora.init_lora(w, jax.random.key(1), {"params": p}, tokens)
+            )(conv_params)
+            base = conv_params
+        else:
+            wrapped, config, lora = lora_model(targets)
+            base = params
         st = {"l": jax.tree.map(jnp.copy, lora), "o": tx.init(lora)}  # the step donates its buffers
 
         def lora_step(lora, o, params, wrapped=wrapped):
@@ -166,8 +201,8 @@ def build(a, names: list[str]) -> dict:
 
         fn = jax.jit(lora_step, donate_argnums=(0, 1))
 
-        def run_lora(st=st, fn=fn):
-            st["l"], st["o"], loss = fn(st["l"], st["o"], params)
+        def run_lora(st=st, fn=fn, base=base):
+            st["l"], st["o"], loss = fn(st["l"], st["o"], base)
             loss.block_until_ready()
 
         steps[name] = run_lora
@@ -281,6 +316,8 @@ def main(a) -> dict:
         "infer_unmerged",
         "infer_merged",
         "nnx_builtin",
+        "floor_conv1d",
+        "lora_all_conv1d",
     ]
     torch_ok = not a.no_torch and a.dtype == "float32"
     if torch_ok:
@@ -329,6 +366,8 @@ def main(a) -> dict:
         "infer_base": fwd,
         "infer_unmerged": fwd,
         "infer_merged": fwd,
+        "floor_conv1d": 2 * fwd,
+        "lora_all_conv1d": 2 * fwd,
     }
     dev = jax.devices()[0]
     report = {
@@ -339,6 +378,9 @@ def main(a) -> dict:
         "merged_over_base": ratio("infer_merged", "infer_base"),
         "unmerged_over_base": ratio("infer_unmerged", "infer_base"),
         "vs_nnx_builtin": ratio("lora_all", "nnx_builtin"),
+        # GPT-2-style Conv1D layers through the any-weight (traced) path
+        "conv1d_lora_all_over_floor": ratio("lora_all_conv1d", "floor_conv1d"),
+        "conv1d_over_dense_lora_all": ratio("lora_all_conv1d", "lora_all"),
         "vs_peft": ratio("lora_all", "peft") if torch_ok else None,
         "rss_lora_over_full": rss["lora_all"] / rss["full"] if rss else None,
         # the same without the process baseline (imports + XLA runtime, ~0.5 GiB here)
@@ -388,6 +430,8 @@ def main(a) -> dict:
         "merged_over_base",
         "unmerged_over_base",
         "vs_nnx_builtin",
+        "conv1d_lora_all_over_floor",
+        "conv1d_over_dense_lora_all",
         "vs_peft",
         "rss_lora_over_full",
         "rss_lora_over_full_net",

@@ -235,6 +235,7 @@ class _Interceptor:
         self.candidates: list[tuple[str, str]] = []
         self.containers: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str]] = []
+        self.seen: list[tuple[str, str]] = []  # every matrix weight of a non-Dense layer met
         self.used: set[tuple[str, ...]] = set()
         self.geoms: dict[str, weights.WeightGeometry] = {}
         self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
@@ -317,10 +318,15 @@ class _Interceptor:
                 return y
             if not creating:
                 raise ValueError(
-                    f"no LoRA factors for the targeted layer '{path}': the variables passed to "
-                    "`apply` have no `lora` entry there. Create them with `wrapped.init` or "
-                    "`jax_lora.init_lora`, or run the base module for the plain model."
+                    f"no LoRA factors for the targeted layer '{path or '<root>'}': the variables "
+                    "passed to `apply` have no `lora` entry there. Create them with "
+                    "`wrapped.init` or `jax_lora.init_lora`, or run the base module for the "
+                    "plain model."
                 )
+            if cfg.targets is None and cfg.rank > min(geom.fan_in, geom.fan_out):
+                self.skipped.append((path, f"rank {cfg.rank} > min(fan_in, fan_out)"))
+                self.used.discard(tuple(module.path))
+                return y
             factors.check_rank(geom, cfg.rank, path)
             box_a, box_b = _factor_boxes(module, geom)
         else:
@@ -362,9 +368,16 @@ class _Interceptor:
         mpath = path_str(module.path)
         if mpath in self.heads:
             return next_fun(*args, **kwargs)
-        new_params = not _direct_params(module)  # `init`: the call creates them
+        # `init`: the call creates the params (with nn.share_scope, a sibling may have made
+        # some already), so run it first and adapt nothing in this call (b = 0 anyway)
+        new_params = module.is_initializing() and module.is_mutable_collection("params")
         y = next_fun(*args, **kwargs) if new_params else None
         owned = _direct_params(module)
+        self.seen.extend(
+            (weight_path(mpath, n), class_name(module))
+            for n, v in owned.items()
+            if np.ndim(nn.meta.unbox(v)) >= 2
+        )
         names = [
             n
             for n, v in owned.items()
@@ -545,12 +558,13 @@ class LoraWrapped(nn.Module):
             out = fn()
         if interceptor.missing:
             leaves = _output_leaves(out)
+            others = {path_str(p) for p in interceptor.used} - {p for p, _ in interceptor.missing}
             for path, y in interceptor.missing:
-                if not any(y is leaf for leaf in leaves):
+                if not others or not any(y is leaf for leaf in leaves):
                     raise ValueError(
-                        f"no LoRA factors for the layer '{path}': the variables passed to "
-                        "`apply` have no `lora` entry there. Create them with `wrapped.init` "
-                        "or `jax_lora.init_lora`."
+                        f"no LoRA factors for the layer '{path or '<root>'}': the variables "
+                        "passed to `apply` have no `lora` entry there. Create them with "
+                        "`wrapped.init` or `jax_lora.init_lora`."
                     )
         sink = _GEOMS.get()
         if sink is not None:
@@ -558,6 +572,16 @@ class LoraWrapped(nn.Module):
         if not whole_model:
             return out
         if self.is_mutable_collection(COLLECTION):
+            found = list(dict.fromkeys(interceptor.candidates))
+            if not found and interceptor.seen and self.config.targets is not None:
+                listing = "\n".join(f"  {p}  ({t})" for p, t in interceptor.seen[:50])
+                why = "".join(f"\n  {p}: {w}" for p, w in interceptor.skipped[:20])
+                raise ValueError(
+                    f"`targets` pattern {', '.join(map(repr, self.config.targets))} matches no "
+                    "weight LoRA can adapt "
+                    "(patterns are re.fullmatch'ed against module paths and weight paths). "
+                    f"Weights seen:\n{listing}" + (f"\nSeen but not adaptable:{why}" if why else "")
+                )
             try:
                 check_all_matched(
                     self.config, list(dict.fromkeys(interceptor.candidates)), interceptor.containers
@@ -584,7 +608,7 @@ class LoraWrapped(nn.Module):
         return out
 
     def _check_no_stray_factors(self, used: set[tuple[str, ...]]) -> None:
-        lora = self.variables.get(COLLECTION, {})
+        lora = nn.meta.unbox(self.variables.get(COLLECTION, {}))
         n = len(self.path)
         used_rel = {p[n:] for p in used}
         for p, _ in factors.factor_nodes(lora):
@@ -596,7 +620,14 @@ class LoraWrapped(nn.Module):
                 )
 
 
-def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any = None) -> Any:
+def wrap(
+    module: Any,
+    config: LoraConfig,
+    *,
+    name: str | None = None,
+    rngs: Any = None,
+    example: Any = None,
+) -> Any:
     """Add LoRA to ``module``: a module transformation.
 
     Args:
@@ -605,6 +636,7 @@ def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any 
       name: the wrapper's name when it is made inside a parent module's compact method
         (paths matched by ``targets`` then start with it).
       rngs: NNX only: ``nnx.Rngs`` for the factor init and LoRA dropout (see `wrap_nnx`).
+      example: NNX only: an example call ``(args...)`` / ``(args, kwargs)`` (see `wrap_nnx`).
 
     An ``nnx.Module`` is adapted in place instead (graph surgery, see `jax_lora.nnx.wrap_nnx`)
     and returned.
@@ -627,10 +659,16 @@ def wrap(module: Any, config: LoraConfig, *, name: str | None = None, rngs: Any 
     if isinstance(module, nnx.Module):
         from .nnx import wrap_nnx
 
-        return wrap_nnx(module, config, rngs=rngs)
+        return wrap_nnx(module, config, rngs=rngs, example=example)
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"jax_lora.wrap expects a flax.linen.Module or an nnx.Module, got {type(module).__name__}"
+        )
+    if isinstance(module, LoraWrapped):
+        raise ValueError(
+            "this module is already wrapped with LoRA (a LoraWrapped); wrap the base model once "
+            "with one LoraConfig (list all targets in it), or merge the first adapter "
+            "(`jax_lora.merge`) and wrap the plain model again"
         )
     # A module made inside a parent's compact method comes attached to that parent; the
     # wrapper adopts a detached copy so that its params land under the wrapper's own name.

@@ -68,6 +68,13 @@ def _geometry(
     if not generic:  # a Dense-family kernel: (lead..., in..., out...) by construction
         fits = [g for g in fits if g.standard]
     elif known is not None:
+        extra = len(w_shape) - len(known.shape)  # a scanned stack: the trace saw one layer
+        if extra > 0 and tuple(w_shape[extra:]) == known.shape:
+            lead = tuple(range(extra))
+            shift = lambda axes: tuple(i + extra for i in axes)  # noqa: E731
+            known = weights.WeightGeometry(
+                tuple(w_shape), lead + shift(known.lead), shift(known.ins), shift(known.outs)
+            )
         fits = [known] if known in fits else []
     what = "weight" if generic else "kernel"
     if not fits:

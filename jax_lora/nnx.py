@@ -3,15 +3,22 @@
 `wrap_nnx` gives each targeted ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` two
 ``nnx.LoRAParam`` factors (``lora_a: (lead..., in..., r)``, ``lora_b: (lead..., r, out...)``) and
 switches the layer to a subclass whose ``__call__`` adds the same low-rank branch as the linen
-path (`factors.branch`). The layer object, its kernel and bias Variables, and every path in the
-model's state stay as they were; only ``lora_a``/``lora_b`` appear next to ``kernel``.
+path (`factors.branch`). Any other layer (``nnx.Conv``, ``nnx.Embed``, a user's layer with its
+own ``nnx.Param``) gets ``<weight>_lora_a``/``<weight>_lora_b`` per targeted weight and a class
+whose ``__call__`` traces the base method and adds the branch where the weight is contracted
+(`jax_lora.weights`). The layer object, its Variables, and every path in the model's state stay
+as they were; only the factors appear next to the weights.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib
-from collections.abc import Mapping
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -19,15 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import factors
+from . import factors, weights
 from .config import LoraConfig
 from .linen import LoraWrapped, lora_enabled
 from .targets import (
     check_all_matched,
+    class_name,
     explicitly_targeted,
     is_target,
     path_str,
     unsupported_error,
+    weight_path,
+    weight_targeted,
 )
 
 SUPPORTED_NNX = (nnx.LinearGeneral, nnx.Linear, nnx.Einsum)
@@ -151,54 +161,196 @@ class LoraEinsum(_LoraLayer, nnx.Einsum):
     Made in place by `wrap_nnx`."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Any other layer: the base method traced, the branch added where each weight is contracted
+
+_PROBE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "jax_lora_nnx_probe", default=None
+)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _run(layer: Any, method: str, args: tuple, kwargs: dict) -> Any:
+    """``base.<method>(layer, *args, **kwargs)`` with LoRA on the layer's adapted weights.
+
+    The base method is traced with ``jax.make_jaxpr`` (the weights are closed-over constants,
+    lifted to inputs by `weights.lift_consts`) and evaluated with the branch at each use. In
+    probe mode (`wrap_nnx` reading roles off an example call) it records the uses instead."""
+    base = getattr(_BASES[type(layer)], method)
+    probe = _PROBE.get()
+    probing = probe is not None and getattr(layer, "lora_probe", ())
+    if not probing and (probe is not None or not (layer.lora_enabled and lora_enabled())):
+        return base(layer, *args, **kwargs)
+    geoms = dict(layer.lora_geoms) if not probing else {}
+    names = list(layer.lora_probe) if probing else list(geoms)
+    values = [getattr(layer, n).get_value() for n in names]
+    flat, tree = jax.tree.flatten((args, kwargs))
+    dyn = [_is_array(leaf) for leaf in flat]
+    dyn_vals = [leaf for leaf, d in zip(flat, dyn, strict=True) if d]
+
+    def fn(*vals: Any) -> Any:
+        it = iter(vals)
+        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+        a, k = jax.tree.unflatten(tree, leaves)
+        return base(layer, *a, **k)
+
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*dyn_vals)
+    closed, lifted, where = weights.lift_consts(closed, values)
+    used = [(n, w) for n, w in zip(names, where, strict=True) if w is not None]
+    uses = weights.analyse(closed, [w for _, w in used])
+    if probing:
+        for (n, _), u in zip(used, uses, strict=True):
+            key = (layer.lora_path, n)
+            old = probe.get(key, [])
+            probe[key] = old if isinstance(old, str) else u if isinstance(u, str) else old + u
+        return base(layer, *args, **kwargs)
+    adapters = {}
+    for (n, pos), u in zip(used, uses, strict=True):
+        wpath = weight_path(layer.lora_path, n)
+        problem = u if isinstance(u, str) else None
+        if problem is None:
+            try:
+                weights.check_uses(geoms[n], u)
+            except weights.Unsupported as e:
+                problem = str(e)
+        if problem is not None:
+            raise ValueError(
+                f"LoRA cannot follow the weight '{wpath}' ({class_name(layer)}) in `{method}`: "
+                f"{problem}; its adapter has roles {geoms[n].describe()}."
+            )
+        a, b = getattr(layer, f"{n}_lora_a")[...], getattr(layer, f"{n}_lora_b")[...]
+        adapters[pos] = weights.Adapter(geoms[n], a, b, layer.lora_scale, _dropout_fn(layer))
+    outs = weights.evaluate(closed, [*lifted, *dyn_vals], adapters)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def _dropout_fn(layer: Any) -> Callable[[jax.Array], jax.Array] | None:
+    """``x -> dropout(x)`` when the layer trains and has LoRA dropout (as `_LoraLayer`)."""
+    if layer.lora_dropout > 0 and not layer.deterministic and layer.lora_rngs is not None:
+        rate, stream = layer.lora_dropout, layer.lora_rngs
+        return lambda x: factors.dropout(x, rate, stream())
+    return None
+
+
+class _LoraWeights(nnx.Module):
+    """The LoRA ``__call__`` for any layer class (``class LoraX(_LoraWeights, X)``): the base
+    method traced, ``scale * (x @ a) @ b`` added at each contraction of an adapted weight.
+
+    `wrap_nnx` sets, per adapted weight ``w``: ``w_lora_a: (lead..., in..., r)`` and
+    ``w_lora_b: (lead..., r, out...)`` (``nnx.LoRAParam``), with the axis groups in ``w``'s
+    stored order; per layer: ``lora_geoms`` (``((name, weights.WeightGeometry), ...)``) and the
+    attributes of `_LoraLayer` but ``lora_a``/``lora_b``.
+    """
+
+    if TYPE_CHECKING:
+        lora_geoms: tuple[tuple[str, weights.WeightGeometry], ...]
+        lora_scale: float
+        lora_dropout: float
+        lora_rngs: nnx.RngStream | None
+        lora_enabled: bool
+        lora_path: str
+        lora_injected: tuple[str, ...]
+        deterministic: bool
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _run(self, "__call__", args, kwargs)
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """``nnx.view(model, deterministic=...)`` reaches LoRA dropout (as ``nnx.Dropout``)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+def _attend(self: Any, query: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """``nnx.Embed.attend`` with LoRA: ``query @ (E + scale * a @ b).T``."""
+    return _run(self, "attend", (query, *args), kwargs)
+
+
+class LoraConv(_LoraWeights, nnx.Conv):
+    """``nnx.Conv`` + LoRA on ``kernel (window..., in, out)``: ``kernel_lora_a: (window..., in,
+    r)``, ``kernel_lora_b: (r, out)`` (a rank-``r`` convolution, then a 1x1 one). Made in place by
+    `wrap_nnx`."""
+
+
+class LoraEmbed(_LoraWeights, nnx.Embed):
+    """``nnx.Embed`` + LoRA on ``embedding (vocab, d)``: ``embedding_lora_a: (vocab, r)`` (looked
+    up by id), ``embedding_lora_b: (r, d)``; `attend` uses the same ``E + scale * a @ b``. Made in
+    place by `wrap_nnx`."""
+
+    attend = _attend
+
+
 # base layer class -> its LoRA class, and back. Other classes (a user's subclass of a supported
-# layer) get a class made once per base by `lora_class`.
+# layer, or any layer adapted weight by weight) get a class made once per base by `lora_class`.
 _CLASSES: dict[type, type] = {
     nnx.Linear: LoraLinear,
     nnx.LinearGeneral: LoraLinearGeneral,
     nnx.Einsum: LoraEinsum,
 }
-_BASES: dict[type, type] = {v: k for k, v in _CLASSES.items()}
+_WEIGHT_CLASSES: dict[type, type] = {nnx.Conv: LoraConv, nnx.Embed: LoraEmbed}
+_BASES: dict[type, type] = {v: k for k, v in {**_CLASSES, **_WEIGHT_CLASSES}.items()}
 _GENERATED = "_Lora["  # qualname prefix of made classes: _Lora[<module>:<qualname>], "." as "/"
+_GENERATED_W = "_LoraW["  # the same for `_LoraWeights` classes
 
 
-def lora_class(base: type) -> type:
+def lora_class(base: type, *, by_weight: bool | None = None) -> type:
     """The LoRA class for layer class ``base``: a module-level class for flax's layers, else
     one made (once per base, so jit caches stay valid) and pickled by name.
 
-    A made class is ``jax_lora.nnx._Lora[<base module>:<base qualname>]`` (dots written as
-    ``/``); this module's ``__getattr__`` rebuilds it from that name, so pickle, and anything
-    that finds classes by module and qualname, works for any importable ``base``."""
-    if base in _CLASSES:
-        return _CLASSES[base]
+    ``by_weight`` (default: unless ``base`` is a Linear/LinearGeneral/Einsum) picks the
+    weight-by-weight class (`_LoraWeights`) over the Dense-family one (`_LoraLayer`).
+
+    A made class is ``jax_lora.nnx._Lora[<base module>:<base qualname>]`` (``_LoraW[...]`` for
+    weight-by-weight classes; dots written as ``/``); this module's ``__getattr__`` rebuilds it
+    from that name, so pickle, and anything that finds classes by module and qualname, works
+    for any importable ``base``."""
+    if by_weight is None:
+        by_weight = not issubclass(base, SUPPORTED_NNX)
+    table, prefix, mixin = (
+        (_WEIGHT_CLASSES, _GENERATED_W, _LoraWeights)
+        if by_weight
+        else (_CLASSES, _GENERATED, _LoraLayer)
+    )
+    if base in table:
+        return table[base]
     if base in _BASES:
         raise ValueError(f"{base.__name__} is already a LoRA class")
     attrs: dict[str, Any] = {
         "__module__": __name__,
-        "__qualname__": f"{_GENERATED}{base.__module__}:{base.__qualname__}]".replace(".", "/"),
+        "__qualname__": f"{prefix}{base.__module__}:{base.__qualname__}]".replace(".", "/"),
         "__doc__": f"{base.__name__} + LoRA (made by jax_lora.wrap).",
     }
     if "set_view" in dir(base):  # the base's own view switches stay; they set `deterministic`
         attrs["set_view"] = base.set_view
-    cls = type(f"Lora{base.__name__}", (_LoraLayer, base), attrs)
-    _CLASSES[base] = cls
+    if by_weight and issubclass(base, nnx.Embed):
+        attrs["attend"] = _attend
+    cls = type(f"Lora{base.__name__}", (mixin, base), attrs)
+    table[base] = cls
     _BASES[cls] = base
     return cls
 
 
 def __getattr__(name: str) -> type:
     """PEP 562: rebuild a class made by `lora_class` from its qualname (for pickle)."""
-    if name.startswith(_GENERATED) and name.endswith("]"):
-        module_name, _, qualname = name[len(_GENERATED) : -1].replace("/", ".").partition(":")
-        base: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            base = getattr(base, part)
-        return lora_class(base)
+    for prefix, by_weight in ((_GENERATED_W, True), (_GENERATED, False)):
+        if name.startswith(prefix) and name.endswith("]"):
+            module_name, _, qualname = name[len(prefix) : -1].replace("/", ".").partition(":")
+            base: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                base = getattr(base, part)
+            return lora_class(base, by_weight=by_weight)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_adapted(layer: Any) -> bool:
     return type(layer) in _BASES
+
+
+def _by_weight(layer: Any) -> bool:
+    return isinstance(layer, _LoraWeights)
 
 
 def _owns_params(module: nnx.Module) -> bool:
@@ -211,19 +363,131 @@ def _modules(model: nnx.Module):
             yield path_str(path), node
 
 
-def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+def _weight_names(module: nnx.Module) -> list[str]:
+    """The module's own ``nnx.Param`` attributes (not factors) with ndim >= 2."""
+    return [
+        n
+        for n, v in vars(module).items()
+        if isinstance(v, nnx.Param)
+        and not isinstance(v, nnx.LoRAParam)
+        and np.ndim(v.get_value()) >= 2
+    ]
+
+
+def _fixed_geometry(module: nnx.Module, name: str, path: str) -> weights.WeightGeometry | None:
+    """Roles known from the class (no example call needed): nnx.Embed's ``embedding (vocab, d)``
+    (``in`` = vocab, looked up), nnx.Conv's ``kernel (window..., in, out)``."""
+    shape = tuple(np.shape(getattr(module, name).get_value()))
+    if isinstance(module, nnx.Embed) and name == "embedding" and len(shape) == 2:
+        return weights.WeightGeometry(shape, (), (0,), (1,))
+    if isinstance(module, nnx.Conv) and name == "kernel":
+        if module.feature_group_count != 1:
+            raise ValueError(
+                f"`targets` matches the weight '{weight_path(path, name)}' "
+                f"({class_name(module)}) with feature_group_count={module.feature_group_count}: "
+                "LoRA supports ungrouped convolutions only. Add "
+                f"{re.escape(weight_path(path, name))!r} to `exclude`."
+            )
+        n = len(shape)
+        return weights.WeightGeometry(shape, (), tuple(range(n - 1)), (n - 1,))
+    return None
+
+
+def _split_example(example: Any) -> tuple[tuple, dict]:
+    """``(args...)`` or ``(args, kwargs)`` -> ``(args, kwargs)``."""
+    if (
+        isinstance(example, tuple)
+        and len(example) == 2
+        and isinstance(example[0], tuple)
+        and isinstance(example[1], Mapping)
+    ):
+        return example[0], dict(example[1])
+    if not isinstance(example, tuple):
+        raise TypeError(
+            f"`example` must be a tuple of positional arguments `(x,)` or `(args, kwargs)`, "
+            f"got {type(example).__name__}"
+        )
+    return example, {}
+
+
+def _probe(
+    model: nnx.Module, layers: dict[str, tuple[nnx.Module, list[str]]], example: Any
+) -> dict[tuple[str, str], list | str]:
+    """Run ``model(*example)`` abstractly with ``layers`` ({path: (layer, weight names)}) in probe
+    mode; returns the uses (or the reason it cannot be adapted) of each weight the call read."""
+    args, kwargs = _split_example(example)
+    found: dict[tuple[str, str], list | str] = {}
+    saved = []
+    try:
+        for path, (layer, names) in layers.items():
+            saved.append((layer, type(layer)))
+            object.__setattr__(layer, "__class__", lora_class(type(layer), by_weight=True))
+            layer.lora_probe = tuple(names)
+            layer.lora_path = path
+        token = _PROBE.set(found)
+        try:
+            nnx.eval_shape(lambda m: m(*args, **kwargs), model)
+        finally:
+            _PROBE.reset(token)
+    finally:
+        for layer, cls in saved:
+            for name in ("lora_probe", "lora_path"):
+                if name in vars(layer):
+                    delattr(layer, name)
+            object.__setattr__(layer, "__class__", cls)
+    return found
+
+
+def _weight_metadata(var: nnx.Variable, geom: weights.WeightGeometry) -> tuple[dict, dict]:
+    """Partitioning for ``a``/``b`` from the weight's metadata (as `_factor_metadata`)."""
+    meta = dict(var.get_metadata())
+    key = next((k for k in ("out_sharding", "sharding_names", "sharding") if meta.get(k)), None)
+    names = meta.get(key) if key else None
+    if names is None or len(names) != len(geom.shape):
+        return {}, {}
+    a_names = (*(names[i] for i in geom.lead + geom.ins), None)
+    b_names = (*(names[i] for i in geom.lead), None, *(names[i] for i in geom.outs))
+    return {**meta, key: a_names}, {**meta, key: b_names}
+
+
+def wrap_nnx(
+    model: nnx.Module,
+    config: LoraConfig,
+    *,
+    rngs: nnx.Rngs | None = None,
+    example: tuple | None = None,
+) -> nnx.Module:
     """Add LoRA to an initialised NNX model, in place; returns ``model``.
 
     Args:
       model: any ``nnx.Module``; layers are found by their ``/``-joined attribute path
-        (``"blocks/0/attn/query"``).
+        (``"blocks/0/attn/query"``), weights by ``<layer path>/<attribute>``
+        (``"h/0/attn/c_attn/kernel"``).
       config: the `LoraConfig`.
       rngs: ``nnx.Rngs`` for the ``a`` init and for LoRA dropout (stream ``dropout``);
         default ``nnx.Rngs(0)``.
+      example: ``(args...)`` or ``(args, kwargs)`` for one call ``model(*args, **kwargs)``,
+        run abstractly (``nnx.eval_shape``, no compute) to read the axis roles of weights held
+        by layers other than flax's Linear/LinearGeneral/Einsum/Conv/Embed.
 
     The factors are ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
     ``nnx.DiffState(0, nnx.LoRAParam)`` select them. Flax's layers become `LoraLinear`,
     `LoraLinearGeneral`, `LoraEinsum`; a subclass of them gets a class made by `lora_class`.
+
+    Any other layer whose own ``nnx.Param`` (ndim >= 2) is targeted (a pattern fully matches
+    the weight path or the layer path) gets, per weight ``w``, ``w_lora_a: (lead..., in..., r)``
+    and ``w_lora_b: (lead..., r, out...)``, and a class (`LoraConv`, `LoraEmbed`, or one made by
+    `lora_class`) whose ``__call__`` (and ``attend`` for ``nnx.Embed``) adds the branch wherever
+    the base method contracts ``w`` (matmul, einsum, conv, row lookup). Roles: ``nnx.Embed``'s
+    ``embedding (vocab, d)`` is ``in`` = vocab, ``out`` = d; ``nnx.Conv``'s ``kernel
+    (window..., in, out)`` is ``in`` = all but the last axis (grouped convolutions are refused);
+    any other layer's roles come from its use in the ``example`` call, which is then required.
+    ``lora_state`` puts these factors at the weight path (``{"emb": {"embedding": {"a", "b"}}}``).
+
+    ``targets=None`` ("all-linear") adapts flax's Linear/LinearGeneral/Einsum, and, only when
+    ``example`` is given, other layers' weights used as matmul/einsum operands; never
+    ``nnx.Conv``/``nnx.Embed`` (name them in ``targets``). Weights it cannot adapt are skipped
+    with a warning.
 
     LoRA dropout runs exactly when the model runs in training mode: each adapted layer's
     ``deterministic`` attribute, set by ``model.train()`` / ``model.eval()``,
@@ -233,18 +497,25 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
     layer's (the first such in graph order on a tie), else training (``False``, as a new
     ``nnx.Dropout``). Each layer draws its masks from its own ``nnx.RngStream``, forked from
     ``rngs.dropout`` (split along the stack axes for a stacked layer), so masks differ between
-    layers and do not depend on which other layers ran.
+    layers and do not depend on which other layers ran. (Row lookups get no dropout, as PEFT.)
 
     >>> import jax.numpy as jnp, jax_lora
     >>> from flax import nnx
     >>> model = jax_lora.wrap(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), jax_lora.LoraConfig(rank=4))
     >>> model.lora_a.shape, model.lora_b.shape, type(model).__name__
     ((8, 4), (4, 16), 'LoraLinear')
+    >>> emb = nnx.Embed(100, 8, rngs=nnx.Rngs(0))
+    >>> emb = jax_lora.wrap(emb, jax_lora.LoraConfig(rank=2, targets=["embedding"]))
+    >>> emb.embedding_lora_a.shape, emb.embedding_lora_b.shape, emb(jnp.array([3, 7])).shape
+    ((100, 2), (2, 8), (2, 8))
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     candidates, targets = [], []
+    generic: dict[str, tuple[nnx.Module, dict[str, weights.WeightGeometry]]] = {}
+    to_probe: dict[str, tuple[nnx.Module, list[str]]] = {}
+    skipped: list[tuple[str, str]] = []
     for path, module in _modules(model):
         if isinstance(module, SUPPORTED_NNX):
             candidates.append((path, type(module).__name__))
@@ -254,40 +525,158 @@ def wrap_nnx(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | None = N
                         f"the layer at '{path}' already has LoRA factors; unwrap or merge first"
                     )
                 targets.append((path, module))
-        elif explicitly_targeted(config, path) and _owns_params(module):
-            raise unsupported_error(path, type(module).__name__)
-    check_all_matched(config, candidates)
+            continue
+        names = [n for n in _weight_names(module) if weight_targeted(config, path, n)]
+        if config.targets is None and (
+            example is None or isinstance(module, (nnx.Conv, nnx.Embed))
+        ):
+            names = []  # all-linear: custom weights need `example`; conv/lookup must be named
+        if not names:
+            if explicitly_targeted(config, path) and _owns_params(module):
+                raise unsupported_error(path, type(module).__name__)
+            continue
+        if is_adapted(module):
+            raise ValueError(
+                f"the layer at '{path}' already has LoRA factors; unwrap or merge first"
+            )
+        for n in names:
+            geom = _fixed_geometry(module, n, path)
+            if geom is not None:
+                generic.setdefault(path, (module, {}))[1][n] = geom
+            elif example is None:
+                raise ValueError(
+                    f"`targets` matches the weight '{weight_path(path, n)}' of "
+                    f"{class_name(module)}, whose axis roles (input vs output) LoRA reads off a "
+                    "call: pass `example=(x,)` (or `example=(args, kwargs)`) with an input "
+                    "for the model to `jax_lora.wrap`."
+                )
+            else:
+                to_probe.setdefault(path, (module, []))[1].append(n)
+    if to_probe:
+        found = _probe(model, to_probe, example)
+        for path, (module, names) in to_probe.items():
+            for n in names:
+                wpath = weight_path(path, n)
+                uses = found.get((path, n), [])
+                if isinstance(uses, list) and not uses:
+                    skipped.append((wpath, "the example call does not read it"))
+                    continue
+                problem = uses if isinstance(uses, str) else None
+                if (
+                    problem is None
+                    and config.targets is None
+                    and any(u.kind != "dot" for u in uses)
+                ):
+                    skipped.append((wpath, f"{uses[0].kind} weight: name it in `targets`"))
+                    continue
+                shape = tuple(np.shape(getattr(module, n).get_value()))
+                geom = None
+                if problem is None:
+                    try:
+                        geom = weights.roles(shape, uses)
+                    except weights.Unsupported as e:
+                        problem = str(e)
+                if problem is not None:
+                    if any(re.fullmatch(p, wpath) for p in config.targets or ()):
+                        raise ValueError(
+                            f"`targets` matches the weight '{wpath}' ({class_name(module)}), but "
+                            f"LoRA cannot adapt it: {problem}. Add {re.escape(wpath)!r} to "
+                            "`exclude`, or target the layer that contracts it."
+                        )
+                    skipped.append((wpath, problem))
+                    continue
+                if config.targets is None and config.rank > min(
+                    math.prod(shape[i] for i in geom.ins), math.prod(shape[i] for i in geom.outs)
+                ):
+                    skipped.append((wpath, f"rank {config.rank} > min(fan_in, fan_out)"))
+                    continue
+                generic.setdefault(path, (module, {}))[1][n] = geom
+    for path, (module, geoms) in generic.items():
+        for n in geoms:
+            candidates += [(weight_path(path, n), class_name(module)), (path, class_name(module))]
+    try:
+        check_all_matched(config, list(dict.fromkeys(candidates)))
+    except ValueError as e:
+        if not skipped:
+            raise
+        why = "\n".join(f"  {p}: {w}" for p, w in skipped[:20])
+        raise ValueError(f"{e}\nWeights seen but not adaptable:\n{why}") from None
+    if skipped and config.targets is None:
+        listing = "; ".join(f"{p} ({w})" for p, w in skipped[:20])
+        warnings.warn(
+            f"jax_lora: targets=None skipped {len(skipped)} weight(s) LoRA cannot adapt as "
+            f"linear layers: {listing}",
+            stacklevel=3,
+        )
+    # Everything is checked before the model changes: a refused wrap leaves it as it was.
+    plans = []
+    for path, layer in targets:
+        geom = _stacked(_init_geometry(layer, path), layer, path)
+        factors.check_rank(geom, config.rank, path)
+        plans.append((path, layer, geom))
+    wplans = []
+    for path, (layer, geoms) in generic.items():
+        fgs = {n: _flat_geometry(g) for n, g in geoms.items()}
+        for n, fg in fgs.items():
+            factors.check_rank(fg, config.rank, weight_path(path, n))
+        wplans.append((path, layer, geoms, fgs))
     modes = [
         (path.split("/") if path else [], m.deterministic)
         for path, m in _modules(model)
         if isinstance(getattr(m, "deterministic", None), bool)
     ]
-    for path, layer in targets:
-        geom = _stacked(_init_geometry(layer, path), layer, path)
-        factors.check_rank(geom, config.rank, path)
+    for path, layer, geom in plans:
         meta_a, meta_b = _factor_metadata(layer, geom)
         layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, config), **meta_a)
         layer.lora_b = nnx.LoRAParam(factors.init_b(geom, config), **meta_b)
-        layer.lora_scale = config.scale
-        layer.lora_dropout = config.dropout
         stack = geom.lead_shape[
             : len(geom.lead_shape) - len(_init_geometry(layer, path).lead_shape)
         ]
-        layer.lora_rngs = (
-            (rngs.dropout.split(stack) if stack else rngs.dropout.fork())
-            if config.dropout > 0
-            else None
-        )
-        layer.lora_enabled = True
-        layer.lora_path = path
-        injected = ["lora_a", "lora_b", "lora_scale", "lora_dropout", "lora_rngs"]
-        injected += ["lora_enabled", "lora_path", "lora_injected"]
-        if not hasattr(layer, "deterministic"):
-            layer.deterministic = _current_mode(modes, path)
-            injected.append("deterministic")
+        injected = ["lora_a", "lora_b", *_common(layer, path, config, rngs, modes, stack)]
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer)))
+    for path, layer, geoms, fgs in wplans:
+        injected = []
+        for n, geom in geoms.items():
+            meta_a, meta_b = _weight_metadata(getattr(layer, n), geom)
+            a = factors.init_a(rngs.params(), fgs[n], config)
+            setattr(layer, f"{n}_lora_a", nnx.LoRAParam(a, **meta_a))
+            setattr(layer, f"{n}_lora_b", nnx.LoRAParam(factors.init_b(fgs[n], config), **meta_b))
+            injected += [f"{n}_lora_a", f"{n}_lora_b"]
+        layer.lora_geoms = tuple(geoms.items())
+        injected += ["lora_geoms", *_common(layer, path, config, rngs, modes, ())]
+        layer.lora_injected = tuple(injected)
+        object.__setattr__(layer, "__class__", lora_class(type(layer), by_weight=True))
     return model
+
+
+def _flat_geometry(g: weights.WeightGeometry) -> factors.Geometry:
+    """The factor shapes of a weight with roles ``g``, for `factors.init_a`/`init_b`."""
+    return factors.Geometry(
+        kind="generic",
+        lead_shape=tuple(g.shape[i] for i in g.lead),
+        in_shape=tuple(g.shape[i] for i in g.ins),
+        out_shape=tuple(g.shape[i] for i in g.outs),
+    )
+
+
+def _common(layer, path: str, config: LoraConfig, rngs, modes, stack) -> list[str]:
+    """Set the per-layer LoRA attributes both kinds of layer share; returns their names."""
+    layer.lora_scale = config.scale
+    layer.lora_dropout = config.dropout
+    layer.lora_rngs = (
+        (rngs.dropout.split(stack) if stack else rngs.dropout.fork())
+        if config.dropout > 0
+        else None
+    )
+    layer.lora_enabled = True
+    layer.lora_path = path
+    names = ["lora_scale", "lora_dropout", "lora_rngs", "lora_enabled", "lora_path"]
+    names.append("lora_injected")
+    if not hasattr(layer, "deterministic"):
+        layer.deterministic = _current_mode(modes, path)
+        names.append("deterministic")
+    return names
 
 
 def _current_mode(modes: list[tuple[list[str], bool]], path: str) -> bool:
@@ -332,15 +721,25 @@ def set_enabled(model: Any, enabled: bool) -> Any:
     return model
 
 
+def _factor_slots(layer: nnx.Module, path: str) -> list[tuple[str, str, str]]:
+    """``[(lora-tree path, a attribute, b attribute)]`` of an adapted layer: the layer path for
+    Linear/LinearGeneral/Einsum, the weight path for the others (as linen)."""
+    if _by_weight(layer):
+        return [(weight_path(path, n), f"{n}_lora_a", f"{n}_lora_b") for n, _ in layer.lora_geoms]
+    return [(path, "lora_a", "lora_b")]
+
+
 def lora_state(model: nnx.Module) -> dict[str, Any]:
     """The factors as the linen-style ``lora`` tree ``{path...: {"a", "b"}}`` (arrays), ready for
-    `AdapterCheckpointer.save` and `export_peft`."""
+    `AdapterCheckpointer.save` and `export_peft`: at the layer path for Linear/LinearGeneral/
+    Einsum, at the weight path for other layers (``{"emb": {"embedding": {"a", "b"}}}``)."""
     out: dict[str, Any] = {}
     for path, layer in adapted_layers(model):
-        node = out
-        for part in path.split("/") if path else []:
-            node = node.setdefault(part, {})
-        node.update(a=layer.lora_a[...], b=layer.lora_b[...])
+        for where, a, b in _factor_slots(layer, path):
+            node = out
+            for part in where.split("/") if where else []:
+                node = node.setdefault(part, {})
+            node.update(a=getattr(layer, a)[...], b=getattr(layer, b)[...])
     return out
 
 
@@ -352,8 +751,10 @@ def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
     check_same_layout(lora, lora_state(model), "`lora` tree")
     flat = {path_str(p): n for p, n in factors.factor_nodes(lora)}
     for path, layer in adapted_layers(model):
-        layer.lora_a[...] = jnp.asarray(flat[path]["a"], layer.lora_a[...].dtype)
-        layer.lora_b[...] = jnp.asarray(flat[path]["b"], layer.lora_b[...].dtype)
+        for where, a, b in _factor_slots(layer, path):
+            va, vb = getattr(layer, a), getattr(layer, b)
+            va[...] = jnp.asarray(flat[where]["a"], va[...].dtype)
+            vb[...] = jnp.asarray(flat[where]["b"], vb[...].dtype)
 
 
 def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> nnx.Module:
@@ -363,9 +764,20 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
         if path not in src:
             continue
         f = src[path]
-        layer.kernel[...] = factors.fold(
-            layer.kernel[...], f.lora_a[...], f.lora_b[...], sign * f.lora_scale
-        )
+        if _by_weight(f):
+            for n, geom in f.lora_geoms:
+                w = getattr(layer, n)
+                d = weights.delta(
+                    geom,
+                    getattr(f, f"{n}_lora_a")[...],
+                    getattr(f, f"{n}_lora_b")[...],
+                    sign * f.lora_scale,
+                )
+                w[...] = (w[...].astype(d.dtype) + d).astype(w[...].dtype)
+        else:
+            layer.kernel[...] = factors.fold(
+                layer.kernel[...], f.lora_a[...], f.lora_b[...], sign * f.lora_scale
+            )
         if is_adapted(layer):
             for name in layer.lora_injected:
                 delattr(layer, name)

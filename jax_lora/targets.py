@@ -7,7 +7,10 @@ from collections.abc import Iterable, Sequence
 
 from .config import LoraConfig
 
-SUPPORTED = "Dense, DenseGeneral, Einsum (linen) and Linear, LinearGeneral, Einsum (nnx)"
+SUPPORTED = (
+    "flax's Dense, DenseGeneral, Einsum (linen) and Linear, LinearGeneral, Einsum (nnx), and any "
+    "layer's weight that feeds a matmul, einsum, convolution or row lookup"
+)
 
 
 def path_str(path: Iterable[object]) -> str:

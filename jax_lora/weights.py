@@ -478,5 +478,11 @@ def lift_consts(
             where[hit] = len(lift_v)
             lift_v.append(v)
             lift_c.append(c)
-    new = jcore.Jaxpr(keep_v, lift_v + list(jaxpr.invars), jaxpr.outvars, jaxpr.eqns, jaxpr.effects)
+    names = jaxpr.debug_info.arg_names  # keep the debug info (jax deprecates Jaxprs without)
+    debug = jaxpr.debug_info._replace(
+        arg_names=None if names is None else ("lifted",) * len(lift_v) + tuple(names)
+    )
+    new = jcore.Jaxpr(
+        keep_v, lift_v + list(jaxpr.invars), jaxpr.outvars, jaxpr.eqns, jaxpr.effects, debug
+    )
     return jcore.ClosedJaxpr(new, keep_c), lift_c, where

@@ -95,11 +95,12 @@ def test_refuses_the_whole_variables_tree(tmp_path):
 
 
 def test_mismatched_model_names_path_and_shapes(tmp_path):
-    lora = _lora()
+    every = [r".*/attn/.*", r".*/(up|down)", "head"]  # targets=None would leave out the head
+    lora = _lora(cfg=LoraConfig(rank=4, targets=every))
     with jax_lora.AdapterCheckpointer(tmp_path) as ck:
-        ck.save(1, lora, LoraConfig(rank=4))
+        ck.save(1, lora, LoraConfig(rank=4, targets=every))
         ck.wait()
-        other_rank = _lora(cfg=LoraConfig(rank=2))
+        other_rank = _lora(cfg=LoraConfig(rank=2, targets=every))
         with pytest.raises(
             ValueError, match=r"'head/a' with shape \(16, 4\), the model needs \(16, 2\)"
         ):

@@ -1,5 +1,6 @@
 """The NNX path: same math as linen (shared factors.py), graph surgery, NNX training idioms."""
 
+import dataclasses
 import pickle
 
 import flax.linen as nn
@@ -48,7 +49,10 @@ def _standard_promotion():
 
 
 def _pair(cfg, seed=7):
-    """The same weights and factors in linen and NNX."""
+    """The same weights and factors in linen and NNX (every layer, the head included: linen's
+    targets=None leaves the output head out, NNX without an `example` cannot tell it)."""
+    if cfg.targets is None:
+        cfg = dataclasses.replace(cfg, targets=["fc1", "fc2", "head"])
     x = jax.random.normal(jax.random.key(1), (8, 16))
     wrapped = jax_lora.wrap(MLP(), cfg)
     v = wrapped.init(jax.random.key(0), x)

@@ -1073,3 +1073,622 @@ def smollm2_llama() -> list[Row]:
 
 
 ALL["smollm2_llama"] = smollm2_llama
+
+
+# --- conv and embedding layers vs PEFT's Conv and Embedding LoRA -----------------------------
+#
+# The torch <-> Flax layouts are written out here, not taken from jax_lora.peft, so the rows
+# that go through export_peft/import_peft check the library's converters against them:
+#
+# | torch / PEFT                               | Flax / jax_lora                    |
+# |--------------------------------------------|------------------------------------|
+# | ``ConvNd.weight``      (out, in, window...) | ``kernel`` (window..., in, out)    |
+# | conv ``lora_A.weight`` (r, in, window...)   | ``a``      (window..., in, r)      |
+# | conv ``lora_B.weight`` (out, r, 1...)       | ``b``      (r, out)                |
+# | ``Embedding.weight``   (vocab, d)           | ``embedding`` (vocab, d)           |
+# | ``lora_embedding_A``   (r, vocab)           | ``a``      (vocab, r)              |
+# | ``lora_embedding_B``   (d, r)               | ``b``      (r, d)                  |
+
+
+def _conv_from_torch(w) -> np.ndarray:
+    """``(out|r, in, window...)`` -> ``(window..., in, out|r)``: a conv weight or ``lora_A``."""
+    w = _np(w)
+    return np.ascontiguousarray(np.transpose(w, (*range(2, w.ndim), 1, 0)))
+
+
+def _conv_to_torch(k) -> np.ndarray:
+    """``(window..., in, out|r)`` -> ``(out|r, in, window...)`` (inverse of `_conv_from_torch`)."""
+    k = _np(k)
+    n = k.ndim
+    return np.ascontiguousarray(np.transpose(k, (n - 1, n - 2, *range(n - 2))))
+
+
+def _conv_b_from_torch(w) -> np.ndarray:
+    """``lora_B.weight (out, r, 1...)`` -> ``b (r, out)``."""
+    w = _np(w)
+    assert all(d == 1 for d in w.shape[2:]), w.shape
+    return np.ascontiguousarray(w.reshape(w.shape[:2]).T)
+
+
+def _conv_b_to_torch(b, n_spatial: int) -> np.ndarray:
+    """``b (r, out)`` -> ``lora_B.weight (out, r, 1...)``."""
+    b = _np(b)
+    return np.ascontiguousarray(b.T.reshape(b.shape[1], b.shape[0], *([1] * n_spatial)))
+
+
+def _emb_from_torch(w) -> np.ndarray:
+    """``lora_embedding_A (r, vocab)`` -> ``a (vocab, r)``; ``lora_embedding_B (d, r)`` -> ``b (r, d)``."""
+    return np.ascontiguousarray(_np(w).T)
+
+
+def _emb_to_torch(f) -> np.ndarray:
+    return np.ascontiguousarray(_np(f).T)
+
+
+@dataclasses.dataclass
+class _Factor:
+    """One adapted weight: its Flax path in the ``lora`` tree, the torch factor parameters, and
+    the conversion of our ``a``/``b`` to their layouts."""
+
+    path: tuple[str, ...]
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+    a_to_torch: Callable[[np.ndarray], np.ndarray]
+    b_to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _at(tree, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+@dataclasses.dataclass
+class _Twin:
+    """A torch model with LoRA and its wrapped Flax twin with the same weights and factors, and
+    one batch ``(x_jax, x_torch, y)`` for an MSE loss."""
+
+    torch_model: tnn.Module
+    wrapped: nn.Module
+    params: dict
+    lora: dict
+    factors: list[_Factor]
+    x_jax: np.ndarray
+    x_torch: torch.Tensor
+    y: np.ndarray
+
+    def jax_out(self, lora=None):
+        return self.wrapped.apply(
+            {"params": self.params, "lora": self.lora if lora is None else lora}, self.x_jax
+        )
+
+    def jax_loss(self, lora):
+        return jnp.mean((self.jax_out(lora) - self.y) ** 2)
+
+    def torch_loss(self):
+        return torch.mean((self.torch_model(self.x_torch) - torch.from_numpy(self.y)) ** 2)
+
+    def to_torch(self, lora) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Our factors in the torch layouts: ``([A...], [B...])``."""
+        fs = [(f, _at(lora, f.path)) for f in self.factors]
+        return [f.a_to_torch(n["a"]) for f, n in fs], [f.b_to_torch(n["b"]) for f, n in fs]
+
+
+def _twin_forward_grads(twin: _Twin, label: str) -> list[Row]:
+    """Forward and the gradients of an MSE loss w.r.t. every A and B."""
+    twin.torch_model.eval()
+    for f in twin.factors:
+        f.a_t.grad = f.b_t.grad = None
+    out_t = twin.torch_model(twin.x_torch)
+    torch.mean((out_t - torch.from_numpy(twin.y)) ** 2).backward()
+    out_j = twin.jax_out()
+    with jax_lora.disabled():
+        base = twin.wrapped.apply({"params": twin.params, "lora": twin.lora}, twin.x_jax)
+    assert float(jnp.abs(out_j - base).max()) > 1e-2 * float(jnp.abs(base).max()), (
+        f"{label}: the LoRA update is a no-op"
+    )
+    ga, gb = twin.to_torch(jax.grad(twin.jax_loss)(twin.lora))
+    return [
+        row(f"{label}: forward", out_j, out_t),
+        row(f"{label}: grad A", ga, [f.a_t.grad for f in twin.factors]),
+        row(f"{label}: grad B", gb, [f.b_t.grad for f in twin.factors]),
+    ]
+
+
+def _twin_adam(twin: _Twin, label: str, steps: int = 20, lr: float = 1e-2) -> list[Row]:
+    """``steps`` of torch.optim.Adam on the factors vs ``jax_lora.optimizer(optax.adam)`` on the
+    whole ``{"params", "lora"}`` tree."""
+    params = [p for f in twin.factors for p in (f.a_t, f.b_t)]
+    topt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    losses_t = []
+    for _ in range(steps):
+        topt.zero_grad()
+        loss = twin.torch_loss()
+        loss.backward()
+        topt.step()
+        losses_t.append(loss.item())
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam (see `_train`)
+        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
+        tree = {"params": twin.params, "lora": twin.lora}
+
+        @jax.jit
+        def step(tree, state):
+            loss, g = jax.value_and_grad(lambda t: twin.jax_loss(t["lora"]))(tree)
+            u, state = tx.update(g, state, tree)
+            return optax.apply_updates(tree, u), state, loss
+
+        state, losses_j = tx.init(tree), []
+        for _ in range(steps):
+            tree, state, loss = step(tree, state)
+            losses_j.append(float(loss))
+    frozen = max(
+        float(jnp.abs(t - p).max())
+        for t, p in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(twin.params), strict=True)
+    )
+    ratio = losses_j[-1] / losses_j[0]
+    a, b = twin.to_torch(tree["lora"])
+    return [
+        Row(
+            f"{label}: Adam reduces the loss, base params unchanged (final/initial)",
+            ratio,
+            ratio,
+            0.9,
+            "final/initial <= tol and params bit-identical",
+            ratio <= 0.9 and frozen == 0.0,
+        ),
+        row(
+            f"{label}: loss over {steps} Adam steps",
+            np.array(losses_j),
+            np.array(losses_t),
+            TRAIN_TOL,
+        ),
+        row(
+            f"{label}: A, B after {steps} Adam steps",
+            a + b,
+            [f.a_t for f in twin.factors] + [f.b_t for f in twin.factors],
+            TRAIN_TOL,
+        ),
+    ]
+
+
+def _export_import(
+    twin: _Twin, config: jax_lora.LoraConfig, fresh_base: Callable[[], tnn.Module], label: str
+) -> list[Row]:
+    """Our factors -> ``export_peft`` -> ``PeftModel.from_pretrained`` on a fresh base model;
+    and the torch side's adapter -> ``save_pretrained`` -> ``import_peft``."""
+    import tempfile
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax_lora.export_peft(tmp, twin.lora, config)
+        pm = PeftModel.from_pretrained(fresh_base(), tmp).eval()
+        with torch.no_grad():
+            out_t = pm(twin.x_torch)
+    rows = [
+        row(f"{label}: export_peft -> PeftModel.from_pretrained, forward", twin.jax_out(), out_t)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        twin.torch_model.save_pretrained(tmp)
+        lora2, config2 = jax_lora.import_peft(tmp, like=twin.lora)
+    assert (config2.rank, config2.alpha) == (config.rank, config.alpha), config2
+    a, b = twin.to_torch(lora2)
+    twin.torch_model.eval()
+    with torch.no_grad():
+        out_t = twin.torch_model(twin.x_torch)
+    return [
+        *rows,
+        row(
+            f"{label}: save_pretrained -> import_peft, factors",
+            a + b,
+            [f.a_t for f in twin.factors] + [f.b_t for f in twin.factors],
+            0.0,
+        ),
+        row(f"{label}: save_pretrained -> import_peft, forward", twin.jax_out(lora2), out_t),
+    ]
+
+
+def _flax_params_from(variables: dict, torch_tensors: dict[tuple[str, ...], np.ndarray]) -> dict:
+    """``variables["params"]`` with the leaves at the given paths replaced (shapes checked)."""
+    params = jax.tree.map(lambda t: t, variables["params"])
+    for path, value in torch_tensors.items():
+        node = _at(params, path[:-1])
+        if node[path[-1]].shape != value.shape:
+            raise ValueError(
+                f"{'/'.join(path)}: Flax {node[path[-1]].shape} vs torch {value.shape}"
+            )
+        node[path[-1]] = jnp.asarray(value)
+    return params
+
+
+# A small CNN: Conv2d(3, 8, 3, padding=1) -> relu -> Conv2d(8, 8, 3, stride=2) -> flatten -> Linear
+
+CNN_HW, CNN_C, CNN_OUT, CNN_BATCH = 8, 8, 5, 4
+
+
+class FlaxCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (B, H, W, 3), NHWC
+        h = nn.relu(nn.Conv(CNN_C, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x))
+        h = nn.Conv(CNN_C, (3, 3), strides=(2, 2), padding="VALID", name="conv2")(h)
+        h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)  # torch's (C, H, W) flatten
+        return nn.Dense(CNN_OUT, name="head")(h)
+
+
+class TorchCNN(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, CNN_C, 3, padding=1)
+        self.conv2 = tnn.Conv2d(CNN_C, CNN_C, 3, stride=2)
+        side = (CNN_HW - 3) // 2 + 1
+        self.head = tnn.Linear(CNN_C * side * side, CNN_OUT)
+
+    def forward(self, x):  # (B, 3, H, W), NCHW
+        h = self.conv2(torch.relu(self.conv1(x)))
+        return self.head(h.flatten(1))
+
+
+def _cnn_twin(seed: int = 0) -> tuple[_Twin, jax_lora.LoraConfig, Callable[[], tnn.Module]]:
+    """PEFT ``LoraConfig(target_modules=["conv1", "conv2"], r=4, lora_alpha=8)``: PEFT's initial
+    (kaiming-uniform) ``lora_A`` is copied into our ``a``; both ``b`` get the same random values."""
+    from peft import LoraConfig, get_peft_model
+
+    rank, alpha = 4, 8.0
+    torch.manual_seed(seed)
+    base = TorchCNN()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def fresh_base():
+        m = TorchCNN()
+        m.load_state_dict(state)
+        return m.eval()
+
+    pm = get_peft_model(
+        base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["conv1", "conv2"])
+    )
+    g = np.random.default_rng(seed + 1)
+    x = g.normal(size=(CNN_BATCH, CNN_HW, CNN_HW, 3)).astype(np.float32)
+    y = g.normal(size=(CNN_BATCH, CNN_OUT)).astype(np.float32)
+    config = jax_lora.LoraConfig(rank=rank, alpha=alpha, targets=["conv1", "conv2"])
+    wrapped = jax_lora.wrap(FlaxCNN(), config)
+    variables = FlaxCNN().init(jax.random.key(0), x)
+    params = _flax_params_from(
+        variables,
+        {
+            ("conv1", "kernel"): _conv_from_torch(state["conv1.weight"]),
+            ("conv1", "bias"): _np(state["conv1.bias"]),
+            ("conv2", "kernel"): _conv_from_torch(state["conv2.weight"]),
+            ("conv2", "bias"): _np(state["conv2.bias"]),
+            ("head", "kernel"): convert.kernel_from_torch(
+                _np(state["head.weight"]), (base.head.in_features,), (CNN_OUT,)
+            ),
+            ("head", "bias"): _np(state["head.bias"]),
+        },
+    )
+    lora = jax_lora.init_lora(wrapped, jax.random.key(1), {"params": params}, x)
+    factors = []
+    for name in ("conv1", "conv2"):
+        layer = pm.base_model.model.get_submodule(name)
+        a_t, b_t = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            b_t.copy_(torch.from_numpy((0.3 * g.normal(size=tuple(b_t.shape))).astype(np.float32)))
+        lora[name]["kernel"] = {
+            "a": jnp.asarray(_conv_from_torch(a_t)),
+            "b": jnp.asarray(_conv_b_from_torch(b_t)),
+        }
+        factors.append(
+            _Factor((name, "kernel"), a_t, b_t, _conv_to_torch, lambda b: _conv_b_to_torch(b, 2))
+        )
+    x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
+    return _Twin(pm, wrapped, params, lora, factors, x, x_t, y), config, fresh_base
+
+
+def peft_conv2d_cnn() -> list[Row]:
+    """jax_lora vs PEFT's ``Conv2d`` LoRA on a small CNN (both convs, r=4, alpha=8): forward,
+    grads, 20 Adam steps, and PEFT's file format both ways."""
+    label = "PEFT Conv2d CNN"
+    rows = _twin_forward_grads(_cnn_twin()[0], label)
+    rows += _twin_adam(_cnn_twin()[0], label)
+    twin, config, fresh = _cnn_twin()
+    return rows + _export_import(twin, config, fresh, label)
+
+
+ALL["peft_conv2d_cnn"] = peft_conv2d_cnn
+
+
+# Embedding(50, 16) -> Linear, and a tied head: logits = tanh(proj(emb(ids))) @ emb.weight.T
+
+VOCAB, EMB_D, EMB_OUT, EMB_BATCH, EMB_T = 50, 16, 8, 4, 7
+
+
+class FlaxEmbed(nn.Module):
+    tied: bool = False
+
+    @nn.compact
+    def __call__(self, ids):  # (B, T) int -> (B, T, EMB_OUT) or tied (B, T, VOCAB)
+        emb = nn.Embed(VOCAB, EMB_D, name="emb")
+        h = emb(ids)
+        if self.tied:
+            return emb.attend(jnp.tanh(nn.Dense(EMB_D, name="proj")(h)))
+        return nn.Dense(EMB_OUT, name="head")(h)
+
+
+class TorchEmbed(tnn.Module):
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.tied = tied
+        self.emb = tnn.Embedding(VOCAB, EMB_D)
+        if tied:
+            self.proj = tnn.Linear(EMB_D, EMB_D)
+        else:
+            self.head = tnn.Linear(EMB_D, EMB_OUT)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.tied:  # the base table: PEFT's Embedding LoRA adapts the lookup only
+            return torch.tanh(self.proj(h)) @ self.emb.weight.T
+        return self.head(h)
+
+
+class TorchTiedMerged(tnn.Module):
+    """The tied model on the merged table ``W + scale * (B @ A).T`` (PEFT's factor layouts,
+    ``A (r, vocab)``, ``B (d, r)``), used by the lookup and by the head alike."""
+
+    def __init__(self, base: TorchEmbed, a: np.ndarray, b: np.ndarray, scale: float):
+        super().__init__()
+        self.register_buffer("table", base.emb.weight.detach().clone())
+        self.proj = base.proj
+        self.lora_embedding_A = tnn.Parameter(torch.from_numpy(a))
+        self.lora_embedding_B = tnn.Parameter(torch.from_numpy(b))
+        self.scale = scale
+
+    def forward(self, ids):
+        w = self.table + self.scale * (self.lora_embedding_B @ self.lora_embedding_A).T
+        return torch.tanh(self.proj(w[ids])) @ w.T
+
+
+def _embed_data(seed: int, tied: bool):
+    g = np.random.default_rng(seed)
+    ids = g.integers(0, VOCAB, size=(EMB_BATCH, EMB_T)).astype(np.int32)
+    y = g.normal(size=(EMB_BATCH, EMB_T, VOCAB if tied else EMB_OUT)).astype(np.float32)
+    return g, ids, y
+
+
+def _embed_params(ids, state: dict, tied: bool) -> dict:
+    variables = FlaxEmbed(tied).init(jax.random.key(0), ids)
+    lin = "proj" if tied else "head"
+    w = _np(state[f"{lin}.weight"])
+    return _flax_params_from(
+        variables,
+        {
+            ("emb", "embedding"): _np(state["emb.weight"]),
+            (lin, "kernel"): convert.kernel_from_torch(w, (w.shape[1],), (w.shape[0],)),
+            (lin, "bias"): _np(state[f"{lin}.bias"]),
+        },
+    )
+
+
+def _embed_twin(seed: int = 0, tied: bool = False):
+    """Untied: PEFT ``LoraConfig(target_modules=["emb"], r=4, lora_alpha=8)``; PEFT's initial
+    ``lora_embedding_B`` (normal) is copied into our ``b``, both ``A`` get the same random
+    values (PEFT's are zeros). Tied: the same factors on `TorchTiedMerged`."""
+    from peft import LoraConfig, get_peft_model
+
+    rank, alpha = 4, 8.0
+    torch.manual_seed(seed)
+    base = TorchEmbed(tied)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def fresh_base():
+        m = TorchEmbed(tied)
+        m.load_state_dict(state)
+        return m.eval()
+
+    g, ids, y = _embed_data(seed + 1, tied)
+    config = jax_lora.LoraConfig(rank=rank, alpha=alpha, targets=["emb"])
+    params = _embed_params(ids, state, tied)
+    wrapped = jax_lora.wrap(FlaxEmbed(tied), config)
+    lora = jax_lora.init_lora(wrapped, jax.random.key(1), {"params": params}, ids)
+    pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["emb"]))
+    layer = pm.base_model.model.emb
+    a = (0.3 * g.normal(size=(rank, VOCAB))).astype(np.float32)
+    b = _np(layer.lora_embedding_B["default"]).copy()
+    if tied:
+        tm = TorchTiedMerged(fresh_base(), a, b, alpha / rank)
+        a_t, b_t = tm.lora_embedding_A, tm.lora_embedding_B
+    else:
+        tm, a_t, b_t = pm, layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+        with torch.no_grad():
+            a_t.copy_(torch.from_numpy(a))
+    lora["emb"]["embedding"] = {
+        "a": jnp.asarray(_emb_from_torch(a)),
+        "b": jnp.asarray(_emb_from_torch(b)),
+    }
+    factors = [_Factor(("emb", "embedding"), a_t, b_t, _emb_to_torch, _emb_to_torch)]
+    twin = _Twin(tm, wrapped, params, lora, factors, ids, torch.from_numpy(ids.astype(np.int64)), y)
+    return twin, config, fresh_base
+
+
+def peft_embed() -> list[Row]:
+    """jax_lora vs PEFT's ``Embedding`` LoRA (r=4, alpha=8) on Embedding(50, 16) -> Linear:
+    forward, grads, 20 Adam steps, and PEFT's file format both ways."""
+    label = "PEFT Embedding -> Linear"
+    rows = _twin_forward_grads(_embed_twin()[0], label)
+    rows += _twin_adam(_embed_twin()[0], label)
+    twin, config, fresh = _embed_twin()
+    return rows + _export_import(twin, config, fresh, label)
+
+
+ALL["peft_embed"] = peft_embed
+
+
+def _peft_lookup_only(twin: _Twin) -> torch.Tensor:
+    """The tied model through PEFT with ``twin``'s factors: only the lookup is adapted."""
+    from peft import LoraConfig, get_peft_model
+
+    ref = twin.torch_model
+    base = TorchEmbed(tied=True)
+    with torch.no_grad():
+        base.emb.weight.copy_(ref.table)
+        base.proj.load_state_dict(ref.proj.state_dict())
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["emb"])).eval()
+    with torch.no_grad():
+        pm.base_model.model.emb.lora_embedding_A["default"].copy_(ref.lora_embedding_A)
+        pm.base_model.model.emb.lora_embedding_B["default"].copy_(ref.lora_embedding_B)
+    return pm(twin.x_torch)
+
+
+def embed_attend_tied() -> list[Row]:
+    """``Embed.attend`` as a tied output head with LoRA on the table: the lookup and the head both
+    see ``W + scale * a @ b``. PEFT's Embedding LoRA adapts only the lookup (a tied head reads
+    the base ``weight``), so the reference is the merged table in torch (`TorchTiedMerged`);
+    PEFT's format is checked through ``merge_and_unload``, whose merged table feeds both."""
+    import tempfile
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    label = "Embed.attend tied head vs torch merged table W + s*a@b (PEFT adapts lookups only)"
+    rows = _twin_forward_grads(_embed_twin(tied=True)[0], label)
+    # not trivial: adapting the lookup alone (PEFT on the tied model) gives other logits
+    twin, _, _ = _embed_twin(tied=True)
+    with torch.no_grad():
+        lookup_only = _np(_peft_lookup_only(twin))
+        ref = _np(twin.torch_model(twin.x_torch))
+    gap = float(np.abs(lookup_only - ref).max() / np.abs(ref).max())
+    rows.append(
+        Row(
+            "Embed.attend tied head: PEFT (lookup adapted, head not) differs from the merged ref",
+            gap,
+            gap,
+            1e-2,
+            "max_rel >= tol (the tied rows can tell the two apart)",
+            gap >= 1e-2,
+        )
+    )
+    rows += _twin_adam(_embed_twin(tied=True)[0], label)
+    twin, config, fresh = _embed_twin(tied=True)
+    label = "Embed.attend tied head, PEFT format via merge_and_unload"
+    merged = jax_lora.merge({"params": twin.params, "lora": twin.lora}, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax_lora.export_peft(tmp, twin.lora, config)
+        merged_t = PeftModel.from_pretrained(fresh(), tmp).merge_and_unload().eval()
+    with torch.no_grad():
+        out_t = merged_t(twin.x_torch)
+    rows += [
+        row(
+            f"{label}: export_peft -> from_pretrained, merged table",
+            merged["emb"]["embedding"],
+            merged_t.emb.weight,
+        ),
+        row(f"{label}: export_peft -> from_pretrained, logits", twin.jax_out(), out_t),
+    ]
+    torch.manual_seed(1)
+    pm = get_peft_model(fresh(), LoraConfig(r=4, lora_alpha=8, target_modules=["emb"]))
+    with torch.no_grad():
+        pm.base_model.model.emb.lora_embedding_A["default"].normal_(0, 0.3)
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp)
+        lora2, config2 = jax_lora.import_peft(tmp, like=twin.lora)
+    with torch.no_grad():
+        out_t = pm.merge_and_unload().eval()(twin.x_torch)
+    wrapped2 = jax_lora.wrap(FlaxEmbed(tied=True), config2)
+    out_j = wrapped2.apply({"params": twin.params, "lora": lora2}, twin.x_jax)
+    rows.append(row(f"{label}: save_pretrained -> import_peft, logits", out_j, out_t))
+    return rows
+
+
+ALL["embed_attend_tied"] = embed_attend_tied
+
+
+# Conv1d and Conv3d: PEFT's format for 1-D and 3-D conv LoRA (stride and padding not trivial)
+
+_CONV_ND = {  # nd: (in, out, window, stride, padding, spatial size)
+    1: (4, 6, (3,), (2,), (1,), (9,)),
+    3: (3, 5, (2, 3, 3), (1, 2, 2), (0, 1, 1), (4, 6, 5)),
+}
+
+
+class FlaxConvNd(nn.Module):
+    nd: int
+
+    @nn.compact
+    def __call__(self, x):  # (B, spatial..., in)
+        _, out, window, stride, pad, _ = _CONV_ND[self.nd]
+        return nn.Conv(out, window, stride, padding=[(p, p) for p in pad], name="conv")(x)
+
+
+class TorchConvNd(tnn.Module):
+    def __init__(self, nd: int):
+        super().__init__()
+        i, o, window, stride, pad, _ = _CONV_ND[nd]
+        self.conv = {1: tnn.Conv1d, 3: tnn.Conv3d}[nd](i, o, window, stride, pad)
+
+    def forward(self, x):  # (B, in, spatial...)
+        return self.conv(x)
+
+
+def peft_conv1d_conv3d_format() -> list[Row]:
+    """1-D and 3-D conv LoRA (r=3, alpha=6, random factors): export_peft ->
+    ``PeftModel.from_pretrained`` gives the same output and PEFT's tensors in PEFT's layout
+    (checked against the explicit table above), and import_peft reads them back exactly."""
+    import tempfile
+
+    from peft import PeftModel
+
+    rows = []
+    for nd in (1, 3):
+        c_in, _, _, _, _, spatial = _CONV_ND[nd]
+        torch.manual_seed(nd)
+        state = TorchConvNd(nd).state_dict()
+        g = np.random.default_rng(nd)
+        x = g.normal(size=(2, *spatial, c_in)).astype(np.float32)
+        params = _flax_params_from(
+            FlaxConvNd(nd).init(jax.random.key(0), x),
+            {
+                ("conv", "kernel"): _conv_from_torch(state["conv.weight"]),
+                ("conv", "bias"): _np(state["conv.bias"]),
+            },
+        )
+        config = jax_lora.LoraConfig(rank=3, alpha=6.0, targets=["conv"])
+        wrapped = jax_lora.wrap(FlaxConvNd(nd), config)
+        like = jax_lora.init_lora(wrapped, jax.random.key(1), {"params": params}, x)
+        lora = jax.tree.map(
+            lambda t, g=g: jnp.asarray((0.3 * g.normal(size=t.shape)).astype(np.float32)), like
+        )
+        out_j = wrapped.apply({"params": params, "lora": lora}, x)
+        plain = FlaxConvNd(nd).apply({"params": params}, x)
+        assert float(jnp.abs(out_j - plain).max()) > 1e-2, f"Conv{nd}d: the LoRA update is a no-op"
+        base = TorchConvNd(nd)
+        base.load_state_dict(state)
+        label = f"PEFT Conv{nd}d format"
+        with tempfile.TemporaryDirectory() as tmp:
+            jax_lora.export_peft(tmp, lora, config)
+            pm = PeftModel.from_pretrained(base, tmp).eval()
+            lora2, _ = jax_lora.import_peft(tmp, like=like)
+        layer = pm.base_model.model.conv
+        with torch.no_grad():
+            out_t = pm(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))))
+        node, node2 = lora["conv"]["kernel"], lora2["conv"]["kernel"]
+        rows += [
+            row(
+                f"{label}: export_peft -> PeftModel.from_pretrained, forward",
+                np.moveaxis(np.asarray(out_j), -1, 1),
+                out_t,
+            ),
+            row(
+                f"{label}: PEFT's lora_A, lora_B vs the explicit layout",
+                [_conv_to_torch(node["a"]), _conv_b_to_torch(node["b"], nd)],
+                [layer.lora_A["default"].weight, layer.lora_B["default"].weight],
+                0.0,
+            ),
+            row(
+                f"{label}: export -> import_peft round trip",
+                [node2["a"], node2["b"]],
+                [node["a"], node["b"]],
+                0.0,
+            ),
+        ]
+    return rows
+
+
+ALL["peft_conv1d_conv3d_format"] = peft_conv1d_conv3d_format
