@@ -433,9 +433,7 @@ class _Interceptor:
         if problem is None and trace.probe.submodules:
             problem = "its module also calls submodules, which LoRA cannot follow from it"
         if problem is None and cfg.targets is None and any(u.kind != "dot" for u in uses):
-            # "all-linear": embeddings and convolutions only when named in `targets`
-            self.skipped.append((wpath, f"{uses[0].kind} weight: name it in `targets`"))
-            return None
+            return None  # "all-linear": embeddings and convolutions only when named in `targets`
         scope = module.scope  # not `module.variable`: setup-style layers (Embed) work too
         shape = tuple(np.shape(nn.meta.unbox(boxed)))
         node = None
