@@ -5,20 +5,20 @@ from .checkpoint import Restored as Restored
 from .config import INITS as INITS
 from .config import LoraConfig as LoraConfig
 from .linen import LoraWrapped as LoraWrapped
-from .linen import disabled as disabled
 from .linen import init_lora as init_lora
 from .linen import wrap as wrap
 from .merge import merge as merge
 from .merge import unmerge as unmerge
 from .nnx import load_lora as load_lora
 from .nnx import lora_state as lora_state
-from .nnx import set_enabled as set_enabled
 from .optim import optimizer as optimizer
 from .optim import trainable_mask as trainable_mask
 from .peft import export_peft as export_peft
 from .peft import import_peft as import_peft
 from .report import ParamReport as ParamReport
 from .report import param_report as param_report
+from .switch import disabled as disabled
+from .switch import set_enabled as set_enabled
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,8 @@ from etils import epath
 from flax.core import meta
 
 from .config import INITS, LoraConfig
-from .targets import path_str
+from .trees import check_layout, flat_paths
+from .trees import check_same_layout as check_same_layout
 
 FORMAT = "jax_lora.adapter/1"
 """The format of the `LoraConfig` record (`config_to_json`)."""
@@ -136,41 +137,6 @@ def config_from_json(raw: Any) -> LoraConfig:
 
 def _is_box(x: Any) -> bool:
     return isinstance(x, meta.AxisMetadata)
-
-
-def _paths(tree: Any) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs of an unboxed tree, paths joined with ``/``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [
-        (path_str(str(getattr(k, "key", getattr(k, "name", k))) for k in kp), v) for kp, v in flat
-    ]
-
-
-def _check_layout(
-    have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], what: str
-) -> None:
-    for path in sorted(set(have) | set(want)):
-        if path not in have:
-            raise ValueError(
-                f"the {what} has no factor '{path}' that the model needs (shape {want[path]}); "
-                "targets differ?"
-            )
-        if path not in want:
-            raise ValueError(
-                f"the {what} has factor '{path}' {have[path]} that the model does not; targets differ?"
-            )
-        if have[path] != want[path]:
-            raise ValueError(
-                f"the {what} has '{path}' with shape {have[path]}, the model needs {want[path]}"
-            )
-
-
-def check_same_layout(stored: Any, like: Any, what: str = "checkpoint") -> None:
-    """Raise a ValueError naming the first path where ``stored`` and ``like`` differ in
-    presence or shape. Boxed leaves (``nn.Partitioned``, ...) count as their values."""
-    have = {p: tuple(np.shape(v)) for p, v in _paths(meta.unbox(stored))}
-    want = {p: tuple(np.shape(v)) for p, v in _paths(meta.unbox(like))}
-    _check_layout(have, want, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +339,7 @@ class AdapterCheckpointer:
             body = {
                 "format": CHECKPOINT_FORMAT,
                 "config": config_to_json(config),
-                "lora": {p: _record(x) for p, x in _paths(lora)},
+                "lora": {p: _record(x) for p, x in flat_paths(lora)},
                 "opt_state": None
                 if opt_state is None
                 else [_record(x) for x in jax.tree.leaves(opt_state)],
@@ -480,7 +446,7 @@ class AdapterCheckpointer:
         finally:
             handler.close()
         if isinstance(records, dict):
-            pairs = [(p, x, records.get(p)) for p, x in _paths(out)]
+            pairs = [(p, x, records.get(p)) for p, x in flat_paths(out)]
             n_saved = len(records)
         else:
             leaves = jax.tree.leaves(out)
@@ -533,10 +499,10 @@ class AdapterCheckpointer:
         stored = record["lora"]
         if like is not None:
             like_plain = meta.unbox(like)
-            want = {p: tuple(np.shape(v)) for p, v in _paths(like_plain)}
+            want = {p: tuple(np.shape(v)) for p, v in flat_paths(like_plain)}
             have = {p: tuple(r["shape"]) for p, r in stored.items()}
-            _check_layout(have, want, f"checkpoint at step {step}")
-            target = _abstract(like_plain, [stored[p] for p, _ in _paths(like_plain)])
+            check_layout(have, want, f"checkpoint at step {step}")
+            target = _abstract(like_plain, [stored[p] for p, _ in flat_paths(like_plain)])
         else:
             target = None
         lora = self._read_item(step_dir, "lora", target, stored)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from collections.abc import Iterator, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from .config import LoraConfig
+from .trees import factor_nodes as factor_nodes
 
 Array = jax.Array
 
@@ -216,39 +215,3 @@ def fold(kernel: Array, a: Array, b: Array, scale: float) -> Array:
     a negative ``scale`` unmerges)."""
     delta = delta_kernel(a, b, scale, kernel.ndim)
     return (kernel.astype(delta.dtype) + delta).astype(kernel.dtype)
-
-
-def factor_nodes(
-    tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
-) -> Iterator[tuple[tuple[str, ...], Mapping[str, Any]]]:
-    """Walk a ``lora`` tree: yield ``(layer path, {"a": ..., "b": ...})`` for each adapted layer.
-
-    Strict: a node holding arrays must be exactly ``{"a", "b"}`` with floating-point arrays
-    (a wrong-cased ``A``/``B``, an extra leaf, or integer/complex factors raise, naming the
-    path), so a malformed tree is never silently ignored or cast.
-    """
-    where = "/".join(prefix) or "<root>"
-    if not isinstance(tree, Mapping):
-        raise ValueError(
-            f"the `lora` tree has a {type(tree).__name__} at '{where}', outside any "
-            "{'a': array, 'b': array} node"
-        )
-    leaves = [k for k, v in tree.items() if not isinstance(v, Mapping)]
-    if leaves:
-        if set(tree) != {"a", "b"} or len(leaves) != 2:
-            raise ValueError(
-                f"the `lora` node at '{where}' has keys {sorted(map(str, tree))}; a factor node "
-                "is exactly {'a': (lead..., in..., r), 'b': (lead..., r, out...)}"
-            )
-        for k in ("a", "b"):
-            dtype = getattr(tree[k], "dtype", None)
-            dtype = np.dtype(dtype) if dtype is not None else np.asarray(tree[k]).dtype
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(
-                    f"the `lora` factor '{where}/{k}' has dtype {dtype}; LoRA factors are "
-                    "real floating point (cast them, e.g. to float32, if that is what you mean)"
-                )
-        yield prefix, tree
-        return
-    for k, v in tree.items():
-        yield from factor_nodes(v, (*prefix, str(k)))

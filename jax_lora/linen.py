@@ -23,6 +23,8 @@ import numpy as np
 
 from . import factors, weights
 from .config import LoraConfig
+from .switch import disabled as disabled
+from .switch import lora_enabled
 from .targets import (
     check_all_matched,
     class_name,
@@ -32,42 +34,9 @@ from .targets import (
     weight_path,
     weight_targeted,
 )
-
-COLLECTION = "lora"
-"""The variable collection that holds the factors: ``variables["lora"][...path...]["a"|"b"]``."""
+from .trees import COLLECTION
 
 SUPPORTED_LINEN = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("jax_lora_enabled", default=True)
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Within this context, wrapped layers return exactly the base layer's output.
-
-    The switch is read when a function is *traced*: call ``apply`` (or trace your jitted
-    function) inside the ``with`` block. A function jitted and traced earlier with LoRA
-    enabled keeps its trace; for a jitted switch use ``wrapped.clone(enabled=False)``.
-
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, jax_lora
-    >>> wrapped, x = jax_lora.wrap(nn.Dense(4), jax_lora.LoraConfig(rank=2)), jnp.ones((1, 3))
-    >>> variables = wrapped.init(jax.random.key(0), x)
-    >>> variables["lora"]["b"] = jnp.ones((2, 4))
-    >>> with jax_lora.disabled():
-    ...     y_base = wrapped.apply(variables, x)
-    >>> bool((y_base == nn.Dense(4).apply({"params": variables["params"]}, x)).all())
-    True
-    """
-    token = _ENABLED.set(False)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
-
-
-def lora_enabled() -> bool:
-    """Whether LoRA is enabled in the current context (see `disabled`)."""
-    return _ENABLED.get()
 
 
 def _input(args: tuple, kwargs: Mapping[str, Any]) -> jax.Array:

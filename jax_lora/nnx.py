@@ -28,7 +28,8 @@ from flax import nnx
 
 from . import factors, weights
 from .config import LoraConfig
-from .linen import LoraWrapped, lora_enabled
+from .switch import lora_enabled
+from .switch import set_enabled as set_enabled
 from .targets import (
     check_all_matched,
     class_name,
@@ -39,6 +40,7 @@ from .targets import (
     weight_path,
     weight_targeted,
 )
+from .trees import check_same_layout
 
 SUPPORTED_NNX = (nnx.LinearGeneral, nnx.Linear, nnx.Einsum)
 
@@ -698,29 +700,6 @@ def adapted_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return [(p, m) for p, m in _modules(model) if is_adapted(m)]
 
 
-def set_enabled(model: Any, enabled: bool) -> Any:
-    """Switch LoRA on or off; returns the switched model (``model = set_enabled(model, False)``
-    works for both).
-
-    - NNX: flips every adapted layer of ``model`` in place (a static attribute: jit retraces)
-      and returns ``model``.
-    - linen: returns ``model.clone(enabled=enabled)`` for a `LoraWrapped`; linen modules are
-      immutable, so ``model`` itself is unchanged.
-
-    `jax_lora.disabled` is the context-manager form, for both.
-    """
-    if isinstance(model, LoraWrapped):
-        return model.clone(enabled=enabled)
-    if not isinstance(model, nnx.Module):
-        raise TypeError(
-            "set_enabled takes an NNX model adapted by `jax_lora.wrap` or a linen `LoraWrapped`, "
-            f"got {type(model).__name__}"
-        )
-    for _, layer in adapted_layers(model):
-        layer.lora_enabled = enabled
-    return model
-
-
 def _factor_slots(layer: nnx.Module, path: str) -> list[tuple[str, str, str]]:
     """``[(lora-tree path, a attribute, b attribute)]`` of an adapted layer: the layer path for
     Linear/LinearGeneral/Einsum, the weight path for the others (as linen)."""
@@ -746,7 +725,6 @@ def lora_state(model: nnx.Module) -> dict[str, Any]:
 def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
     """Set the factors of an adapted ``model`` from a ``lora`` tree (as `lora_state` gives, or
     restored from a checkpoint / imported from PEFT); every layer and shape must match."""
-    from .checkpoint import check_same_layout
 
     check_same_layout(lora, lora_state(model), "`lora` tree")
     flat = {path_str(p): n for p, n in factors.factor_nodes(lora)}

@@ -10,16 +10,9 @@ import jax
 import optax
 from flax import nnx
 
-from .linen import COLLECTION
+from .trees import COLLECTION, key_name
 
 TRAIN, FREEZE = "lora", "frozen"
-
-
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def _is_variable(x: Any) -> bool:
@@ -56,7 +49,7 @@ def _nnx_mask(state: nnx.State, patterns: tuple[str, ...]) -> Any:
             "nnx.state(model, nnx.Param) to jax_lora.optimizer's init/update, or use "
             "nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)."
         )
-    paths = ["/".join(_key_name(k) for k in path) for path, v in leaves if _is_variable(v)]
+    paths = ["/".join(key_name(k) for k in path) for path, v in leaves if _is_variable(v)]
     frozen = [
         p
         for p, (_, v) in zip(paths, leaves, strict=True)
@@ -67,7 +60,7 @@ def _nnx_mask(state: nnx.State, patterns: tuple[str, ...]) -> Any:
     def label(path, v):
         if isinstance(v, nnx.LoRAParam):
             return True
-        name = "/".join(_key_name(k) for k in path)
+        name = "/".join(key_name(k) for k in path)
         return isinstance(v, nnx.Param) and any(re.fullmatch(p, name) for p in patterns)
 
     return jax.tree_util.tree_map_with_path(label, state, is_leaf=_is_variable)
@@ -97,10 +90,10 @@ def trainable_mask(variables: Any, *, also_train: str | Sequence[str] | None = N
             f"got {keys}."
         )
     params = jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]
-    _check_matched(patterns, ["/".join(_key_name(k) for k in path) for path, _ in params])
+    _check_matched(patterns, ["/".join(key_name(k) for k in path) for path, _ in params])
 
     def label(path, _):
-        names = [_key_name(k) for k in path]
+        names = [key_name(k) for k in path]
         if names[0] == COLLECTION:
             return True
         rest = "/".join(names[1:])

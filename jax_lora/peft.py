@@ -37,8 +37,8 @@ import numpy as np
 from flax.core import meta
 
 from .config import LoraConfig
-from .factors import factor_nodes
 from .targets import path_str
+from .trees import check_same_layout, factor_nodes
 
 NameMap = Callable[[str], str] | Mapping[str, str] | None
 Stacked = Mapping[str, str | None] | None
@@ -657,7 +657,6 @@ def import_peft(
     Returns:
       ``(lora, config)`` with ``config.targets`` naming exactly the imported layers.
     """
-    from .checkpoint import check_same_layout  # the same path/shape check as orbax restores
 
     directory = os.fspath(directory)
     raw, r, alpha = _read_config(directory)
