@@ -92,8 +92,9 @@ def main() -> None:
     before = per_class_accuracy(model.apply({"params": params}, x_te), y_te)
     worst = int(np.argmin(before))
 
-    # LoRA on every Dense; train on the worst class, with a little replay of the others.
-    config = jax_lora.LoraConfig(rank=args.rank, alpha=args.alpha)
+    # LoRA on every Dense, the head too (as the seed; targets=None would leave the head out);
+    # train on the worst class, with a little replay of the others.
+    config = jax_lora.LoraConfig(rank=args.rank, alpha=args.alpha, targets="fc1|fc2|head")
     wrapped = jax_lora.wrap(model, config)
     lora = jax_lora.init_lora(wrapped, jax.random.key(args.seed + 1), {"params": params}, x_tr[:1])
     focus = np.flatnonzero(y_tr == worst)

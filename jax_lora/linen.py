@@ -378,18 +378,23 @@ class _Interceptor:
             if any(isinstance(u, list) and u and u[0].kind == "dot" for u in uses):
                 self.outputs.append((mpath, y))
             return y
-        adapters = {}
+        adapters, missing = {}, False
         for i, name in enumerate(names):
             adapter = self._adapter(module, mpath, name, owned[name], uses[i], trace, creating)
-            if adapter is not None:
+            missing |= adapter is _MISSING
+            if isinstance(adapter, weights.Adapter):
                 adapters[i] = adapter
         if new_params:
             return y
         if not adapters or not self.enabled:
-            return next_fun(*args, **kwargs)
-        return jax.tree.unflatten(
-            trace.out_tree, weights.evaluate(trace.closed, trace.flat, adapters)
-        )
+            y = next_fun(*args, **kwargs)
+        else:
+            y = jax.tree.unflatten(
+                trace.out_tree, weights.evaluate(trace.closed, trace.flat, adapters)
+            )
+        if missing:
+            self.missing.append((mpath, y))
+        return y
 
     def _adapter(self, module, mpath, name, boxed, uses, trace, creating):
         """The `weights.Adapter` for weight ``name`` (creating its factors), or None to skip."""
@@ -442,8 +447,7 @@ class _Interceptor:
         self.geoms[path_str((*module.path[len(self.wrapper.path) :], name))] = geom
         if node is None:
             if not creating and cfg.targets is None:
-                self.missing.append((mpath, None))
-                return None
+                return _MISSING  # fine if it is the output head (checked once the call is done)
             if not creating:
                 raise ValueError(
                     f"no LoRA factors for the targeted weight '{wpath}': the variables passed "
@@ -461,6 +465,9 @@ class _Interceptor:
             node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
         a, b = node["a"], node["b"]
         return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module, wpath))
+
+
+_MISSING = object()  # `_adapter`: targets=None and no factors (the output head, if all is well)
 
 
 def _output_leaves(out: Any) -> list[Any]:

@@ -714,6 +714,22 @@ def test_four_class_head_with_rank_8_does_not_raise(model):
     assert wrapped.apply(v, x).shape == (2, 5, 4)
 
 
+@pytest.mark.parametrize("model", [DenseClassifier(), Conv1DClassifier()], ids=["dense", "conv1d"])
+def test_targets_none_leaves_out_the_output_head(model):
+    # rank 2 fits the head: it is left out because its output is the model's output
+    x = _np_normal((2, 5, 12), 3)
+    wrapped = jax_lora.wrap(model, LoraConfig(rank=2))
+    params = model.init(KEY, x)["params"]
+    lora = jax_lora.init_lora(wrapped, KEY, {"params": params}, x)
+    assert "head" not in lora and len(lora) == 1, jax.tree.map(np.shape, lora)
+    v = {"params": params, "lora": _randomize(lora)}
+    want = np.asarray(wrapped.apply(v, x))
+    assert_close(jax.jit(wrapped.apply)(v, x), want, 1e-6)
+    assert np.abs(want - np.asarray(model.apply({"params": params}, x))).max() > 1e-3
+    with pytest.raises(ValueError, match="no LoRA factors for the layer"):
+        wrapped.apply({"params": params, "lora": {}}, x)  # the hidden layer's are missing
+
+
 # ---------------------------------------------------------------------------------------------
 # nn.scan / nn.remat: one adapter per layer, stacked on the layer axis
 
