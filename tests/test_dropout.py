@@ -1,4 +1,4 @@
-"""Acceptance checks (issue #12) for deliberate bugs no other test file catches.
+"""LoRA dropout (linen and NNX) against an independent float64 base.
 
 LoRA dropout drops the branch input only: ``y = x @ W + bias + scale * (dropout(x) @ a) @ b``;
 the base layer always sees the undropped ``x`` (as PEFT).
