@@ -124,8 +124,9 @@ def build(a, names: list[str]) -> dict:
 
         steps["full"] = run_full
 
-    if "floor" in names:
-        s = {"s": jnp.ones((), jnp.float32)}
+    def floor_step(model, params):
+        """One step that trains a single scalar (the input scale): the frozen model's cost."""
+        st = {"s": jnp.ones((), jnp.float32)}
 
         @jax.jit
         def floor(scale, params):
@@ -135,12 +136,12 @@ def build(a, names: list[str]) -> dict:
             return scale - 1e-4 * g, loss
 
         def run_floor():
-            s["s"], loss = floor(s["s"], params)
+            st["s"], loss = floor(st["s"], params)
             loss.block_until_ready()
 
-        steps["floor"] = run_floor
+        return run_floor
 
-    def lora_model(targets):
+    def lora_model(targets, model=model, params=params):
         config = jax_lora.LoraConfig(
             rank=a.rank, alpha=2 * a.rank, targets=rf".*/({'|'.join(targets)})"
         )
@@ -150,25 +151,13 @@ def build(a, names: list[str]) -> dict:
         )
         return wrapped, config, init(params)
 
+    if "floor" in names:
+        steps["floor"] = floor_step(model, params)
     conv_model = LinenGPT(cfg, conv1d=True)  # GPT-2-style Conv1D layers (the any-weight path)
-    conv_params = None
     if "floor_conv1d" in names or "lora_all_conv1d" in names:
         conv_params = jax.jit(conv_model.init)(jax.random.key(0), tokens)["params"]
     if "floor_conv1d" in names:
-        sc = {"s": jnp.ones((), jnp.float32)}
-
-        @jax.jit
-        def floor_c(scale, params):
-            loss, g = jax.value_and_grad(
-                lambda s_: _ce(conv_model.apply({"params": params}, tokens, s_), labels)
-            )(scale)
-            return scale - 1e-4 * g, loss
-
-        def run_floor_c():
-            sc["s"], loss = floor_c(sc["s"], conv_params)
-            loss.block_until_ready()
-
-        steps["floor_conv1d"] = run_floor_c
+        steps["floor_conv1d"] = floor_step(conv_model, conv_params)
 
     for name, targets in (
         ("lora_qv", ("q", "v")),
@@ -177,18 +166,10 @@ def build(a, names: list[str]) -> dict:
     ):
         if name not in names:
             continue
-        if name.endswith("conv1d"):
-            config = jax_lora.LoraConfig(
-                rank=a.rank, alpha=2 * a.rank, targets=rf".*/({'|'.join(targets)})"
-            )
-            wrapped = jax_lora.wrap(conv_model, config)
-            lora = jax.jit(
-                lambda p, w=wrapped: jax_lora.init_lora(w, jax.random.key(1), {"params": p}, tokens)
-            )(conv_params)
-            base = conv_params
-        else:
-            wrapped, config, lora = lora_model(targets)
-            base = params
+        base = conv_params if name.endswith("conv1d") else params
+        wrapped, config, lora = lora_model(
+            targets, conv_model if name.endswith("conv1d") else model, base
+        )
         st = {"l": jax.tree.map(jnp.copy, lora), "o": tx.init(lora)}  # the step donates its buffers
 
         def lora_step(lora, o, params, wrapped=wrapped):

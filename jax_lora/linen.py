@@ -401,46 +401,27 @@ class _Interceptor:
         cfg = self.config
         wpath = weight_path(mpath, name)
         kind = class_name(module)
-        if isinstance(uses, list) and not uses:
-            return None  # this method does not touch the weight
-        problem = uses if isinstance(uses, str) else None
-        if problem is None and trace.probe.submodules:
-            problem = "its module also calls submodules, which LoRA cannot follow from it"
-        if problem is None and cfg.targets is None and any(u.kind != "dot" for u in uses):
-            return None  # "all-linear": embeddings and convolutions only when named in `targets`
-        scope = module.scope  # not `module.variable`: setup-style layers (Embed) work too
         shape = tuple(np.shape(nn.meta.unbox(boxed)))
+        submodules = "its module also calls submodules, which LoRA cannot follow from it"
+        geom, why = weights.decide(
+            cfg, wpath, kind, shape, uses, submodules if trace.probe.submodules else None
+        )
+        if geom is None:
+            if why is not None:
+                self.skipped.append((wpath, why))
+            return None
+        scope = module.scope  # not `module.variable`: setup-style layers (Embed) work too
         node = None
         if scope.has_variable(COLLECTION, name):
-            node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
-        geom = None
-        if problem is None:
-            try:
-                geom = weights.roles(shape, uses)
-            except weights.Unsupported as e:
-                problem = str(e)
-        if problem is None and node is not None:
             # the factors fix the roles (e.g. Embed: `attend` contracts the lookup's output axis)
+            node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
             geom = _geometry_of_factors(node, shape, uses, geom, wpath, cfg.rank)
-        if problem is not None:
-            if not any(re.fullmatch(p, wpath) for p in cfg.targets or ()):
-                # matched through its module (or targets=None): skip what is not a matmul weight
-                self.skipped.append((wpath, problem))
-                return None
-            raise ValueError(
-                f"`targets` matches the weight '{wpath}' ({kind}), but LoRA cannot adapt it: "
-                f"{problem}. Add {re.escape(wpath)!r} to `exclude`, or target the layer that "
-                "contracts it."
-            )
         fg = factors.Geometry(
             kind="generic",
             lead_shape=tuple(geom.shape[i] for i in geom.lead),
             in_shape=tuple(geom.shape[i] for i in geom.ins),
             out_shape=tuple(geom.shape[i] for i in geom.outs),
         )
-        if cfg.targets is None and cfg.rank > min(fg.fan_in, fg.fan_out):
-            self.skipped.append((wpath, f"rank {cfg.rank} > min(fan_in, fan_out)"))
-            return None
         self.candidates.append((wpath, kind))
         self.candidates.append((mpath, kind))
         self.used.add((*module.path, name))

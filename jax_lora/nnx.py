@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import importlib
-import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -560,37 +559,11 @@ def wrap_nnx(
             for n in names:
                 wpath = weight_path(path, n)
                 uses = found.get((path, n), [])
-                if isinstance(uses, list) and not uses:
-                    skipped.append((wpath, "the example call does not read it"))
-                    continue
-                problem = uses if isinstance(uses, str) else None
-                if (
-                    problem is None
-                    and config.targets is None
-                    and any(u.kind != "dot" for u in uses)
-                ):
-                    skipped.append((wpath, f"{uses[0].kind} weight: name it in `targets`"))
-                    continue
                 shape = tuple(np.shape(getattr(module, n).get_value()))
-                geom = None
-                if problem is None:
-                    try:
-                        geom = weights.roles(shape, uses)
-                    except weights.Unsupported as e:
-                        problem = str(e)
-                if problem is not None:
-                    if any(re.fullmatch(p, wpath) for p in config.targets or ()):
-                        raise ValueError(
-                            f"`targets` matches the weight '{wpath}' ({class_name(module)}), but "
-                            f"LoRA cannot adapt it: {problem}. Add {re.escape(wpath)!r} to "
-                            "`exclude`, or target the layer that contracts it."
-                        )
-                    skipped.append((wpath, problem))
-                    continue
-                if config.targets is None and config.rank > min(
-                    math.prod(shape[i] for i in geom.ins), math.prod(shape[i] for i in geom.outs)
-                ):
-                    skipped.append((wpath, f"rank {config.rank} > min(fan_in, fan_out)"))
+                geom, why = weights.decide(config, wpath, class_name(module), shape, uses)
+                if geom is None:
+                    if why is not None:
+                        skipped.append((wpath, why))
                     continue
                 generic.setdefault(path, (module, {}))[1][n] = geom
     for path, (module, geoms) in generic.items():

@@ -486,3 +486,47 @@ def lift_consts(
         keep_v, lift_v + list(jaxpr.invars), jaxpr.outvars, jaxpr.eqns, jaxpr.effects, debug
     )
     return jcore.ClosedJaxpr(new, keep_c), lift_c, where
+
+
+def decide(
+    config: Any,
+    wpath: str,
+    kind: str,
+    shape: tuple[int, ...],
+    uses: Any,
+    problem: str | None = None,
+) -> tuple[WeightGeometry | None, str | None]:
+    """Whether a targeted weight is adapted (linen and NNX apply one rule).
+
+    Returns ``(geometry, None)`` to adapt it, ``(None, reason)`` to skip it with a reason
+    worth reporting, or ``(None, None)`` to skip it silently (the call does not read it, or
+    ``targets=None`` meets an embedding or convolution weight, which must be named). Raises
+    when a ``targets`` pattern names this weight path and it cannot be adapted.
+
+    ``uses`` is `analyse`'s entry for the weight; ``problem`` a reason found by the caller.
+    """
+    import re
+
+    if isinstance(uses, list) and not uses:
+        return None, None
+    if problem is None and isinstance(uses, str):
+        problem = uses
+    if problem is None and config.targets is None and any(u.kind != "dot" for u in uses):
+        return None, None
+    geom = None
+    if problem is None:
+        try:
+            geom = roles(shape, uses)
+        except Unsupported as e:
+            problem = str(e)
+    if problem is not None:
+        if any(re.fullmatch(p, wpath) for p in config.targets or ()):
+            raise ValueError(
+                f"`targets` matches the weight '{wpath}' ({kind}), but LoRA cannot adapt it: "
+                f"{problem}. Add {re.escape(wpath)!r} to `exclude`, or target the layer that "
+                "contracts it."
+            )
+        return None, problem  # matched through its module (or targets=None)
+    if config.targets is None and config.rank > min(geom.fan_in, geom.fan_out):
+        return None, f"rank {config.rank} > min(fan_in, fan_out)"
+    return geom, None
