@@ -20,7 +20,9 @@ contractions through the rank, never ``W + a @ b``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import re
 import string
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
+
+from .factors import delta_kernel
 
 # Ops that only change how the weight is viewed. Everything else is a use we must understand.
 _PASS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "optimization_barrier"}
@@ -427,8 +431,6 @@ def _dot_branch(eqn, invals, pos: int, tag: _Tag, ad: Adapter, y: jax.Array) -> 
 
 def delta(geom: WeightGeometry, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """``scale * a @ b`` in the weight's stored layout, in fp32 (or wider)."""
-    from .factors import delta_kernel
-
     d = delta_kernel(a, b, scale, len(geom.lead) + len(geom.ins) + len(geom.outs))
     return geom.to_stored(d)
 
@@ -444,8 +446,6 @@ def geometry_from_shapes(
         return []
     ins_s, outs_s = a_shape[n_lead:-1], b_shape[n_lead + 1 :]
     found = []
-    import itertools
-
     for lead in itertools.combinations(range(n), n_lead):
         rest = [i for i in range(n) if i not in lead]
         for ins in itertools.combinations(rest, len(ins_s)):
@@ -505,8 +505,6 @@ def decide(
 
     ``uses`` is `analyse`'s entry for the weight; ``problem`` a reason found by the caller.
     """
-    import re
-
     if isinstance(uses, list) and not uses:
         return None, None
     if problem is None and isinstance(uses, str):
