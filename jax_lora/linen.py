@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import re
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -328,12 +327,7 @@ class _Interceptor:
 
     def _kernel_named(self, path: str) -> bool:
         """A weight-path pattern naming a Dense-family kernel (``fc/kernel``) targets it."""
-        return (
-            self.config.targets is not None
-            and weight_targeted(self.config, path, "kernel")
-            and not is_target(self.config, path)
-            and not any(re.fullmatch(p, path) for p in (self.config.exclude or ()))
-        )
+        return self.config.targets is not None and weight_targeted(self.config, path, "kernel")
 
     def _generic(self, module, method, next_fun, args, kwargs):
         """Any other layer: adapt the targeted weights its ``method`` contracts."""
