@@ -30,6 +30,7 @@ class LlamaConfig:
     rope_theta: float = 100000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    max_position_embeddings: int = 8192
 
     @property
     def head_dim(self) -> int:
@@ -64,7 +65,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache_index=None):
         c = self.cfg
         b, t, _ = x.shape
         hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
@@ -75,11 +76,23 @@ class Attention(nn.Module):
         q = rope(proj(nh * hd, "q_proj").reshape(b, t, nh, hd), positions, c.rope_theta)
         k = rope(proj(nkv * hd, "k_proj").reshape(b, t, nkv, hd), positions, c.rope_theta)
         v = proj(nkv * hd, "v_proj").reshape(b, t, nkv, hd)
+        if cache_index is not None:  # KV cache (collection "cache") of mask.shape[-1] positions
+            k, v = (
+                _cached(self, "k", k, cache_index, mask),
+                _cached(self, "v", v, cache_index, mask),
+            )
         k, v = jnp.repeat(k, nh // nkv, axis=2), jnp.repeat(v, nh // nkv, axis=2)
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd).astype(np.float32)
         s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
         out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, nh * hd)
         return nn.Dense(c.hidden_size, use_bias=False, name="o_proj")(out)
+
+
+def _cached(module, name, x, index, mask):
+    shape = (x.shape[0], mask.shape[-1], *x.shape[2:])
+    var = module.variable("cache", name, jnp.zeros, shape, x.dtype)
+    var.value = jax.lax.dynamic_update_slice(var.value, x, (0, index, 0, 0))
+    return var.value
 
 
 class MLP(nn.Module):
@@ -97,9 +110,9 @@ class Layer(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache_index=None):
         x = x + Attention(self.cfg, name="self_attn")(
-            RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask
+            RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_index
         )
         return x + MLP(self.cfg, name="mlp")(
             RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
@@ -110,15 +123,19 @@ class Model(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, ids):
+    def __call__(self, ids, cache_index=None, cache_len=None):
         c = self.cfg
         b, t = ids.shape
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")
         x = embed(ids)
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if cache_index is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        else:  # ids sit at cache_index, ...; they attend to cache positions <= their own
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+            mask = (jnp.arange(cache_len)[None, :] <= positions[0][:, None])[None, None]
         for i in range(c.num_hidden_layers):
-            x = Layer(c, name=f"layers_{i}")(x, positions, mask)
+            x = Layer(c, name=f"layers_{i}")(x, positions, mask, cache_index)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
         if c.tie_word_embeddings:
             return embed.attend(x)
@@ -126,13 +143,17 @@ class Model(nn.Module):
 
 
 class Llama(nn.Module):
-    """``ids: (batch, seq)`` int -> logits ``(batch, seq, vocab)`` (causal)."""
+    """``ids: (batch, seq)`` int -> logits ``(batch, seq, vocab)`` (causal).
+
+    With ``cache_index`` (and a static ``cache_len``), ``ids`` are positions ``cache_index ...``
+    of a sequence whose keys and values are kept in the ``"cache"`` collection
+    (``(batch, cache_len, kv_heads, head_dim)`` per layer): apply with ``mutable=["cache"]``."""
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, ids):
-        return Model(self.cfg, name="model")(ids)
+    def __call__(self, ids, cache_index=None, cache_len=None):
+        return Model(self.cfg, name="model")(ids, cache_index, cache_len)
 
 
 # --- names ----------------------------------------------------------------------------------
@@ -246,6 +267,9 @@ def read_gguf(path: str):
         rope_theta=float(field("llama.rope.freq_base")),
         rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
         tie_word_embeddings=not any(t.name == "output.weight" for t in r.tensors),
+        max_position_embeddings=int(field("llama.context_length"))
+        if "llama.context_length" in r.fields
+        else LlamaConfig.max_position_embeddings,
     )
     tensors = {}
     for t in r.tensors:
