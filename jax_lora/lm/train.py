@@ -190,7 +190,8 @@ def train(a: TrainArgs, log=print) -> int:
         (loss, _), g = jax.value_and_grad(
             lambda lo: nll(wrapped, params, lo, ids, mask), has_aux=True
         )(lora)
-        u, opt = tx.update(g, opt, lora)
+        with jax.numpy_dtype_promotion("standard"):  # optax's adam: decay ** int32 count
+            u, opt = tx.update(g, opt, lora)
         return optax.apply_updates(lora, u), opt, loss
 
     loss_fn = jax.jit(lambda lo, ids, mask: nll(wrapped, params, lo, ids, mask))

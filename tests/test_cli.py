@@ -1,0 +1,449 @@
+"""`jax-lora` end to end on a tiny random Llama that the tests write themselves (HF safetensors
+folder and GGUF file): train, resume, eval, generate (KV cache), fuse, export, and the errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import _lm
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _check import max_rel_err
+
+import jax_lora
+from jax_lora import cli
+from jax_lora.lm import data as data_lib
+from jax_lora.lm import generate as gen
+from jax_lora.lm import llama, models
+from jax_lora.lm.train import load_adapter
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = ["--iters", "4", "--seq", "32", "--batch", "2", "--report-every", "2"]
+TRAIN += ["--val-every", "4", "--val-batches", "1", "--save-every", "2", "--lr", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    return {
+        "hf": _lm.write_hf(str(d / "hf")),
+        "gguf": _lm.write_gguf(str(d / "tiny.gguf")),
+        "data": _lm.write_data(str(d / "data")),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory):
+    """A 4-iteration run on the HF folder, with targets on attention and MLP."""
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    args = ["train", "--model", files["hf"], "--data", files["data"], "--out", out]
+    assert cli.main([*args, *TRAIN, "--targets", "all"]) == 0
+    return out
+
+
+def _run(argv, capsys):
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _factors(out, step=None):
+    r = jax_lora.AdapterCheckpointer(os.path.join(out, "checkpoints")).restore(step=step)
+    return r.step, r.lora
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_train_writes_run_and_checkpoints(files, source, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    status, text, err = _run(
+        ["train", "--model", files[source], "--data", files["data"], "--out", out, *TRAIN], capsys
+    )
+    assert status == 0, err
+    assert "iter 2/4  loss " in text and " tok/s  ETA 0:00:" in text
+    assert "iter 4/4  val loss " in text
+    assert sorted(os.listdir(os.path.join(out, "checkpoints")))[-2:] == ["2", "4"]
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["model"] == os.path.abspath(files[source]) and run["rank"] == 8
+    step, lora = _factors(out)
+    assert step == 4
+    # q, v of 2 layers: a (32, 8), b (8, out); b moved away from its zero init
+    q = lora["model"]["layers_0"]["self_attn"]["q_proj"]
+    assert q["a"].shape == (32, 8) and q["b"].shape == (8, 32)
+    assert float(np.abs(q["b"]).max()) > 0
+    assert set(lora["model"]["layers_1"]["self_attn"]) == {"q_proj", "v_proj"}
+
+
+def test_config_file_values_and_flag_override(files, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {files['hf']}\ndata: {files['data']}\nrank: 4\nlr: 0.5\nseq: 16\n")
+    out = str(tmp_path / "run")
+    status, _, err = _run(
+        ["train", "-c", str(cfg), "--lr", "0.02", "--iters", "2", "--out", out], capsys
+    )
+    assert status == 0, err
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert (run["rank"], run["lr"], run["seq"], run["alpha"]) == (4, 0.02, 16, 8.0)
+    cfg.write_text("rnak: 4\n")
+    status, _, err = _run(["train", "-c", str(cfg)], capsys)
+    assert status == 2 and "unknown option 'rnak'" in err
+
+
+def test_training_lowers_validation_loss(files, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", files["hf"], "--data", files["data"], "--out", out]
+    argv += ["--iters", "30", "--seq", "32", "--batch", "4", "--lr", "0.03"]
+    argv += ["--val-every", "30", "--report-every", "30", "--targets", "all"]
+    status, _, err = _run(argv, capsys)
+    assert status == 0, err
+    status, text, err = _run(["eval", "--adapter", out, "--batches", "2"], capsys)
+    assert status == 0, err
+    base, adapted = (float(x) for x in __import__("re").findall(r"valid loss ([\d.]+)", text))
+    assert adapted < base - 0.2, text  # 10 words repeated: easy to learn
+
+
+def test_resume_is_bit_exact_across_processes(files, tmp_path):
+    """Train 2 iterations here, resume to 4 in a new process == 4 iterations straight."""
+    base = ["train", "--model", files["hf"], "--data", files["data"], "--seq", "32"]
+    base += ["--batch", "2", "--save-every", "2", "--val-every", "100", "--dropout", "0.1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main([*base, "--out", a, "--iters", "2"]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "jax_lora.cli", *base, "--out", a, "--iters", "4", "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from step 2" in proc.stdout
+    assert cli.main([*base, "--out", b, "--iters", "4"]) == 0
+    (sa, la), (sb, lb) = _factors(a), _factors(b)
+    assert sa == sb == 4
+    for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # and the resumed run really trained on: step 4 differs from step 2
+    _, l2 = _factors(a, 2)
+    assert not np.array_equal(jax.tree.leaves(l2)[1], jax.tree.leaves(la)[1])
+
+
+def test_ctrl_c_saves_and_exits(files, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jax_lora.cli", "train", "--model", files["hf"]]
+        + ["--data", files["data"], "--out", out, "--iters", "100000", "--seq", "16"]
+        + ["--report-every", "1", "--save-every", "100000", "--val-every", "100000"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:  # wait until training runs
+        if line.startswith("iter 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    m = __import__("re").search(r"interrupted at step (\d+): saved", rest)
+    assert m, rest[-2000:]
+    step, _ = _factors(out)
+    assert step == int(m.group(1)) >= 3
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def test_completion_records_train_on_the_completion_only(tmp_path):
+    tok = _lm.tokenizer()
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"prompt": "the cat", "completion": " sat on"}) + "\n"
+    )
+    s = data_lib.load_split(str(tmp_path), "train", tok)
+    n_prompt, n_completion = len(tok.encode("the cat")), len(tok.encode(" sat on"))
+    assert s.ids.tolist() == tok.encode("the cat") + tok.encode(" sat on") + [258]
+    assert s.mask.tolist() == [False] * n_prompt + [True] * (n_completion + 1)
+
+
+def test_chat_records_use_the_template_and_train_on_the_reply(tmp_path):
+    tok = _lm.tokenizer()
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
+    s = data_lib.load_split(str(tmp_path), "train", tok)
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+    assert s.ids.tolist() == [*tok.encode(text), 258]
+    # targets: "ok<|im_end|>\n" and the appended eos
+    assert tok.decode(s.ids[s.mask].tolist()) == "ok\n"
+    assert int(s.mask.sum()) == len(tok.encode("ok<|im_end|>\n")) + 1
+
+
+def test_chat_records_without_a_template_are_refused(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}]
+    (tmp_path / "train.jsonl").write_text("\n" + json.dumps({"messages": msgs}) + "\n")
+    with pytest.raises(ValueError, match=r"line 2: .*chat template.*prompt"):
+        data_lib.load_split(str(tmp_path), "train", _lm.tokenizer(chat=False))
+
+
+def test_text_files_hold_out_a_validation_share(tmp_path):
+    tok = _lm.tokenizer()
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 20)
+    train, valid = (data_lib.load_split(str(tmp_path), s, tok) for s in ("train", "valid"))
+    n = len(tok.encode("the cat sat on the mat. " * 20)) + 1
+    assert len(train) == int(n * 0.9) and len(train) + len(valid) == n
+
+
+# --- errors a user can act on ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ('{"text": "ok"', r"train.jsonl, line 3: not valid JSON .*\{\"text\": \.\.\.\}"),
+        ('{"txt": "ok"}', r"train.jsonl, line 3: has keys \['txt'\]; expected \{\"text\""),
+        ('{"text": 3}', r"line 3: 'text' is a int, expected a string"),
+    ],
+)
+def test_malformed_line_names_file_line_and_formats(files, tmp_path, capsys, line, match):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n' + line + "\n")
+    (d / "valid.jsonl").write_text('{"text": "a"}\n')
+    status, _, err = _run(
+        ["train", "--model", files["hf"], "--data", str(d), "--seq", "16"], capsys
+    )
+    assert status == 2
+    assert __import__("re").search(match, err), err
+
+
+def test_empty_data_is_refused(files, tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text("\n")
+    (d / "valid.jsonl").write_text('{"text": "a"}\n')
+    status, _, err = _run(
+        ["train", "--model", files["hf"], "--data", str(d), "--seq", "16"], capsys
+    )
+    assert status == 2 and "train.jsonl is empty: no records" in err
+    (d / "train.jsonl").write_text('{"text": "a b"}\n')  # records, but fewer tokens than --seq
+    status, _, err = _run(["train", "--model", files["hf"], "--data", str(d), "--seq", "8"], capsys)
+    assert status == 2 and "has 4 tokens, fewer than --seq + 1 = 9" in err
+
+
+def test_seq_beyond_context_is_refused(files, tmp_path, capsys):
+    argv = ["train", "--model", files["gguf"], "--data", files["data"], "--seq", "65"]
+    status, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert status == 2 and "--seq 65 is beyond the model's context (64 positions" in err
+
+
+def test_unsupported_architecture_is_refused(files, tmp_path, capsys):
+    d = tmp_path / "gpt2"
+    _lm.write_hf(str(d))
+    cfg = json.load(open(d / "config.json"))
+    json.dump(
+        {**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+        open(d / "config.json", "w"),
+    )
+    status, _, err = _run(
+        ["train", "--model", str(d), "--data", files["data"], "--seq", "16"], capsys
+    )
+    assert status == 2
+    assert "model_type 'gpt2' (GPT2LMHeadModel) is not supported" in err and "'llama'" in err
+    json.dump({**cfg, "rope_scaling": {"rope_type": "llama3"}}, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="not supported by jax-lora's Llama: rope_scaling"):
+        models.load(str(d))
+
+
+def test_truncated_gguf_is_refused(files, tmp_path, capsys):
+    data = pathlib.Path(files["gguf"]).read_bytes()
+    for cut in (len(data) // 2, 200):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        status, _, err = _run(
+            ["train", "--model", str(bad), "--data", files["data"], "--seq", "16"], capsys
+        )
+        assert status == 2 and "truncated" in err and str(bad) in err, err
+
+
+def test_out_of_a_different_run_is_refused(files, trained, tmp_path, capsys):
+    argv = ["train", "--model", files["hf"], "--data", files["data"], "--out", trained, *TRAIN]
+    status, _, err = _run([*argv, "--rank", "4"], capsys)
+    assert status == 2 and "holds a different run (rank: 8 there, 4 now" in err
+    before = sorted(os.listdir(os.path.join(trained, "checkpoints")))
+    status, _, err = _run([*argv, "--targets", "all"], capsys)  # the same run, no --resume
+    assert status == 2 and "pass --resume" in err
+    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == before
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    status, _, err = _run([*argv[: -len(TRAIN) - 2], "--out", str(other), *TRAIN], capsys)
+    assert status == 2 and "holds no jax-lora run" in err
+    assert (other / "notes.txt").read_text() == "keep"
+    new = tmp_path / "copy"
+    __import__("shutil").copytree(trained, new)
+    status, _, err = _run(
+        [*argv[: -len(TRAIN) - 2], "--out", str(new), *TRAIN, "--overwrite"], capsys
+    )
+    assert status == 0, err
+    assert json.load(open(new / "run.json"))["targets"] == "q_proj|v_proj"
+
+
+def test_disk_full_save_keeps_the_previous_checkpoint(files, tmp_path, capsys, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", files["hf"], "--data", files["data"], "--out", out, *TRAIN]
+    calls = []
+    real = ocp.StandardCheckpointHandler.save
+
+    def save(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 2:  # step 2 (lora + opt_state) succeeds, step 4 fails mid-save
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "save", save)
+    status, _, err = _run(argv, capsys)
+    monkeypatch.undo()
+    assert status == 2
+    assert "No space left on device" in err and "step 2, is intact" in err and "--resume" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [".lock", "2"]
+    step, _ = _factors(out)  # sha256-checked: complete and unchanged
+    assert step == 2
+    status, text, err = _run([*argv, "--resume"], capsys)
+    assert status == 0 and "resumed from step 2" in text, err
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+
+def _random_adapter(files):
+    ad = load_adapter(files["trained"]) if "trained" in files else None
+    return ad
+
+
+def test_kv_cached_greedy_equals_recompute(trained):
+    ad = load_adapter(trained)
+    g = np.random.default_rng(0)
+    lora = jax.tree.map(lambda x: jnp.asarray(0.3 * g.standard_normal(x.shape), x.dtype), ad.lora)
+    variables = {"params": ad.loaded.params, "lora": lora}
+    prompt = ad.loaded.tokenizer.encode("the cat sat")
+    cached = gen.generate(ad.wrapped.apply, variables, prompt, 20, context=64)
+    ref = gen.greedy_uncached(jax.jit(lambda ids: ad.wrapped.apply(variables, ids)), prompt, 20)
+    assert cached == ref
+    assert len(set(ref)) > 3  # a real sequence, not one token repeated
+
+
+def test_top_p_samples_only_the_nucleus():
+    logits = jnp.log(jnp.asarray([0.1, 0.5, 0.3, 0.1], jnp.float32))
+    draws = [
+        int(gen.sample(logits, jax.random.key(i), temperature=1.0, top_p=0.7)) for i in range(60)
+    ]
+    assert set(draws) == {1, 2}  # 0.5 + 0.3 reaches 0.7; 0 and 3 are cut
+    assert int(gen.sample(logits, jax.random.key(0), temperature=0.0, top_p=0.1)) == 1
+
+
+def test_generate_command(trained, capsys):
+    status, text, err = _run(
+        ["generate", "--adapter", trained, "--prompt", "the cat", "--max-tokens", "5"], capsys
+    )
+    assert status == 0, err
+    assert text.startswith("the cat") and len(text.strip()) > len("the cat")
+    status, _, err = _run(
+        ["generate", "--adapter", trained, "--prompt", "x" * 70, "--max-tokens", "5"], capsys
+    )
+    assert status == 2 and "the prompt has 70 tokens; the model's context is 64" in err
+
+
+# --- fuse and export: parity with transformers / PEFT / llama.cpp's layout -------------------
+
+
+def _ours(ad, ids):
+    return np.asarray(ad.wrapped.apply({"params": ad.loaded.params, "lora": ad.lora}, ids))
+
+
+IDS = np.array([[5, 70, 71, 256, 3, 99, 12, 200, 40, 41]], np.int32)
+
+
+def test_fuse_loads_in_transformers_with_our_logits(trained, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = str(tmp_path / "fused")
+    status, _, err = _run(["fuse", "--adapter", trained, "--out", out], capsys)
+    assert status == 0, err
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
+    ad = load_adapter(trained)
+    assert max_rel_err(theirs, _ours(ad, IDS)) <= 1e-4
+    # the adapter mattered: the base model differs
+    base = llama.Llama(ad.loaded.cfg).apply({"params": ad.loaded.params}, IDS)
+    assert max_rel_err(base, _ours(ad, IDS)) > 1e-3
+    status, _, err = _run(["fuse", "--adapter", trained, "--out", out], capsys)
+    assert status == 2 and "exists" in err
+
+
+def test_export_peft_loads_on_transformers_llama(files, trained, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    out = str(tmp_path / "peft")
+    status, _, err = _run(
+        ["export", "--adapter", trained, "--format", "peft", "--out", out], capsys
+    )
+    assert status == 0, err
+    base = transformers.LlamaForCausalLM.from_pretrained(files["hf"], dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        theirs = pm(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
+    assert max_rel_err(theirs, _ours(load_adapter(trained), IDS)) <= 1e-4
+
+
+def test_export_gguf_adapter_layout(trained, tmp_path, capsys):
+    import gguf
+
+    out = str(tmp_path / "a.gguf")
+    status, _, err = _run(
+        ["export", "--adapter", trained, "--format", "gguf", "--out", out], capsys
+    )
+    assert status == 0, err
+    r = gguf.GGUFReader(out)
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.fields["adapter.type"].contents() == "lora"
+    assert r.fields["adapter.lora.alpha"].contents() == pytest.approx(16.0)
+    tensors = {t.name: t for t in r.tensors}
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    assert set(tensors) == {
+        f"blk.{i}.{k}.weight.lora_{ab}" for i in (0, 1) for k in kinds for ab in "ab"
+    }
+    # ne lists the input dimension first: lora_a (in, r), lora_b (r, out)
+    assert [int(x) for x in tensors["blk.0.ffn_down.weight.lora_a"].shape] == [64, 8]
+    assert [int(x) for x in tensors["blk.0.ffn_down.weight.lora_b"].shape] == [8, 32]
+    # values: alpha/r * lora_b @ lora_a is the change of the weight *in GGUF layout*, i.e.
+    # the permuted q/k rows of (fused - base) from the HF folder `fuse` writes
+    ad = load_adapter(trained)
+    merged = jax_lora.merge({"params": ad.loaded.params, "lora": ad.lora}, ad.config)
+    new, old = (models.params_to_hf(p, ad.loaded.cfg) for p in (merged, ad.loaded.params))
+    for i, (kind, hf, heads) in enumerate(
+        [
+            ("attn_q", "self_attn.q_proj", 4),
+            ("attn_k", "self_attn.k_proj", 2),
+            ("ffn_up", "mlp.up_proj", 0),
+        ]
+    ):
+        a = np.asarray(tensors[f"blk.1.{kind}.weight.lora_a"].data).reshape(8, -1)
+        b = np.asarray(tensors[f"blk.1.{kind}.weight.lora_b"].data).reshape(-1, 8)
+        delta = new[f"model.layers.1.{hf}.weight"] - old[f"model.layers.1.{hf}.weight"]
+        if heads:
+            delta = llama.gguf_permute(delta, heads)
+        assert max_rel_err(16.0 / 8 * b @ a, delta) <= 1e-4, (i, kind)
