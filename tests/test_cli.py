@@ -3,10 +3,13 @@ folder and GGUF file): train, resume, eval, generate (KV cache), fuse, export, a
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,10 +26,10 @@ from jax_lora import cli
 from jax_lora.lm import data as data_lib
 from jax_lora.lm import generate as gen
 from jax_lora.lm import llama, models
-from jax_lora.lm.train import load_adapter
+from jax_lora.lm.train import UserError, load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAIN = ["--iters", "4", "--seq", "32", "--batch", "2", "--report-every", "2"]
+TRAIN = ["--iters", "4", "--seq", "32", "--batch", "2", "--report-every", "2", "--dropout", "0.1"]
 TRAIN += ["--val-every", "4", "--val-batches", "1", "--save-every", "2", "--lr", "0.01"]
 
 
@@ -40,13 +43,32 @@ def files(tmp_path_factory):
     }
 
 
+def _train_argv(files, out, *more):
+    return ["train", "--model", files["hf"], "--data", files["data"], "--out", out, *more]
+
+
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory):
-    """A 4-iteration run on the HF folder, with targets on attention and MLP."""
+    """30 iterations on the HF folder, all seven projections adapted."""
     out = str(tmp_path_factory.mktemp("run") / "run")
-    args = ["train", "--model", files["hf"], "--data", files["data"], "--out", out]
-    assert cli.main([*args, *TRAIN, "--targets", "all"]) == 0
+    more = ["--iters", "30", "--seq", "32", "--batch", "4", "--lr", "0.03", "--targets", "all"]
+    more += ["--val-every", "30", "--val-batches", "1", "--report-every", "30"]
+    more += ["--save-every", "30"]
+    assert cli.main(_train_argv(files, out, *more)) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def straight(files, tmp_path_factory):
+    """`TRAIN`: 4 iterations, checkpoints at 2 and 4; its output."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        assert cli.main(_train_argv(files, out, *TRAIN)) == 0
+    return out, buf.getvalue()
 
 
 def _run(argv, capsys):
@@ -55,26 +77,41 @@ def _run(argv, capsys):
     return status, captured.out, captured.err
 
 
+def _json(path):
+    return json.loads(pathlib.Path(path).read_text())
+
+
 def _factors(out, step=None):
     r = jax_lora.AdapterCheckpointer(os.path.join(out, "checkpoints")).restore(step=step)
     return r.step, r.lora
 
 
+# --- models ----------------------------------------------------------------------------------
+
+
+def test_gguf_and_hf_folder_load_the_same_model(files):
+    hf, gg = models.load(files["hf"]), models.load(files["gguf"])
+    assert gg.cfg == dataclasses.replace(hf.cfg, rms_norm_eps=gg.cfg.rms_norm_eps)
+    assert gg.cfg.max_position_embeddings == 64 and abs(gg.cfg.rms_norm_eps - 1e-5) < 1e-9
+    for x, y in zip(jax.tree.leaves(hf.params), jax.tree.leaves(gg.params), strict=True):
+        np.testing.assert_array_equal(x, y)  # q/k permuted for GGUF and back: exact
+    text = "the 12 cats<|im_end|>"
+    assert hf.tokenizer.encode(text) == gg.tokenizer.encode(text)
+    assert gg.tokenizer.encode(text)[-1] == gg.tokenizer.eos_id == hf.tokenizer.eos_id == 258
+    assert gg.tokenizer.chat_template == hf.tokenizer.chat_template == _lm.CHAT_TEMPLATE
+
+
 # --- train -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["hf", "gguf"])
-def test_train_writes_run_and_checkpoints(files, source, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    status, text, err = _run(
-        ["train", "--model", files[source], "--data", files["data"], "--out", out, *TRAIN], capsys
-    )
-    assert status == 0, err
+def test_train_writes_run_and_checkpoints(files, straight):
+    out, text = straight
     assert "iter 2/4  loss " in text and " tok/s  ETA 0:00:" in text
     assert "iter 4/4  val loss " in text
-    assert sorted(os.listdir(os.path.join(out, "checkpoints")))[-2:] == ["2", "4"]
-    run = json.load(open(os.path.join(out, "run.json")))
-    assert run["model"] == os.path.abspath(files[source]) and run["rank"] == 8
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [".lock", "2", "4"]
+    run = _json(os.path.join(out, "run.json"))
+    assert run["model"] == os.path.abspath(files["hf"]) and run["rank"] == 8
+    assert run["alpha"] == 16.0 and run["targets"] == "q_proj|v_proj"
     step, lora = _factors(out)
     assert step == 4
     # q, v of 2 layers: a (32, 8), b (8, out); b moved away from its zero init
@@ -82,44 +119,40 @@ def test_train_writes_run_and_checkpoints(files, source, tmp_path, capsys):
     assert q["a"].shape == (32, 8) and q["b"].shape == (8, 32)
     assert float(np.abs(q["b"]).max()) > 0
     assert set(lora["model"]["layers_1"]["self_attn"]) == {"q_proj", "v_proj"}
+    assert "mlp" not in lora["model"]["layers_1"]
 
 
-def test_config_file_values_and_flag_override(files, tmp_path, capsys):
+def test_config_file_values_and_flag_override(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {files['hf']}\ndata: {files['data']}\nrank: 4\nlr: 0.5\nseq: 16\n")
-    out = str(tmp_path / "run")
-    status, _, err = _run(
-        ["train", "-c", str(cfg), "--lr", "0.02", "--iters", "2", "--out", out], capsys
+    cfg.write_text("model: m.gguf\ndata: d\nrank: 4\nlr: 0.5\nval-every: 7\n")
+    args = cli._train_args(cli.build_parser().parse_args(["train", "-c", str(cfg), "--lr", "0.02"]))
+    assert (args.model, args.data, args.rank, args.lr, args.val_every) == (
+        "m.gguf",
+        "d",
+        4,
+        0.02,
+        7,
     )
-    assert status == 0, err
-    run = json.load(open(os.path.join(out, "run.json")))
-    assert (run["rank"], run["lr"], run["seq"], run["alpha"]) == (4, 0.02, 16, 8.0)
+    assert (args.seq, args.alpha, args.resume) == (256, None, False)  # defaults
     cfg.write_text("rnak: 4\n")
-    status, _, err = _run(["train", "-c", str(cfg)], capsys)
-    assert status == 2 and "unknown option 'rnak'" in err
+    with pytest.raises(UserError, match="unknown option 'rnak'"):
+        cli._train_args(cli.build_parser().parse_args(["train", "-c", str(cfg)]))
 
 
-def test_training_lowers_validation_loss(files, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    argv = ["train", "--model", files["hf"], "--data", files["data"], "--out", out]
-    argv += ["--iters", "30", "--seq", "32", "--batch", "4", "--lr", "0.03"]
-    argv += ["--val-every", "30", "--report-every", "30", "--targets", "all"]
-    status, _, err = _run(argv, capsys)
+def test_training_lowers_validation_loss(trained, capsys):
+    status, text, err = _run(["eval", "--adapter", trained, "--batches", "2"], capsys)
     assert status == 0, err
-    status, text, err = _run(["eval", "--adapter", out, "--batches", "2"], capsys)
-    assert status == 0, err
-    base, adapted = (float(x) for x in __import__("re").findall(r"valid loss ([\d.]+)", text))
+    base, adapted = (float(x) for x in re.findall(r"valid loss ([\d.]+)", text))
     assert adapted < base - 0.2, text  # 10 words repeated: easy to learn
 
 
-def test_resume_is_bit_exact_across_processes(files, tmp_path):
-    """Train 2 iterations here, resume to 4 in a new process == 4 iterations straight."""
-    base = ["train", "--model", files["hf"], "--data", files["data"], "--seq", "32"]
-    base += ["--batch", "2", "--save-every", "2", "--val-every", "100", "--dropout", "0.1"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert cli.main([*base, "--out", a, "--iters", "2"]) == 0
+def test_resume_is_bit_exact_across_processes(files, straight, tmp_path):
+    """Train 2 iterations here, resume to 4 in a new process == 4 iterations straight (with
+    LoRA dropout on: its keys, like the batches, follow the step)."""
+    a = str(tmp_path / "a")
+    assert cli.main(_train_argv(files, a, *TRAIN, "--iters", "2")) == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "jax_lora.cli", *base, "--out", a, "--iters", "4", "--resume"],
+        [sys.executable, "-m", "jax_lora.cli", *_train_argv(files, a, *TRAIN, "--resume")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -128,8 +161,7 @@ def test_resume_is_bit_exact_across_processes(files, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from step 2" in proc.stdout
-    assert cli.main([*base, "--out", b, "--iters", "4"]) == 0
-    (sa, la), (sb, lb) = _factors(a), _factors(b)
+    (sa, la), (sb, lb) = _factors(a), _factors(straight[0])
     assert sa == sb == 4
     for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -155,7 +187,7 @@ def test_ctrl_c_saves_and_exits(files, tmp_path):
     proc.send_signal(signal.SIGINT)
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    m = __import__("re").search(r"interrupted at step (\d+): saved", rest)
+    m = re.search(r"interrupted at step (\d+): saved", rest)
     assert m, rest[-2000:]
     step, _ = _factors(out)
     assert step == int(m.group(1)) >= 3
@@ -222,7 +254,7 @@ def test_malformed_line_names_file_line_and_formats(files, tmp_path, capsys, lin
         ["train", "--model", files["hf"], "--data", str(d), "--seq", "16"], capsys
     )
     assert status == 2
-    assert __import__("re").search(match, err), err
+    assert re.search(match, err), err
 
 
 def test_empty_data_is_refused(files, tmp_path, capsys):
@@ -248,17 +280,15 @@ def test_seq_beyond_context_is_refused(files, tmp_path, capsys):
 def test_unsupported_architecture_is_refused(files, tmp_path, capsys):
     d = tmp_path / "gpt2"
     _lm.write_hf(str(d))
-    cfg = json.load(open(d / "config.json"))
-    json.dump(
-        {**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
-        open(d / "config.json", "w"),
-    )
+    cfg = _json(d / "config.json")
+    gpt2 = {**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (d / "config.json").write_text(json.dumps(gpt2))
     status, _, err = _run(
         ["train", "--model", str(d), "--data", files["data"], "--seq", "16"], capsys
     )
     assert status == 2
     assert "model_type 'gpt2' (GPT2LMHeadModel) is not supported" in err and "'llama'" in err
-    json.dump({**cfg, "rope_scaling": {"rope_type": "llama3"}}, open(d / "config.json", "w"))
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3"}}))
     with pytest.raises(ValueError, match="not supported by jax-lora's Llama: rope_scaling"):
         models.load(str(d))
 
@@ -274,34 +304,38 @@ def test_truncated_gguf_is_refused(files, tmp_path, capsys):
         assert status == 2 and "truncated" in err and str(bad) in err, err
 
 
-def test_out_of_a_different_run_is_refused(files, trained, tmp_path, capsys):
-    argv = ["train", "--model", files["hf"], "--data", files["data"], "--out", trained, *TRAIN]
-    status, _, err = _run([*argv, "--rank", "4"], capsys)
-    assert status == 2 and "holds a different run (rank: 8 there, 4 now" in err
-    before = sorted(os.listdir(os.path.join(trained, "checkpoints")))
-    status, _, err = _run([*argv, "--targets", "all"], capsys)  # the same run, no --resume
-    assert status == 2 and "pass --resume" in err
-    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == before
+def test_out_of_a_different_run_is_refused(files, straight, tmp_path, capsys):
+    out = straight[0]
+    before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    status, _, err = _run(_train_argv(files, out, *TRAIN, "--rank", "4"), capsys)
+    assert status == 2 and "holds a different run (rank: 8 there, 4 now;" in err
+    assert "--overwrite" in err
+    status, _, err = _run(_train_argv(files, out, *TRAIN), capsys)  # the same run again
+    assert status == 2 and "already holds this run (last checkpoint: step 4)" in err
+    assert "--resume" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    status, _, err = _run([*argv[: -len(TRAIN) - 2], "--out", str(other), *TRAIN], capsys)
+    status, _, err = _run(_train_argv(files, str(other), *TRAIN), capsys)
     assert status == 2 and "holds no jax-lora run" in err
     assert (other / "notes.txt").read_text() == "keep"
+    status, _, err = _run(_train_argv(files, str(tmp_path / "none"), *TRAIN, "--resume"), capsys)
+    assert status == 2 and "holds no run to resume" in err
     new = tmp_path / "copy"
-    __import__("shutil").copytree(trained, new)
-    status, _, err = _run(
-        [*argv[: -len(TRAIN) - 2], "--out", str(new), *TRAIN, "--overwrite"], capsys
-    )
+    shutil.copytree(out, new)
+    more = ["--rank", "4", "--iters", "1", "--save-every", "1", "--overwrite"]
+    status, _, err = _run(_train_argv(files, str(new), *TRAIN, *more), capsys)
     assert status == 0, err
-    assert json.load(open(new / "run.json"))["targets"] == "q_proj|v_proj"
+    assert _json(new / "run.json")["rank"] == 4
+    assert sorted(os.listdir(new / "checkpoints")) == [".lock", "1"]
 
 
 def test_disk_full_save_keeps_the_previous_checkpoint(files, tmp_path, capsys, monkeypatch):
     import orbax.checkpoint as ocp
 
     out = str(tmp_path / "run")
-    argv = ["train", "--model", files["hf"], "--data", files["data"], "--out", out, *TRAIN]
+    argv = _train_argv(files, out, *TRAIN)
     calls = []
     real = ocp.StandardCheckpointHandler.save
 
@@ -319,16 +353,9 @@ def test_disk_full_save_keeps_the_previous_checkpoint(files, tmp_path, capsys, m
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [".lock", "2"]
     step, _ = _factors(out)  # sha256-checked: complete and unchanged
     assert step == 2
-    status, text, err = _run([*argv, "--resume"], capsys)
-    assert status == 0 and "resumed from step 2" in text, err
 
 
 # --- generate ----------------------------------------------------------------------------------
-
-
-def _random_adapter(files):
-    ad = load_adapter(files["trained"]) if "trained" in files else None
-    return ad
 
 
 def test_kv_cached_greedy_equals_recompute(trained):

@@ -78,9 +78,10 @@ def generate(
 
 
 def greedy_uncached(apply_fn: Callable, prompt: list[int], max_tokens: int) -> list[int]:
-    """Greedy decoding by recomputing the whole sequence each step (the reference for tests)."""
-    buf = list(prompt)
-    for _ in range(max_tokens):
-        logits = apply_fn(np.asarray([buf], np.int32))
-        buf.append(int(jnp.argmax(logits[0, -1])))
-    return buf[len(prompt) :]
+    """Greedy decoding by recomputing the whole sequence each step (the reference for tests).
+    One fixed-length buffer (one compile): causal attention ignores the padding after ``i``."""
+    buf = np.zeros((1, len(prompt) + max_tokens), np.int32)
+    buf[0, : len(prompt)] = prompt
+    for i in range(len(prompt), buf.shape[1]):
+        buf[0, i] = int(jnp.argmax(apply_fn(buf)[0, i - 1]))
+    return buf[0, len(prompt) :].tolist()

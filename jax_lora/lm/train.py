@@ -105,9 +105,11 @@ def _check_out(out: str, run: dict, a: TrainArgs) -> None:
         )
 
 
-def nll(wrapped, params, lora, ids, mask):
-    """Mean next-token negative log-likelihood over the target tokens (``mask``)."""
-    logits = wrapped.apply({"params": params, "lora": lora}, ids[:, :-1])
+def nll(wrapped, params, lora, ids, mask, dropout_key=None):
+    """Mean next-token negative log-likelihood over the target tokens (``mask``); LoRA dropout
+    runs when a ``dropout_key`` is given."""
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
+    logits = wrapped.apply({"params": params, "lora": lora}, ids[:, :-1], rngs=rngs)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
     m = mask.astype(loss.dtype)
     return (loss * m).sum() / jnp.maximum(m.sum(), 1.0), m.sum()
@@ -186,9 +188,9 @@ def train(a: TrainArgs, log=print) -> int:
         return start
 
     @jax.jit
-    def step(params, lora, opt, ids, mask):
+    def step(params, lora, opt, ids, mask, key):
         (loss, _), g = jax.value_and_grad(
-            lambda lo: nll(wrapped, params, lo, ids, mask), has_aux=True
+            lambda lo: nll(wrapped, params, lo, ids, mask, key), has_aux=True
         )(lora)
         with jax.numpy_dtype_promotion("standard"):  # optax's adam: decay ** int32 count
             u, opt = tx.update(g, opt, lora)
@@ -206,13 +208,16 @@ def train(a: TrainArgs, log=print) -> int:
         except OSError as e:
             _save_failed(e, ck)
 
+    dropout_key = jax.random.key(a.seed + 1)
     losses: list[float] = []
     t_last, tokens = time.perf_counter(), 0
     t_start = t_last
     try:
         for i in range(start + 1, a.iters + 1):
             ids, mask = data_lib.batch(train_data, seed=a.seed, step=i, batch=a.batch, seq=a.seq)
-            lora, opt, loss = step(params, lora, opt, ids, mask)
+            # the dropout key, like the batch, depends on (seed, step) only: resume is exact
+            key = jax.random.fold_in(dropout_key, i) if a.dropout > 0 else None
+            lora, opt, loss = step(params, lora, opt, ids, mask, key)
             done = i
             losses.append(float(loss))
             tokens += ids.shape[0] * a.seq
