@@ -474,3 +474,23 @@ def test_export_gguf_adapter_layout(trained, tmp_path, capsys):
         if heads:
             delta = llama.gguf_permute(delta, heads)
         assert max_rel_err(16.0 / 8 * b @ a, delta) <= 1e-4, (i, kind)
+
+
+def test_lora_dropout_runs_in_training_only(trained):
+    """`nll` with a dropout key drops LoRA inputs (the loss changes with the key); without
+    one it is deterministic (evaluation)."""
+    from jax_lora.lm.train import lora_config, nll
+
+    ad = load_adapter(trained)
+    run = {**ad.run, "dropout": 0.5}
+    wrapped = jax_lora.wrap(llama.Llama(ad.loaded.cfg), lora_config(run))
+    ids, mask = IDS[:, :9], np.ones((1, 8), bool)
+    g = np.random.default_rng(0)
+    lora = jax.tree.map(lambda x: jnp.asarray(0.3 * g.standard_normal(x.shape), x.dtype), ad.lora)
+
+    def loss(key):
+        return float(nll(wrapped, ad.loaded.params, lora, ids, mask, key)[0])
+
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    assert loss(None) == loss(None) and loss(k1) == loss(k1)
+    assert len({loss(None), loss(k1), loss(k2)}) == 3
