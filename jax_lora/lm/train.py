@@ -115,6 +115,22 @@ def nll(wrapped, params, lora, ids, mask, dropout_key=None):
     return (loss * m).sum() / jnp.maximum(m.sum(), 1.0), m.sum()
 
 
+def make_step(wrapped, tx):
+    """The jitted training step ``(params, lora, opt, ids, mask, dropout_key) -> (lora, opt,
+    loss)``; ``ids: (batch, seq + 1)``, ``mask: (batch, seq)``."""
+
+    @jax.jit
+    def step(params, lora, opt, ids, mask, key):
+        (loss, _), g = jax.value_and_grad(
+            lambda lo: nll(wrapped, params, lo, ids, mask, key), has_aux=True
+        )(lora)
+        with jax.numpy_dtype_promotion("standard"):  # optax's adam: decay ** int32 count
+            u, opt = tx.update(g, opt, lora)
+        return optax.apply_updates(lora, u), opt, loss
+
+    return step
+
+
 def evaluate(loss_fn, lora, stream: data_lib.Stream, *, count: int, batch: int, seq: int):
     """-> (loss, perplexity) over ``count`` evenly spaced windows of ``stream``."""
     ids, mask = data_lib.eval_windows(stream, count=count, seq=seq)
@@ -187,15 +203,7 @@ def train(a: TrainArgs, log=print) -> int:
         ck.close()
         return start
 
-    @jax.jit
-    def step(params, lora, opt, ids, mask, key):
-        (loss, _), g = jax.value_and_grad(
-            lambda lo: nll(wrapped, params, lo, ids, mask, key), has_aux=True
-        )(lora)
-        with jax.numpy_dtype_promotion("standard"):  # optax's adam: decay ** int32 count
-            u, opt = tx.update(g, opt, lora)
-        return optax.apply_updates(lora, u), opt, loss
-
+    step = make_step(wrapped, tx)
     loss_fn = jax.jit(lambda lo, ids, mask: nll(wrapped, params, lo, ids, mask))
     saved = ck.latest_step() or 0
     done = start
