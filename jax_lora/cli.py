@@ -37,6 +37,7 @@ TRAIN_HELP = {
     "keep": "checkpoints kept",
     "resume": "continue the run in --out from its last checkpoint",
     "overwrite": "replace the run in --out",
+    "quant": "quantize the frozen base (nf4): not yet, it needs the QLoRA work (jax_lora.quant)",
 }
 
 
@@ -52,7 +53,7 @@ def _train_parser(sub) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=help_)
         else:
-            kind = {"alpha": float, "data": str}.get(f.name, type(default))
+            kind = {"alpha": float, "data": str, "quant": str}.get(f.name, type(default))
             p.add_argument(flag, type=kind, help=help_)
 
 
@@ -95,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
 
     p = _adapter_parser(sub, "eval", "loss and perplexity with and without the adapter")
-    p.add_argument("--data", default=None, help="data (default: the training data)")
+    p.add_argument(
+        "--data", default=None, help="a file (all of it), or a data folder (default: training's)"
+    )
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"))
     p.add_argument("--seq", type=int, default=None, help="tokens per window (default: as trained)")
     p.add_argument("--batches", type=int, default=8, help="windows of --seq tokens, x batch")
@@ -127,7 +130,11 @@ def _eval(ns) -> None:
     ad = load_adapter(ns.adapter, ns.model)
     seq = ns.seq or ad.run["seq"]
     batch = ad.run["batch"]
-    stream = data_lib.load_split(ns.data or ad.run["data"], ns.split, ad.loaded.tokenizer)
+    data = ns.data or ad.run["data"]
+    if ns.data and os.path.isfile(ns.data):  # a file of its own: all of it
+        stream = data_lib.load_file(ns.data, ad.loaded.tokenizer)
+    else:
+        stream = data_lib.load_split(data, ns.split, ad.loaded.tokenizer)
     data_lib.check_length(stream, seq, ns.split)
     params = ad.loaded.params
     loss_fn = jax.jit(lambda lo, ids, m: nll(ad.wrapped, params, lo, ids, m))

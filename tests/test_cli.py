@@ -547,3 +547,20 @@ def test_smollm2_shakespeare_train_eval_export_fuse(tmp_path, capsys):
         base = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         pm = peft.PeftModel.from_pretrained(base, peft_dir).eval()
         assert max_rel_err(pm(x).logits.numpy(), ours) <= 1e-4
+
+
+def test_quant_is_not_yet_and_says_so(files, capsys):
+    status, _, err = _run(
+        ["train", "--model", files["hf"], "--data", files["data"], "--quant", "nf4"], capsys
+    )
+    assert status == 2 and "--quant nf4: not yet" in err
+
+
+def test_eval_on_a_file_uses_all_of_it(trained, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("the cat sat on the mat " * 8)
+    status, text, err = _run(
+        ["eval", "--adapter", trained, "--data", str(f), "--batches", "1"], capsys
+    )
+    assert status == 0, err
+    assert len(re.findall(r"valid loss [\d.]+  perplexity [\d.]+", text)) == 2

@@ -111,6 +111,13 @@ def read_text(paths: list[str], tok: Tokenizer) -> Stream:
     return Stream(ids, np.ones(len(ids), bool), ", ".join(paths))
 
 
+def load_file(path: str, tok: Tokenizer) -> Stream:
+    """All of one ``.jsonl`` or text file (e.g. for ``jax-lora eval --data FILE``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r}: no such file")
+    return read_jsonl(path, tok) if path.endswith(".jsonl") else read_text([path], tok)
+
+
 def load_split(data: str, split: str, tok: Tokenizer) -> Stream:
     """``split`` ("train", "valid" or "test") of ``data``: a folder with ``<split>.jsonl``, a
     folder of ``.txt`` files (``valid.txt``/``test.txt`` if present, else the last 10 % of the

@@ -52,6 +52,7 @@ class TrainArgs:
     keep: int = 3
     resume: bool = False
     overwrite: bool = False
+    quant: str | None = None
 
 
 def lora_config(run: dict) -> LoraConfig:
@@ -154,6 +155,10 @@ def train(a: TrainArgs, log=print) -> int:
     for k in ("iters", "rank", "batch", "seq", "val_every", "save_every", "report_every", "keep"):
         if getattr(a, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
+    if a.quant is not None:
+        raise UserError(
+            f"--quant {a.quant}: not yet; QLoRA (a quantized frozen base) lands with jax_lora.quant"
+        )
     out = os.path.abspath(a.out)
     run = identity(a)
     _check_out(out, run, a)
