@@ -564,3 +564,13 @@ def test_eval_on_a_file_uses_all_of_it(trained, tmp_path, capsys):
     )
     assert status == 0, err
     assert len(re.findall(r"valid loss [\d.]+  perplexity [\d.]+", text)) == 2
+
+
+def test_console_script_points_at_main():
+    import importlib
+
+    import tomllib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["jax-lora"]
+    module, name = target.split(":")
+    assert getattr(importlib.import_module(module), name) is cli.main_exit

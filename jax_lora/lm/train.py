@@ -257,7 +257,11 @@ def train(a: TrainArgs, log=print) -> int:
             if i % a.save_every == 0 or i == a.iters:
                 save(i)
     except KeyboardInterrupt:
-        if done > saved:
+        try:  # a save the interrupt cut short (or one still writing) finishes first
+            ck.wait()
+        except OSError as e:
+            _save_failed(e, ck)
+        if done > (ck.latest_step() or 0):
             save(done)
         _close(ck)
         log(f"interrupted at step {done}: saved {ck_dir}/{done}; continue with --resume")
