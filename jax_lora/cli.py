@@ -37,6 +37,8 @@ TRAIN_HELP = {
     "keep": "checkpoints kept",
     "resume": "continue the run in --out from its last checkpoint",
     "overwrite": "replace the run in --out",
+    "mesh": "data-parallel over this many devices (the batch is split; weights replicated)",
+    "simulate_devices": "CPU only: pretend to have this many devices (XLA host platform)",
     "quant": "quantize the frozen base (nf4): not yet, it needs the QLoRA work (jax_lora.quant)",
 }
 
@@ -228,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "train":
-            train(_train_args(ns))
+            args = _train_args(ns)
+            if args.simulate_devices:  # read by XLA when the backend starts (not yet here)
+                flag = f"--xla_force_host_platform_device_count={args.simulate_devices}"
+                os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
+            train(args)
         else:
             {"eval": _eval, "generate": _generate, "fuse": _fuse, "export": _export}[ns.command](ns)
     except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:

@@ -53,6 +53,8 @@ class TrainArgs:
     resume: bool = False
     overwrite: bool = False
     quant: str | None = None
+    mesh: int = 1
+    simulate_devices: int = 0
 
 
 def lora_config(run: dict) -> LoraConfig:
@@ -143,6 +145,28 @@ def evaluate(loss_fn, lora, stream: data_lib.Stream, *, count: int, batch: int, 
     return loss, float(np.exp(loss))
 
 
+def _data_parallel(a: TrainArgs):
+    """``--mesh N``: a 1-D ``("data",)`` mesh of N devices -> ``put(tree, split)``; None for 1."""
+    if a.mesh <= 1:
+        return None
+    have = len(jax.devices())
+    if have < a.mesh:
+        hint = f" (on CPU: --simulate-devices {a.mesh})" if jax.default_backend() == "cpu" else ""
+        raise UserError(f"--mesh {a.mesh} needs {a.mesh} devices, have {have}{hint}")
+    if a.batch % a.mesh:
+        raise UserError(f"--batch {a.batch} does not split over --mesh {a.mesh} devices")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    auto = (jax.sharding.AxisType.Auto,)  # XLA propagates the activations' shardings
+    mesh = jax.make_mesh((a.mesh,), ("data",), axis_types=auto, devices=jax.devices()[: a.mesh])
+
+    def put(tree, split):
+        return jax.device_put(tree, NamedSharding(mesh, P("data") if split else P()))
+
+    return put
+
+
 def _eta(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -203,6 +227,9 @@ def train(a: TrainArgs, log=print) -> int:
         with open(tmp, "w") as f:
             json.dump(run, f, indent=1)
         os.replace(tmp, os.path.join(out, "run.json"))
+    put = _data_parallel(a)
+    if put is not None:  # replicated weights, factors and state; batches split over devices
+        params, lora, opt = (put(t, False) for t in (params, lora, opt))
     if start >= a.iters:
         log(f"nothing to do: the run is at step {start}, --iters {a.iters}")
         ck.close()
@@ -230,6 +257,8 @@ def train(a: TrainArgs, log=print) -> int:
             ids, mask = data_lib.batch(train_data, seed=a.seed, step=i, batch=a.batch, seq=a.seq)
             # the dropout key, like the batch, depends on (seed, step) only: resume is exact
             key = jax.random.fold_in(dropout_key, i) if a.dropout > 0 else None
+            if put is not None:
+                ids, mask = put(ids, True), put(mask, True)
             lora, opt, loss = step(params, lora, opt, ids, mask, key)
             done = i
             losses.append(float(loss))
