@@ -596,3 +596,20 @@ def test_data_parallel_mesh_matches_one_device(files, straight, tmp_path, capsys
         assert max_rel_err(x, y) <= 1e-4
     status, _, err = _run(_train_argv(files, str(tmp_path / "m4"), *TRAIN, "--mesh", "4"), capsys)
     assert status == 2 and "--mesh 4 needs 4 devices, have 1 (on CPU: --simulate-devices 4)" in err
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(trained, capsys, monkeypatch):
+    seen = []
+    real = gen.generate
+
+    def spy(apply, variables, prompt, *a, **k):
+        seen.append(prompt)
+        return real(apply, variables, prompt, *a, **k)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    argv = ["generate", "--adapter", trained, "--prompt", "hi", "--max-tokens", "2", "--chat"]
+    status, text, err = _run(argv, capsys)
+    assert status == 0, err
+    tok = _lm.tokenizer()
+    assert seen == [tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")]
+    assert text.startswith("hi")
