@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# this checkout's jax_lora (not an installed one) and the benchmark models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, torch_gpt
 
@@ -229,6 +231,9 @@ def build(a, names: list[str]) -> dict:
 
         steps["nnx_builtin"] = run_nnx
 
+    if "qwix" in names:
+        steps["qwix"] = _qwix_step(a, model, params, tokens, labels, tx)
+
     if "peft" in names:
         import torch
         from peft import LoraConfig, get_peft_model
@@ -254,6 +259,39 @@ def build(a, names: list[str]) -> dict:
 
         steps["peft"] = run_peft
     return steps
+
+
+def _qwix_step(a, model, params, tokens, labels, tx):
+    """qwix's LoRA (``LoraProvider``, its `apply_lora_to_model`) on the same LinenGPT and base
+    weights. qwix keeps ``<weight>_lora_a``/``_lora_b`` in ``params``: only those train."""
+    import flax.traverse_util as tu
+    import qwix
+
+    rule = qwix.LoraRule(module_path=rf".*/({'|'.join(TARGETS)})", rank=a.rank, alpha=2 * a.rank)
+    qm = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+    flat = tu.flatten_dict(jax.jit(qm.init)(jax.random.key(1), tokens)["params"])
+    is_lora = lambda k: k[-1].endswith(("_lora_a", "_lora_b"))  # noqa: E731
+    lora = {k: v for k, v in flat.items() if is_lora(k)}
+    base = tu.flatten_dict(params)
+    if set(flat) != set(base) | set(lora):
+        raise RuntimeError(f"qwix changed the base parameter tree: {set(flat) ^ set(base)}")
+    st = {"l": lora, "o": tx.init(lora)}
+
+    def qwix_step(lora, o, base):
+        def loss_fn(lora):
+            return _ce(qm.apply({"params": tu.unflatten_dict(base | lora)}, tokens), labels)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora)
+        u, o = tx.update(g, o, lora)
+        return optax.apply_updates(lora, u), o, loss
+
+    fn = jax.jit(qwix_step, donate_argnums=(0, 1))
+
+    def run_qwix():
+        st["l"], st["o"], loss = fn(st["l"], st["o"], base)
+        loss.block_until_ready()
+
+    return run_qwix
 
 
 def _peak_rss_mib() -> float:
@@ -300,6 +338,13 @@ def main(a) -> dict:
         "floor_conv1d",
         "lora_all_conv1d",
     ]
+    try:
+        import qwix  # noqa: F401
+
+        names.append("qwix")
+        qwix_missing = None
+    except ImportError as e:
+        qwix_missing = f"vs_qwix: n/a, qwix is not installed ({e}); pip install qwix"
     torch_ok = not a.no_torch and a.dtype == "float32"
     if torch_ok:
         try:
@@ -343,6 +388,7 @@ def main(a) -> dict:
         "lora_qv": 2 * fwd,
         "lora_all": 2 * fwd,
         "nnx_builtin": 2 * fwd,
+        "qwix": 2 * fwd,
         "peft": 2 * fwd,
         "infer_base": fwd,
         "infer_unmerged": fwd,
@@ -359,6 +405,7 @@ def main(a) -> dict:
         "merged_over_base": ratio("infer_merged", "infer_base"),
         "unmerged_over_base": ratio("infer_unmerged", "infer_base"),
         "vs_nnx_builtin": ratio("lora_all", "nnx_builtin"),
+        "vs_qwix": ratio("lora_all", "qwix"),
         # GPT-2-style Conv1D layers through the any-weight (traced) path
         "conv1d_lora_all_over_floor": ratio("lora_all_conv1d", "floor_conv1d"),
         "conv1d_over_dense_lora_all": ratio("lora_all_conv1d", "lora_all"),
@@ -411,6 +458,7 @@ def main(a) -> dict:
         "merged_over_base",
         "unmerged_over_base",
         "vs_nnx_builtin",
+        "vs_qwix",
         "conv1d_lora_all_over_floor",
         "conv1d_over_dense_lora_all",
         "vs_peft",
@@ -419,6 +467,8 @@ def main(a) -> dict:
     ):
         v = report[k]
         print(f"{k:<22} {'n/a' if v is None else f'{v:.3f}'}")
+    if qwix_missing:
+        print(qwix_missing)
     if rss:
         print(
             f"peak RSS MiB: full {rss['full']:.0f}, lora_all {rss['lora_all']:.0f}, process baseline {rss['baseline']:.0f}"
