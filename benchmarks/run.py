@@ -77,6 +77,14 @@ def parse_args(argv=None):
         default=None,
         help="device peak for MFU (e.g. 790 for H200 bf16 here)",
     )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also lora_all_over_floor over d_model x rank for every peer: table + PNG",
+    )
+    p.add_argument("--sweep-d", default="256,512,768,1024,2048", help="d_model values")
+    p.add_argument("--sweep-ranks", default="4,8,16,64", help="rank values")
+    p.add_argument("--sweep-png", default="sweep.png", help="where the sweep plot goes")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument(
         "--rss-of", default=None, help=argparse.SUPPRESS
@@ -364,6 +372,81 @@ def _smollm2_step(name: str):
     return run_lora
 
 
+SWEEP_PEERS = ("lora_all", "nnx_builtin", "qwix", "peft")
+
+
+def _interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms per step of each of ``steps``, timed one step of each per round."""
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(repeats):
+        for n, f in steps.items():
+            t = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+
+
+def branch_flop_ratio(cfg: GPTConfig, rank: int) -> float:
+    """The FLOP count of a ``lora_all`` step over a ``floor`` step: each targeted ``(in, out)``
+    layer's branch costs ``2·r·(in+out)`` per token forward and twice that backward (dh, db,
+    da, dx), against the floor's forward + input gradient (2x the forward); ~``1 + 3·r/d``."""
+    d, f = cfg.d_model, cfg.d_ff
+    per_token = cfg.layers * 2 * rank * (4 * 2 * d + 2 * (d + f))  # q,k,v,o + fc1,fc2
+    return 1 + 3 * per_token / (2 * cfg.forward_flops(1))
+
+
+def sweep(a, peers: list[str]) -> list[dict]:
+    """``lora_all_over_floor`` of each peer over d_model x rank (heads d/64, d_ff 4d; fewer
+    rounds at large d). Every peer is timed against the same JAX floor, side by side."""
+    rows = []
+    for d in (int(v) for v in a.sweep_d.split(",")):
+        for r in (int(v) for v in a.sweep_ranks.split(",")):
+            sa = argparse.Namespace(**vars(a))
+            sa.d_model, sa.heads, sa.d_ff, sa.rank = d, max(1, d // 64), 4 * d, r
+            repeats = max(3, min(a.repeats, int(a.repeats * 512 / d)))
+            med = _interleaved(build(sa, ["floor", *peers]), repeats)
+            row = {"d_model": d, "rank": r, "two_r_over_d": 2 * r / d}
+            row["flop_ratio"] = branch_flop_ratio(_cfg(sa), r)
+            row |= {p: med[p] / med["floor"] for p in peers}
+            row["floor_ms"] = med["floor"]
+            rows.append(row)
+            print(
+                f"sweep d={d:<5} r={r:<3} "
+                + " ".join(f"{p} {row[p]:.3f}" for p in peers)
+                + f"  (FLOPs {row['flop_ratio']:.3f}, floor {med['floor']:.0f} ms x{repeats})",
+                flush=True,
+            )
+    return rows
+
+
+def plot_sweep(rows: list[dict], peers: list[str], path: str) -> None:
+    """One panel per rank: each peer's step over the floor vs d_model, and the FLOP count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted({r["rank"] for r in rows})
+    fig, axes = plt.subplots(1, len(ranks), figsize=(4 * len(ranks), 3.6), squeeze=False)
+    for ax, rank in zip(axes[0], ranks, strict=True):
+        sel = [r for r in rows if r["rank"] == rank]
+        ds = [r["d_model"] for r in sel]
+        for p in peers:
+            ax.plot(ds, [r[p] for r in sel], marker="o", label=p)
+        ax.plot(ds, [r["flop_ratio"] for r in sel], "k--", label="FLOP count")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(xscale="log", xlabel="d_model", title=f"rank {rank}")
+        ax.set_xticks(ds, [str(d) for d in ds])
+        ax.minorticks_off()
+    axes[0][0].set_ylabel("LoRA step / frozen floor")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def _reset_peak_rss() -> None:
     """Restart VmHWM at the current RSS (Linux: ``5`` to clear_refs); best effort."""
     try:
@@ -438,6 +521,7 @@ def main(a) -> dict:
             names.append("peft")
         except ImportError:
             torch_ok = False
+    available = set(names) | {"lora_all"}
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
     cfg = _cfg(a)
@@ -469,6 +553,12 @@ def main(a) -> dict:
 
     def ratio(x, y):
         return med[x] / med[y] if x in med and y in med else None
+
+    sweep_rows = None
+    if a.sweep:
+        peers = [p for p in SWEEP_PEERS if p in available]
+        sweep_rows = sweep(a, peers)
+        plot_sweep(sweep_rows, peers, a.sweep_png)
 
     tokens = a.batch * cfg.seq
     fwd = cfg.forward_flops(tokens)
@@ -506,6 +596,7 @@ def main(a) -> dict:
         if smollm2
         else None,
         "smollm2_peak_rss_mib": smollm2 or None,
+        "sweep": sweep_rows,
         # the same without the process baseline (imports + XLA runtime, ~0.5 GiB here)
         "rss_lora_over_full_net": (rss["lora_all"] - rss["baseline"])
         / (rss["full"] - rss["baseline"])
