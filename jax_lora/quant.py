@@ -540,3 +540,110 @@ def nbytes(tree: Any) -> int:
 
 def bits_per_weight(q: QArray) -> float:
     return 8.0 * q.nbytes / math.prod(q.shape)
+
+
+# ------------------------------------------------------------------------------- layers
+
+
+def layer_has_quantized(module: Any) -> bool:
+    """Whether a bound linen module's own ``params`` hold a `QArray`."""
+    if module.scope is None:
+        return False
+    params = module.variables.get("params", {})
+    return any(is_quantized(v) for v in params.values())
+
+
+def _array_leaf(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def dequantized_call(module: Any, method: str, skip: str, isolate=lambda fn: fn) -> Any:
+    """``module.<method>`` as a function of its arguments, run on the module's variables with
+    every `QArray` dequantized; the backward pass recomputes the dequantization from the codes
+    (see `_recomputed`), so no full-precision kernel outlives the layer. ``skip`` names a
+    collection left out (the ``lora`` factors, which the caller adds outside); ``isolate``
+    wraps the nested ``apply`` (forward and backward), e.g. to keep interceptors out of it."""
+    variables = {c: v for c, v in module.variables.items() if c != skip}
+    _check_factor_dtypes(module, skip)
+    clone_apply = isolate(module.clone(parent=None).apply)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        flat, tree = jax.tree.flatten((variables, args, kwargs), is_leaf=is_quantized)
+        dyn = [is_quantized(x) or _array_leaf(x) for x in flat]
+        values = [x for x, d in zip(flat, dyn, strict=True) if d]
+        floats = [x for x in jax.tree.leaves((args, kwargs)) if _array_leaf(x)]
+        floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+        marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
+
+        def run(zero, *values):
+            it = iter(values)
+            leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+            v, a, k = jax.tree.unflatten(tree, leaves)
+            v = jax.lax.stop_gradient(_after(v, zero))  # the frozen base: no gradient
+            return clone_apply(dequantize(v), *a, method=method, **k)
+
+        return _recomputed(run)(marker, *values)
+
+    return call
+
+
+def _check_factor_dtypes(module: Any, collection: str) -> None:
+    """LoRA factors narrower than the quantized base's compute dtype lose the update's bits."""
+    qs = [q for q in module.variables.get("params", {}).values() if is_quantized(q)]
+    factors = module.variables.get(collection, {})
+    for name, f in jax.tree_util.tree_flatten_with_path(factors)[0]:
+        for q in qs:
+            f_dtype = np.dtype(getattr(f, "dtype", np.float32))
+            if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
+                path = "/".join(map(str, module.path))
+                raise ValueError(
+                    f"the LoRA factor '{path}/{keypath_str(name)}' is {f_dtype}, narrower than "
+                    f"the compute dtype {np.dtype(q.dtype).name} of the quantized base there; "
+                    "keep the factors in float32 (`LoraConfig(param_dtype=jnp.float32)`)"
+                )
+
+
+def _zero_from(marker: jax.Array) -> jax.Array:
+    """A float32 zero that XLA cannot compute before ``marker`` (NaN- and inf-safe)."""
+    m = jnp.abs(marker.astype(jnp.float32))
+    return jnp.where(jnp.isnan(m), jnp.float32(0), jnp.minimum(m, jnp.float32(0)))
+
+
+def _after(tree: Any, zero: jax.Array) -> Any:
+    """Every `QArray`'s codes plus ``zero``: unchanged values, but a data dependency on it."""
+
+    def tie(q):
+        if not is_quantized(q):
+            return q
+        return q.replace(codes=q.codes + zero.astype(q.codes.dtype))
+
+    return jax.tree.map(tie, tree, is_leaf=is_quantized)
+
+
+def _recomputed(f):
+    """``f(zero, *xs)`` differentiable in ``xs``, its backward pass recomputing ``f`` after the
+    cotangent exists.
+
+    ``jax.checkpoint`` is not enough on CPU: XLA drops its optimization barriers there, so it
+    merges the recomputation with the forward pass and runs every layer's dequantization (it
+    depends on the parameters only) up front, all kernels alive at once. Instead ``f`` gets a
+    zero computed from a data dependency it cannot skip: an element of the layer input in the
+    forward pass, of the cotangent in the backward pass, so one layer's kernel exists at a time.
+    """
+
+    @jax.custom_vjp
+    def g(marker, *xs):
+        return f(_zero_from(marker), *xs)
+
+    def fwd(marker, *xs):
+        return g(marker, *xs), (marker, xs)
+
+    def bwd(res, ct):
+        marker, xs = res
+        first = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
+        zero = _zero_from(first[0].reshape(-1)[0]) if first else jnp.zeros((), jnp.float32)
+        grads = jax.vjp(lambda *xs: f(zero, *xs), *xs)[1](ct)
+        return (jnp.zeros_like(marker), *grads)
+
+    g.defvjp(fwd, bwd)
+    return g

@@ -1,10 +1,13 @@
 """jax_lora.quant: the quantized-kernel math against independent numpy implementations."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _check import assert_close
 
+import jax_lora
 from jax_lora import quant
 
 RNG = np.random.default_rng(0)
@@ -165,3 +168,127 @@ def test_bad_input_errors_name_the_path():
         quant.quantize(params, "int8", targets="nope")
     with pytest.raises(ValueError, match="`double_quant`.*'int8'"):
         quant.quantize(params, "int8", double_quant=True)
+
+
+# --------------------------------------------------------------------------- linen QLoRA
+
+D = 128
+
+
+class Net(nn.Module):
+    """Residual Dense layers and an output head: every kernel's fan-in is a multiple of 64."""
+
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x = x + nn.Dense(D, name=f"fc{i}")(nn.tanh(x))
+        return nn.Dense(16, name="head")(x)
+
+
+def _qlora_setup(qtype, layers=3, **kw):
+    x = jax.random.normal(jax.random.key(1), (4, D))
+    net = Net(layers)
+    params = net.init(jax.random.key(0), x)["params"]
+    qparams = quant.quantize(params, qtype, **kw)  # every kernel, the head too
+    wrapped = jax_lora.wrap(net, jax_lora.LoraConfig(rank=4, alpha=8))  # head left alone
+    lora = jax_lora.init_lora(wrapped, jax.random.key(2), {"params": qparams}, x)
+    lora = jax.tree.map(lambda t: t + 0.05, lora)  # b != 0: the branch counts
+    return x, net, wrapped, qparams, lora
+
+
+def _loss(wrapped, x):
+    return lambda lora, params: jnp.sum(jnp.sin(wrapped.apply({"params": params, "lora": lora}, x)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("qtype,kw", [("nf4", {}), ("nf4", {"double_quant": True}), ("int8", {})])
+def test_qlora_forward_and_grads_equal_dequantized_base(qtype, kw, jit):
+    x, _, wrapped, qparams, lora = _qlora_setup(qtype, **kw)
+    assert set(lora) == {"fc0", "fc1", "fc2"}  # all-linear: the (quantized) head is not adapted
+    dense = quant.dequantize(qparams)  # an fp32 base with the same values
+    apply = jax.jit(wrapped.apply) if jit else wrapped.apply
+    y_q = apply({"params": qparams, "lora": lora}, x)
+    y_d = wrapped.apply({"params": dense, "lora": lora}, x)
+    assert_close(y_q, y_d, 1e-6)
+    grad = jax.jit(jax.grad(_loss(wrapped, x))) if jit else jax.grad(_loss(wrapped, x))
+    assert_close(grad(lora, qparams), jax.grad(_loss(wrapped, x))(lora, dense), 1e-5)
+    with jax_lora.disabled():
+        base = wrapped.apply({"params": qparams, "lora": lora}, x)
+    assert_close(base, Net().apply({"params": dense}, x), 1e-6)
+
+
+def test_qlora_step_keeps_one_kernel_alive():
+    """The compiled training step's temporaries hold about one dequantized kernel, not all of
+    them (a plain `jax.checkpoint` lets XLA on CPU dequantize every layer up front: ~6x)."""
+    layers = 6
+    x, _, wrapped, qparams, lora = _qlora_setup("nf4", layers)
+    step = jax.jit(jax.grad(_loss(wrapped, x)))
+    mem = step.lower(lora, qparams).compile().memory_analysis()
+    fp32_kernels = layers * D * D * 4 + D * 16 * 4
+    assert mem.temp_size_in_bytes < 0.35 * fp32_kernels, (mem.temp_size_in_bytes, fp32_kernels)
+    assert mem.argument_size_in_bytes < 0.35 * fp32_kernels  # codes + scales + factors
+
+
+def test_qlora_merge_dequantizes_adapted_kernels():
+    x, net, wrapped, qparams, lora = _qlora_setup("nf4")
+    cfg = wrapped.config
+    merged = jax_lora.merge({"params": qparams, "lora": lora}, cfg)
+    assert not quant.is_quantized(merged["fc0"]["kernel"])
+    assert quant.is_quantized(merged["head"]["kernel"])  # not adapted: stays quantized
+    want = jax_lora.merge({"params": quant.dequantize(qparams), "lora": lora}, cfg)
+    assert_close(merged["fc0"]["kernel"], want["fc0"]["kernel"], 0)
+    assert_close(
+        net.apply({"params": quant.dequantize(merged)}, x),
+        wrapped.apply({"params": qparams, "lora": lora}, x),
+        1e-5,
+    )
+    requant = quant.quantize(quant.dequantize(merged), "nf4")  # re-quantized on request
+    assert quant.is_quantized(requant["fc0"]["kernel"])
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return x + nn.Dense(D, name="fc")(nn.tanh(x)), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            _ScanBlock,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return stack(name="blocks")(x, None)[0]
+
+
+def test_qlora_scanned_stack():
+    x = jax.random.normal(jax.random.key(1), (4, D))
+    wrapped = jax_lora.wrap(_Scanned(), jax_lora.LoraConfig(rank=4))
+    v = wrapped.init(jax.random.key(0), x)
+    lora = jax.tree.map(lambda t: t + 0.05, v["lora"])
+    qparams = quant.quantize(v["params"], "nf4")
+    q = qparams["blocks"]["fc"]["kernel"]
+    assert q.codes.shape == (3, D // 2, D) and q.scales.shape == (3, D // 64, D)
+    dense = quant.dequantize(qparams)
+    y = jax.jit(wrapped.apply)({"params": qparams, "lora": lora}, x)
+    assert_close(y, wrapped.apply({"params": dense, "lora": lora}, x), 1e-6)
+    assert_close(
+        jax.grad(_loss(wrapped, x))(lora, qparams), jax.grad(_loss(wrapped, x))(lora, dense), 1e-5
+    )
+
+
+def test_qlora_factors_narrower_than_compute_dtype_are_refused():
+    x, _, wrapped, qparams, lora = _qlora_setup("nf4")
+    half = jax.tree.map(lambda t: t.astype(jnp.bfloat16), lora)
+    with pytest.raises(ValueError, match=r"factor 'fc0/a' is bfloat16, narrower than .*float32"):
+        wrapped.apply({"params": qparams, "lora": half}, x)
+    # a bf16 base with fp32 factors is the QLoRA recipe: fine
+    as_bf16 = jax.tree.map(lambda t: t.astype(jnp.bfloat16), quant.dequantize(qparams))
+    bf16 = quant.quantize(as_bf16, "nf4")  # computes in the kernels' dtype, bf16
+    y = wrapped.apply({"params": bf16, "lora": lora}, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and y.shape == (4, 16)
