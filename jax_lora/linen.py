@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from . import factors, weights
+from . import factors, quant, weights
 from .config import LoraConfig
 from .switch import disabled as disabled
 from .switch import lora_enabled
@@ -126,6 +126,19 @@ _PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar(
 )
 
 
+def _unintercepted(fn):
+    """``fn`` run as a layer's own code (its nested ``apply`` is not adapted again)."""
+
+    def run(*args, **kwargs):
+        token = _PROBE.set(_Probe())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _PROBE.reset(token)
+
+    return run
+
+
 @dataclasses.dataclass
 class _Trace:
     closed: Any
@@ -229,6 +242,10 @@ class _Interceptor:
             return next_fun(*args, **kwargs)  # e.g. a nested `apply` of a module made on the fly
         if tuple(module.path) != tuple(self.wrapper.path):
             self.calls += 1
+        if method != "setup" and quant.layer_has_quantized(module):  # QLoRA: a quantized base
+            next_fun = quant.dequantized_call(module, method, COLLECTION, _unintercepted)
+            if not isinstance(module, SUPPORTED_LINEN):
+                return next_fun(*args, **kwargs)  # no LoRA on a quantized non-Dense weight yet
         if isinstance(module, SUPPORTED_LINEN):
             if method != "__call__":
                 return next_fun(*args, **kwargs)

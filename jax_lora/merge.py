@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax.core import meta
 
-from . import factors, weights
+from . import factors, quant, weights
 from .config import LoraConfig
 from .targets import path_str
 
@@ -115,7 +115,7 @@ def _apply(
         where = path_str(path) or "<root>"
         holder, key, generic = _layer(params, path, where)
         boxed = holder[key]
-        w = meta.unbox(boxed)
+        w = quant.dequantize(meta.unbox(boxed))  # a quantized base merges in its compute dtype
         a, b = node["a"], node["b"]
         if np.shape(a)[-1] != config.rank:
             raise ValueError(

@@ -170,6 +170,8 @@ def flax_path(name: str) -> str:
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
     """HF Llama state dict (numpy, torch layouts) -> this module's params, shape-checked."""
+    from jax_lora.quant import QArray, swap_last_axes
+
     want = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))[
         "params"
     ]
@@ -186,7 +188,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
         elif "norm" in module.rsplit(".", 1)[-1]:
             name, arr = "weight", value
         else:
-            name, arr = "kernel", value.T
+            name = "kernel"  # torch (out, in) -> flax (in, out)
+            arr = swap_last_axes(value) if isinstance(value, QArray) else value.T
         node = want
         for p in (*path, name):
             if p not in node:
@@ -201,8 +204,11 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
         d = params
         for p in path:
             d = d.setdefault(p, {})
-        d[name] = jnp.asarray(np.ascontiguousarray(arr), jnp.float32)
-    n_want, n_have = len(jax.tree.leaves(want)), len(jax.tree.leaves(params))
+        d[name] = (
+            arr if isinstance(arr, QArray) else jnp.asarray(np.ascontiguousarray(arr), jnp.float32)
+        )
+    n_want = len(jax.tree.leaves(want))
+    n_have = len(jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))
     if n_have != n_want:
         raise ValueError(f"{n_want - n_have} Flax Llama weights have no tensor in the checkpoint")
     return params
@@ -245,9 +251,16 @@ def gguf_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def read_gguf(path: str):
-    """-> (LlamaConfig, HF-layout state dict of fp32 numpy arrays, gguf.GGUFReader)."""
+def read_gguf(path: str, *, keep_quantized: bool = False):
+    """-> (LlamaConfig, HF-layout state dict of fp32 numpy arrays, gguf.GGUFReader).
+
+    ``keep_quantized=True``: Q4_0/Q4_1/Q8_0 matrices come back as `jax_lora.QArray`s (their
+    codes and fp16 scales as stored, decoded in the layer bit-identically to ``gguf``), the
+    rest as fp32; no fp32 copy of a quantized tensor is made.
+    """
     import gguf
+
+    from jax_lora.quant import from_gguf
 
     r = gguf.GGUFReader(path)
 
@@ -280,12 +293,18 @@ def read_gguf(path: str):
         else:
             name = f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
             kind = parts[0]
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists ne0 (the input) first
+        qtype = t.tensor_type.name.lower()
+        if keep_quantized and qtype in ("q4_0", "q4_1", "q8_0") and len(t.shape) == 2:
+            w = from_gguf(t.data, qtype)  # torch layout (out, in), blocks along in
+            unpermute = lambda a, n: jax.tree.map(lambda x: gguf_unpermute(x, n), a)  # noqa: E731
+        else:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists ne0 first
+            unpermute = gguf_unpermute
         if kind == "attn_q":
-            w = gguf_unpermute(w, cfg.num_attention_heads)
+            w = unpermute(w, cfg.num_attention_heads)
         elif kind == "attn_k":
-            w = gguf_unpermute(w, cfg.num_key_value_heads)
+            w = unpermute(w, cfg.num_key_value_heads)
         tensors[name] = w
     return cfg, tensors, r
 
@@ -324,9 +343,10 @@ def smollm2_gguf() -> str:
     return files[0]
 
 
-def load_smollm2():
-    """-> (LlamaConfig, Flax params, tokenizer, HF-layout tensors) for the packaged SmolLM2."""
-    cfg, tensors, reader = read_gguf(smollm2_gguf())
+def load_smollm2(*, keep_quantized: bool = False):
+    """-> (LlamaConfig, Flax params, tokenizer, HF-layout tensors) for the packaged SmolLM2
+    (``keep_quantized``: its Q4_1/Q8_0 matrices as `jax_lora.QArray`s, see `read_gguf`)."""
+    cfg, tensors, reader = read_gguf(smollm2_gguf(), keep_quantized=keep_quantized)
     return cfg, params_from_hf(tensors, cfg), tokenizer_from_gguf(reader), tensors
 
 

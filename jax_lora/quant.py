@@ -1,0 +1,661 @@
+"""A frozen base kept quantized (QLoRA, arXiv 2305.14314): `QArray`, `quantize`, `dequantize`.
+
+A quantized kernel is a `QArray` pytree that sits in the ``params`` tree in place of the
+kernel. Its blocks run along one axis of the kernel (the contraction axis, ``axis=-2`` for a
+``Dense`` kernel ``(in, out)`` and for a scanned stack ``(layers, in, out)``), and every array
+in it keeps the kernel's other axes in place, so ``nn.scan`` and sharding slice it like the
+kernel. The layers dequantize it on the fly (`jax_lora.linen` runs a layer holding a `QArray`
+under `jax.checkpoint`, so the backward pass recomputes the dequantization instead of keeping
+a full-precision kernel alive).
+
+qtypes (``b`` = the block size, ``n`` = the size of ``axis``):
+
+- ``nf4``: bitsandbytes' NF4 table, block-wise absmax (``b`` = 64); two codes per byte, the
+  first of each pair in the high nibble (as ``bitsandbytes.functional.quantize_4bit``).
+  ``double_quant=True`` stores the fp32 block scales as 8-bit codes of bitsandbytes' dynamic
+  map in blocks of 256, minus their mean (paper §3 "Double Quantization").
+- ``int4``: symmetric block absmax, ``round(7 w / absmax)`` in ``[-7, 7]``, packed like nf4.
+- ``int8``: symmetric per output channel (one scale per slice along ``axis``).
+- ``fp8``: ``float8_e4m3fn`` per output channel, scale ``absmax / 448``.
+- ``q4_0``, ``q4_1``, ``q8_0``: GGUF's blocks of 32 (fp16 scales, q4_1 with fp16 minima),
+  decoded with the same fp32 operations as ``gguf.quants.dequantize``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from .trees import keypath_str
+
+# bitsandbytes `backends/utils.py` `_NF4_QUANT_TABLE` (= `functional.get_4bit_type("nf4")`), the
+# NF4 levels of arXiv 2305.14314 Appendix E: quantiles of N(0, 1) scaled to [-1, 1], with an
+# exact zero.
+NF4_TABLE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
+
+QTYPES = ("nf4", "int4", "int8", "fp8", "q4_0", "q4_1", "q8_0")
+DEFAULT_BLOCK = {"nf4": 64, "int4": 64, "q4_0": 32, "q4_1": 32, "q8_0": 32}
+DOUBLE_QUANT_BLOCK = 256  # bitsandbytes `quantize_4bit(compress_statistics=True)`
+_PACKED = ("nf4", "int4", "q4_0", "q4_1")
+_PER_CHANNEL = ("int8", "fp8")
+_FP8_MAX = 448.0
+
+
+# bitsandbytes' signed 8-bit dynamic map (`functional.create_dynamic_map()`, sorted; arXiv
+# 1511.04561), the code of the double-quantized block scales. Stored bit for bit (little-endian
+# float32): the recipe rounds through `torch.linspace`, which numpy does not reproduce exactly.
+_DYNAMIC_MAP_HEX = (
+    "33337ebf9a997abf000077bf666673bfcdcc6fbf33336cbf9a9968bf000065bf666661bfcdcc5dbf33335abf"
+    "9a9956bf000053bf66664fbfcdcc4bbf333348bf9a9944bf000041bf66663dbfcdcc39bf343336bf9a9932bf"
+    "00002fbf66662bbfcdcc27bf343324bf9a9920bf00001dbf666619bfcdcc15bf343312bf9a990ebf00000bbf"
+    "666607bfcccc03bf333300bf3233f9be0000f2becccceabe9a99e3be6666dcbe3333d5be0000cebeccccc6be"
+    "9a99bfbe6666b8be3333b1be0000aabecccca2be9a999bbe666694be34338dbe000086be99997dbe33336fbe"
+    "cdcc60be666652be000044be9a9935be333327becdcc18be66660abe0000f8bd3433dbbd85ebc9bdf728c4bd"
+    "6766bebdd7a3b8bd48e1b2bdb81eadbd2a5ca7bd9a99a1bd0ad79bbd7b1496bdeb5190bd5d8f8abdcdcc84bd"
+    "7b147ebd5d8f72bd3d0a67bd1f855bbd000050bde17a44bdc3f538bda3702dbd85eb21bd676616bd48e10abd"
+    "52b8febc15aee7bcd7a3d0bc9a99b9bc5d8fa2bc1f858bbcc3f568bc48e13abc643b1fbc180416bccdcc0cbc"
+    "819503bc6abcf4bbd34de2bb3bdfcfbba470bdbb0d02abbb749398bbdd2486bb8a6c67bb5c8f42bb2db21dbb"
+    "fca9f1ba9defa7baff6577ba3ee859ba806a3cbac1ec1eba016f01ba83e2c7b905e78cb90bd723b94b1fbab8"
+    "b3ef8ab8348037b80642b2b7ff0502b7941a5ab6b7a313b500000000b7a31335941a5a36ff0502370642b237"
+    "34803738b3ef8a384b1fba380bd7233905e78c3983e2c739016f013ac1ec1e3a806a3c3a3ee8593aff65773a"
+    "9defa73afca9f13a2db21d3b5c8f423b8a6c673bdd24863b7493983b0d02ab3ba470bd3b3bdfcf3bd34de23b"
+    "6abcf43b8195033ccdcc0c3c1804163c643b1f3c48e13a3cc3f5683c1f858b3c5d8fa23c9a99b93cd7a3d03c"
+    "15aee73c52b8fe3c48e10a3d6766163d85eb213da3702d3dc3f5383de17a443d0000503d1f855b3d3d0a673d"
+    "5d8f723d7b147e3dcdcc843d5d8f8a3deb51903d7b14963d0ad79b3d9a99a13d2a5ca73db81ead3d48e1b23d"
+    "d7a3b83d6766be3df728c43d85ebc93d3433db3d0000f83d66660a3ecdcc183e3333273e9a99353e0000443e"
+    "6666523ecdcc603e33336f3e99997d3e0000863e34338d3e6666943e9a999b3ecccca23e0000aa3e3333b13e"
+    "6666b83e9a99bf3eccccc63e0000ce3e3333d53e6666dc3e9a99e33eccccea3e0000f23e3233f93e3333003f"
+    "cccc033f6666073f00000b3f9a990e3f3433123fcdcc153f6666193f00001d3f9a99203f3433243fcdcc273f"
+    "66662b3f00002f3f9a99323f3433363fcdcc393f66663d3f0000413f9a99443f3333483fcdcc4b3f66664f3f"
+    "0000533f9a99563f33335a3fcdcc5d3f6666613f0000653f9a99683f33336c3fcdcc6f3f6666733f0000773f"
+    "9a997a3f33337e3f0000803f"
+)
+
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' dynamic map: ``(256,)`` float32, sorted, from -0.99297 to 1."""
+    return np.frombuffer(bytes.fromhex(_DYNAMIC_MAP_HEX), "<f4").astype(np.float32)
+
+
+@struct.dataclass
+class QArray:
+    """A quantized kernel. ``shape`` = ``codes.shape`` with ``axis`` restored to full size.
+
+    Leaves (``k`` = the kernel's shape, ``nb = k[axis] // block``):
+
+    - ``codes``: ``uint8`` with ``k[axis] // 2`` along ``axis`` (4-bit qtypes), ``int8``
+      (int8, q8_0) or ``float8_e4m3fn`` (fp8) of shape ``k``.
+    - ``scales``: ``nb`` along ``axis`` (1 for the per-channel qtypes), float32 (float16 for
+      GGUF); with double quantization ``uint8`` codes laid out as ``(*rest, k[-1] * nb)`` (the
+      last other axis and the block axis, flattened, see `_dq_layout`).
+    - ``mins``: q4_1's block minima (same layout as ``scales``), else ``None``.
+    - ``scales_scale`` ``(*rest, ceil(k[-1] * nb / 256))`` and ``scales_offset`` ``(*rest,)``:
+      the double quantization's block absmax and mean, else ``None``.
+
+    Static: ``qtype``, ``block``, ``axis`` (negative, so leading axes can be sliced off by
+    ``nn.scan``), ``dtype`` (what `dequantize` returns).
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    mins: jax.Array | None = None
+    scales_scale: jax.Array | None = None
+    scales_offset: jax.Array | None = None
+    qtype: str = struct.field(pytree_node=False, default="nf4")
+    block: int = struct.field(pytree_node=False, default=64)
+    axis: int = struct.field(pytree_node=False, default=-2)
+    dtype: Any = struct.field(pytree_node=False, default=np.dtype(np.float32))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(np.shape(self.codes))
+        if self.qtype in _PACKED:
+            s[self.axis] *= 2
+        return tuple(s)
+
+    @property
+    def ndim(self) -> int:
+        return len(np.shape(self.codes))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (codes and every scale)."""
+        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in self._leaves())
+
+    def _leaves(self) -> list[Any]:
+        return [x for x in (self.codes, self.scales, self.mins, self.scales_scale,
+                            self.scales_offset) if x is not None]  # fmt: skip
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.scales_offset is not None else ""
+        return (
+            f"QArray({self.qtype}, shape={self.shape}, block={self.block}, axis={self.axis}"
+            f"{dq}, dtype={np.dtype(self.dtype).name})"
+        )
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def has_quantized(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a `QArray`."""
+    return any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
+# ---------------------------------------------------------------------------- block helpers
+
+
+def _blocked(x: jax.Array, axis: int, block: int) -> jax.Array:
+    """``(..., n, ...) -> (..., n // block, block, ...)`` along ``axis`` (negative)."""
+    ax = x.ndim + axis
+    return x.reshape(x.shape[:ax] + (x.shape[ax] // block, block) + x.shape[ax + 1 :])
+
+
+def _unblocked(x: jax.Array, axis: int) -> jax.Array:
+    """The inverse of `_blocked` (``axis`` counted on the unblocked array)."""
+    ax = x.ndim - 1 + axis
+    return x.reshape(x.shape[:ax] + (x.shape[ax] * x.shape[ax + 1],) + x.shape[ax + 2 :])
+
+
+def _pack(q: jax.Array, axis: int) -> jax.Array:
+    """4-bit codes ``(..., n, ...)`` -> bytes ``(..., n // 2, ...)``; element ``2i`` in the high
+    nibble (bitsandbytes' order)."""
+    pairs = _blocked(q.astype(jnp.uint8), axis, 2)
+    ax = pairs.ndim + axis  # the pair axis
+    hi = jax.lax.index_in_dim(pairs, 0, ax, keepdims=False)
+    lo = jax.lax.index_in_dim(pairs, 1, ax, keepdims=False)
+    return (hi << jnp.uint8(4)) | lo
+
+
+def _unpack(codes: jax.Array, axis: int) -> jax.Array:
+    """The inverse of `_pack`: bytes -> 4-bit codes (uint8), twice as long along ``axis``."""
+    ax = codes.ndim + axis
+    both = jnp.stack([codes >> jnp.uint8(4), codes & jnp.uint8(15)], axis=ax + 1)
+    return both.reshape(both.shape[:ax] + (both.shape[ax] * 2,) + both.shape[ax + 2 :])
+
+
+def _nearest(values: jax.Array, table: np.ndarray) -> jax.Array:
+    """Index of the nearest entry of the sorted ``table`` (ties to the lower one, as
+    bitsandbytes' ``torch.bucketize(x, midpoints)``)."""
+    mid = jnp.asarray((table[:-1] + table[1:]) / np.float32(2.0))
+    return jnp.searchsorted(mid, values, side="left", method="compare_all").astype(jnp.uint8)
+
+
+def _absmax_scaled(blocks: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Block absmax (over the block axis, the one after ``axis``) and ``blocks / absmax``
+    clamped to [-1, 1], computed as bitsandbytes does (times the fp32 reciprocal)."""
+    bax = blocks.ndim + axis
+    absmax = jnp.max(jnp.abs(blocks), axis=bax)
+    inv = jnp.float32(1.0) / jnp.maximum(absmax, jnp.float32(1e-38))
+    scaled = jnp.clip(blocks * jnp.expand_dims(inv, bax), -1.0, 1.0)
+    return absmax, scaled
+
+
+# ---------------------------------------------------------------------- double quantization
+
+
+def _dq_layout(scales: jax.Array, axis: int) -> jax.Array:
+    """Block scales with the block axis moved last and flattened with the axis before it:
+    ``(*rest, m)``. For a Dense kernel ``(in, out)`` this is bitsandbytes' order of the absmax
+    of ``W.T`` (row-major over ``(out, in // block)``)."""
+    moved = jnp.moveaxis(scales, scales.ndim + axis, -1)
+    return moved.reshape(moved.shape[:-2] + (moved.shape[-2] * moved.shape[-1],))
+
+
+def _dq_unlayout(flat: jax.Array, like_shape: tuple[int, ...], axis: int) -> jax.Array:
+    moved_shape = list(like_shape)
+    ax = len(like_shape) + axis
+    n_blocks = moved_shape.pop(ax)
+    moved = flat.reshape(tuple(moved_shape) + (n_blocks,))
+    return jnp.moveaxis(moved, -1, ax)
+
+
+def _double_quantize(scales: jax.Array, axis: int):
+    flat = _dq_layout(scales, axis)
+    offset = jnp.mean(flat, axis=-1)
+    x = flat - offset[..., None]
+    m = flat.shape[-1]
+    n2 = -(-m // DOUBLE_QUANT_BLOCK)
+    pad = n2 * DOUBLE_QUANT_BLOCK - m
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])  # zeros: the absmax is unchanged
+    absmax2, scaled = _absmax_scaled(_blocked(xp, -1, DOUBLE_QUANT_BLOCK), -1)
+    q = _nearest(scaled, dynamic_map())
+    q = q.reshape(xp.shape)[..., :m]
+    return q, absmax2, offset
+
+
+def _double_dequantize(q: QArray) -> jax.Array:
+    scales_q, absmax2 = q.scales, q.scales_scale
+    m = scales_q.shape[-1]
+    n2 = absmax2.shape[-1]
+    vals = jnp.asarray(dynamic_map())[scales_q.astype(jnp.int32)]
+    vals = jnp.pad(vals, [(0, 0)] * (vals.ndim - 1) + [(0, n2 * DOUBLE_QUANT_BLOCK - m)])
+    vals = _blocked(vals, -1, DOUBLE_QUANT_BLOCK) * absmax2[..., None]
+    flat = vals.reshape(vals.shape[:-2] + (-1,))[..., :m] + q.scales_offset[..., None]
+    shape = list(q.shape)
+    shape[q.axis] //= q.block
+    return _dq_unlayout(flat, tuple(shape), q.axis)
+
+
+# ------------------------------------------------------------------------- one array
+
+
+def quantize_array(
+    w: Any,
+    qtype: str,
+    *,
+    block: int | None = None,
+    axis: int = -2,
+    double_quant: bool = False,
+    dtype: Any = None,
+    path: str = "<array>",
+) -> QArray:
+    """Quantize one kernel ``w`` (any float dtype, quantized from its fp32 value).
+
+    Args:
+      w: the kernel, e.g. ``(in, out)``; blocks run along ``axis``.
+      qtype: one of `QTYPES`.
+      block: block size along ``axis`` (default `DEFAULT_BLOCK`; ignored by int8/fp8).
+      axis: the contraction axis (negative or positive; stored negative).
+      double_quant: 8-bit codes for the block scales (nf4/int4 only).
+      dtype: the dtype `dequantize` returns (default: ``w``'s dtype).
+      path: named in errors.
+
+    Returns:
+      A `QArray` with ``shape == w.shape``.
+    """
+    if qtype not in QTYPES:
+        raise ValueError(f"unknown qtype {qtype!r} for '{path}'; expected one of {QTYPES}")
+    if isinstance(w, QArray):
+        raise ValueError(f"'{path}' is already quantized ({w!r}); dequantize it first")
+    w_dtype = np.dtype(getattr(w, "dtype", np.float32))
+    if not jnp.issubdtype(w_dtype, jnp.floating):
+        raise ValueError(f"cannot quantize '{path}': dtype {w_dtype} is not a floating dtype")
+    shape = tuple(np.shape(w))
+    if len(shape) < 2:
+        raise ValueError(f"cannot quantize '{path}' of shape {shape}: it is not a matrix")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"`axis`={axis} is out of range for '{path}' of shape {shape}")
+    axis = axis - len(shape) if axis >= 0 else axis
+    if double_quant and qtype not in ("nf4", "int4"):
+        raise ValueError(f"`double_quant` applies to nf4/int4 block scales, not to {qtype!r}")
+    block = DEFAULT_BLOCK.get(qtype, 1) if block is None else int(block)
+    if qtype in ("q4_0", "q4_1", "q8_0") and block != 32:
+        raise ValueError(f"GGUF {qtype} has blocks of 32, got `block`={block} for '{path}'")
+    if qtype in DEFAULT_BLOCK and (block < 2 or block % 2 or shape[axis] % block):
+        raise ValueError(
+            f"cannot quantize '{path}' of shape {shape} as {qtype} with `block`={block}: the "
+            f"block must be even and divide the contraction axis (axis {axis}, size "
+            f"{shape[axis]}). Choose a block dividing {shape[axis]}, or leave this kernel out "
+            "with `targets`."
+        )
+    out_dtype = np.dtype(w_dtype if dtype is None else dtype)
+    x = jnp.asarray(w, jnp.float32)
+    if qtype in ("q4_0", "q4_1", "q8_0"):
+        return _quantize_gguf(np.asarray(x), qtype, axis, out_dtype)
+    return _quantize(x, qtype, block, axis, double_quant, out_dtype)
+
+
+def _quantize(x, qtype, block, axis, double_quant, out_dtype) -> QArray:
+    if qtype in _PER_CHANNEL:
+        absmax = jnp.max(jnp.abs(x), axis=x.ndim + axis, keepdims=True)
+        top = 127.0 if qtype == "int8" else _FP8_MAX
+        scale = absmax / jnp.float32(top)
+        safe = jnp.where(scale == 0, jnp.float32(1.0), scale)
+        if qtype == "int8":
+            codes = jnp.clip(jnp.round(x / safe), -127, 127).astype(jnp.int8)
+        else:
+            codes = jnp.clip(x / safe, -_FP8_MAX, _FP8_MAX).astype(jnp.float8_e4m3fn)
+        return QArray(codes, scale, qtype=qtype, block=x.shape[axis], axis=axis, dtype=out_dtype)
+    absmax, scaled = _absmax_scaled(_blocked(x, axis, block), axis)
+    if qtype == "nf4":
+        q = _nearest(scaled, NF4_TABLE)
+    else:  # int4: symmetric levels -7..7, stored + 8
+        q = (jnp.round(scaled * jnp.float32(7.0)) + jnp.float32(8.0)).astype(jnp.uint8)
+    codes = _pack(_unblocked(q, axis), axis)
+    if not double_quant:
+        return QArray(codes, absmax, qtype=qtype, block=block, axis=axis, dtype=out_dtype)
+    sq, absmax2, offset = _double_quantize(absmax, axis)
+    return QArray(
+        codes, sq, None, absmax2, offset, qtype=qtype, block=block, axis=axis, dtype=out_dtype
+    )
+
+
+def _block_scales(q: QArray) -> jax.Array:
+    if q.scales_offset is not None:
+        return _double_dequantize(q)
+    return q.scales.astype(jnp.float32)
+
+
+def dequantize_array(q: QArray) -> jax.Array:
+    """The kernel a `QArray` stands for, ``q.shape`` in ``q.dtype`` (computed in fp32)."""
+    axis = q.axis
+    if q.qtype in _PER_CHANNEL:
+        return (q.codes.astype(jnp.float32) * q.scales).astype(q.dtype)
+    codes = _unpack(q.codes, axis) if q.qtype in _PACKED else q.codes
+    blocks = _blocked(codes, axis, q.block)
+    s = jnp.expand_dims(_block_scales(q), blocks.ndim + axis)
+    if q.qtype == "nf4":
+        w = jnp.asarray(NF4_TABLE)[blocks.astype(jnp.int32)] * s
+    elif q.qtype == "int4":
+        w = (blocks.astype(jnp.float32) - jnp.float32(8.0)) * (s / jnp.float32(7.0))
+    elif q.qtype == "q4_0":  # gguf: d * (q - 8)
+        w = s * (blocks.astype(jnp.int8) - jnp.int8(8)).astype(jnp.float32)
+    elif q.qtype == "q4_1":  # gguf: d * q + m
+        m = jnp.expand_dims(q.mins.astype(jnp.float32), blocks.ndim + axis)
+        w = s * blocks.astype(jnp.float32) + m
+    else:  # q8_0: x * d
+        w = blocks.astype(jnp.float32) * s
+    return _unblocked(w, axis).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------- GGUF
+
+
+_GGUF_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+
+
+def _gguf_type(qtype: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, qtype.upper())
+
+
+def _quantize_gguf(x: np.ndarray, qtype: str, axis: int, out_dtype) -> QArray:
+    """GGUF blocks via ``gguf.quants.quantize`` (its reference encoder), then `from_gguf`."""
+    import gguf
+
+    rows = np.moveaxis(x, axis, -1)  # GGUF blocks run along the last (row) axis
+    raw = gguf.quants.quantize(np.ascontiguousarray(rows), _gguf_type(qtype))
+    return from_gguf(raw, qtype, axis=axis, dtype=out_dtype)
+
+
+def from_gguf(raw: np.ndarray, qtype: str, *, axis: int = -1, dtype: Any = np.float32) -> QArray:
+    """A `QArray` from a GGUF tensor's raw blocks (``GGUFReader`` ``tensor.data``, uint8
+    ``(*rows, n_bytes)``, blocks of 32 along the row), without decoding to floats.
+
+    ``axis`` is where the row axis goes in the kernel: ``-1`` keeps the file's layout (torch
+    ``(out, in)``), ``-2`` gives a flax ``Dense`` kernel ``(in, out)`` from a 2-D tensor.
+    """
+    if qtype not in _GGUF_BYTES:
+        raise ValueError(f"unsupported GGUF type {qtype!r}; expected one of {tuple(_GGUF_BYTES)}")
+    raw = np.asarray(raw)
+    nbytes = _GGUF_BYTES[qtype]
+    if raw.dtype != np.uint8 or raw.shape[-1] % nbytes:
+        raise ValueError(
+            f"GGUF {qtype} data must be uint8 with a multiple of {nbytes} bytes per row, got "
+            f"{raw.dtype} {raw.shape}"
+        )
+    blocks = raw.reshape(raw.shape[:-1] + (raw.shape[-1] // nbytes, nbytes))
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    mins = None
+    if qtype == "q4_1":
+        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    if qtype == "q8_0":
+        codes = blocks[..., 2:].view(np.int8).reshape(raw.shape[:-1] + (-1,))
+    else:  # element j in the low nibble of byte j, element j + 16 in its high nibble
+        qs = blocks[..., nbytes - 16 :]
+        q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)
+        q = q.reshape(raw.shape[:-1] + (-1,))
+        codes = (q[..., 0::2] << np.uint8(4)) | q[..., 1::2]
+    if axis != -1:
+        codes, d = np.moveaxis(codes, -1, axis), np.moveaxis(d, -1, axis)
+        mins = None if mins is None else np.moveaxis(mins, -1, axis)
+    n = np.ndim(codes)
+    axis = axis - n if axis >= 0 else axis
+    keep = lambda a: None if a is None else jnp.asarray(np.ascontiguousarray(a))  # noqa: E731
+    return QArray(
+        keep(codes), keep(d), keep(mins), qtype=qtype, block=32, axis=axis, dtype=np.dtype(dtype)
+    )
+
+
+def swap_last_axes(q: QArray) -> QArray:
+    """The `QArray` of ``kernel.swapaxes(-1, -2)`` (no decoding): torch ``(out, in)`` <->
+    flax ``(in, out)``."""
+    if q.axis not in (-1, -2):
+        raise ValueError(f"swap_last_axes needs blocks along one of the last two axes, got {q!r}")
+    leaves = {k: getattr(q, k) for k in ("codes", "scales", "mins")}
+    if q.scales_offset is not None:
+        raise ValueError("swap_last_axes does not reorder double-quantized scales")
+    swapped = {k: None if v is None else jnp.swapaxes(v, -1, -2) for k, v in leaves.items()}
+    return q.replace(**swapped, axis=-3 - q.axis)
+
+
+# ------------------------------------------------------------------------------- trees
+
+
+def _default_target(path: str, leaf: Any) -> bool:
+    return path.split("/")[-1] == "kernel" and np.ndim(leaf) >= 2
+
+
+def quantize(
+    params: Any,
+    qtype: str,
+    *,
+    targets: str | Sequence[str] | None = None,
+    block: int | None = None,
+    axis: int = -2,
+    double_quant: bool = False,
+    dtype: Any = None,
+) -> Any:
+    """Replace the kernels of ``params`` by `QArray`s (the frozen base of QLoRA).
+
+    Args:
+      params: a ``params`` tree (e.g. ``variables["params"]``), possibly with boxed leaves.
+      qtype: one of `QTYPES` (``"nf4"``, ``"int4"``, ``"int8"``, ``"fp8"``, ``"q4_0"``, ...).
+      targets: regex(es) ``re.fullmatch``-ed against each leaf's ``/``-joined path; default:
+        every leaf named ``kernel`` with 2 or more axes (all Dense-family layers).
+      block: block size along ``axis`` (64 for nf4/int4, 32 for GGUF types).
+      axis: the contraction axis of the kernels (``-2``: ``Dense (in, out)``, scanned stacks).
+      double_quant: also quantize the block scales (nf4/int4).
+      dtype: what the layers compute with (default: each kernel's own dtype).
+
+    Returns:
+      A new tree; ``params`` is not changed.
+
+    >>> import jax, jax.numpy as jnp, jax_lora
+    >>> q = jax_lora.quantize({"fc": {"kernel": jnp.ones((128, 8)), "bias": jnp.ones(8)}}, "nf4")
+    >>> q["fc"]["kernel"]
+    QArray(nf4, shape=(128, 8), block=64, axis=-2, dtype=float32)
+    >>> q["fc"]["kernel"].codes.shape, q["fc"]["kernel"].scales.shape
+    ((64, 8), (2, 8))
+    """
+    if has_quantized(params):
+        done = [keypath_str(kp) for kp, x in _flat(params) if is_quantized(x)]
+        raise ValueError(
+            f"`params` is already quantized (e.g. '{done[0]}'); quantize the float tree "
+            "once, or `jax_lora.dequantize` it first"
+        )
+    pats = None if targets is None else [targets] if isinstance(targets, str) else list(targets)
+    found = []
+
+    def one(kp, leaf):
+        path = keypath_str(kp)
+        value = leaf.value if hasattr(leaf, "unbox") else leaf
+        hit = (
+            _default_target(path, value)
+            if pats is None
+            else any(re.fullmatch(p, path) for p in pats)
+        )
+        if not hit:
+            return leaf
+        found.append(path)
+        q = quantize_array(
+            value,
+            qtype,
+            block=block,
+            axis=axis,
+            double_quant=double_quant,
+            dtype=dtype,
+            path=path,
+        )
+        return leaf.replace_boxed(q) if hasattr(leaf, "replace_boxed") else q
+
+    out = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_box)
+    if not found:
+        what = "no leaf named 'kernel' with 2+ axes" if pats is None else f"`targets` {pats}"
+        paths = [keypath_str(kp) for kp, _ in _flat(params)][:20]
+        raise ValueError(f"nothing to quantize: {what} matches a leaf of `params` ({paths})")
+    return out
+
+
+def dequantize(tree: Any) -> Any:
+    """Every `QArray` of ``tree`` back to a dense array (``q.shape`` in ``q.dtype``)."""
+    return jax.tree.map(
+        lambda x: dequantize_array(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
+    )
+
+
+def _is_box(x: Any) -> bool:
+    return hasattr(x, "unbox") or is_quantized(x)
+
+
+def _flat(tree: Any):
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes of all arrays in ``tree`` (a `QArray` counts its codes and scales)."""
+    return sum(
+        x.nbytes if is_quantized(x) else int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree, is_leaf=is_quantized)
+    )
+
+
+def bits_per_weight(q: QArray) -> float:
+    return 8.0 * q.nbytes / math.prod(q.shape)
+
+
+# ------------------------------------------------------------------------------- layers
+
+
+def layer_has_quantized(module: Any) -> bool:
+    """Whether a bound linen module's own ``params`` hold a `QArray`."""
+    if module.scope is None:
+        return False
+    params = module.variables.get("params", {})
+    return any(is_quantized(v) for v in params.values())
+
+
+def _array_leaf(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def dequantized_call(module: Any, method: str, skip: str, isolate=lambda fn: fn) -> Any:
+    """``module.<method>`` as a function of its arguments, run on the module's variables with
+    every `QArray` dequantized; the backward pass recomputes the dequantization from the codes
+    (see `_recomputed`), so no full-precision kernel outlives the layer. ``skip`` names a
+    collection left out (the ``lora`` factors, which the caller adds outside); ``isolate``
+    wraps the nested ``apply`` (forward and backward), e.g. to keep interceptors out of it."""
+    variables = {c: v for c, v in module.variables.items() if c != skip}
+    _check_factor_dtypes(module, skip)
+    clone_apply = isolate(module.clone(parent=None).apply)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        flat, tree = jax.tree.flatten((variables, args, kwargs), is_leaf=is_quantized)
+        dyn = [is_quantized(x) or _array_leaf(x) for x in flat]
+        values = [x for x, d in zip(flat, dyn, strict=True) if d]
+        floats = [x for x in jax.tree.leaves((args, kwargs)) if _array_leaf(x)]
+        floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+        marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
+
+        def run(zero, *values):
+            it = iter(values)
+            leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+            v, a, k = jax.tree.unflatten(tree, leaves)
+            v = jax.lax.stop_gradient(_after(v, zero))  # the frozen base: no gradient
+            return clone_apply(dequantize(v), *a, method=method, **k)
+
+        return _recomputed(run)(marker, *values)
+
+    return call
+
+
+def _check_factor_dtypes(module: Any, collection: str) -> None:
+    """LoRA factors narrower than the quantized base's compute dtype lose the update's bits."""
+    qs = [q for q in module.variables.get("params", {}).values() if is_quantized(q)]
+    factors = module.variables.get(collection, {})
+    for name, f in jax.tree_util.tree_flatten_with_path(factors)[0]:
+        for q in qs:
+            f_dtype = np.dtype(getattr(f, "dtype", np.float32))
+            if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
+                path = "/".join(map(str, module.path))
+                raise ValueError(
+                    f"the LoRA factor '{path}/{keypath_str(name)}' is {f_dtype}, narrower than "
+                    f"the compute dtype {np.dtype(q.dtype).name} of the quantized base there; "
+                    "keep the factors in float32 (`LoraConfig(param_dtype=jnp.float32)`)"
+                )
+
+
+def _zero_from(marker: jax.Array) -> jax.Array:
+    """A float32 zero that XLA cannot compute before ``marker`` (NaN- and inf-safe)."""
+    m = jnp.abs(marker.astype(jnp.float32))
+    return jnp.where(jnp.isnan(m), jnp.float32(0), jnp.minimum(m, jnp.float32(0)))
+
+
+def _after(tree: Any, zero: jax.Array) -> Any:
+    """Every `QArray`'s codes plus ``zero``: unchanged values, but a data dependency on it."""
+
+    def tie(q):
+        if not is_quantized(q):
+            return q
+        return q.replace(codes=q.codes + zero.astype(q.codes.dtype))
+
+    return jax.tree.map(tie, tree, is_leaf=is_quantized)
+
+
+def _recomputed(f):
+    """``f(zero, *xs)`` differentiable in ``xs``, its backward pass recomputing ``f`` after the
+    cotangent exists.
+
+    ``jax.checkpoint`` is not enough on CPU: XLA drops its optimization barriers there, so it
+    merges the recomputation with the forward pass and runs every layer's dequantization (it
+    depends on the parameters only) up front, all kernels alive at once. Instead ``f`` gets a
+    zero computed from a data dependency it cannot skip: an element of the layer input in the
+    forward pass, of the cotangent in the backward pass, so one layer's kernel exists at a time.
+    """
+
+    @jax.custom_vjp
+    def g(marker, *xs):
+        return f(_zero_from(marker), *xs)
+
+    def fwd(marker, *xs):
+        return g(marker, *xs), (marker, xs)
+
+    def bwd(res, ct):
+        marker, xs = res
+        first = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
+        zero = _zero_from(first[0].reshape(-1)[0]) if first else jnp.zeros((), jnp.float32)
+        grads = jax.vjp(lambda *xs: f(zero, *xs), *xs)[1](ct)
+        return (jnp.zeros_like(marker), *grads)
+
+    g.defvjp(fwd, bwd)
+    return g
