@@ -19,6 +19,8 @@ from .report import ParamReport as ParamReport
 from .report import param_report as param_report
 from .switch import disabled as disabled
 from .switch import set_enabled as set_enabled
+from .variants import convert_to_lora as convert_to_lora
+from .variants import init_from_weights as init_from_weights
 
 __version__ = "0.1.0"
 
@@ -29,9 +31,11 @@ __all__ = [
     "LoraWrapped",
     "ParamReport",
     "Restored",
+    "convert_to_lora",
     "disabled",
     "export_peft",
     "import_peft",
+    "init_from_weights",
     "init_lora",
     "load_lora",
     "lora_state",

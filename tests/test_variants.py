@@ -339,3 +339,114 @@ def test_loraplus_bad_arguments():
         jax_lora.optimizer(optax.adam, loraplus_lr_ratio=-1.0, learning_rate=1e-3)
     with pytest.raises(TypeError, match="only used with `loraplus_lr_ratio`"):
         jax_lora.optimizer(optax.adam(1e-3), learning_rate=1e-3)
+
+
+# --- PiSSA / OLoRA -------------------------------------------------------------------------
+
+PLAIN = LoraConfig(rank=3, alpha=6, targets=["fc1", "fc2", "head"])
+
+
+def _mlp_variables(config=PLAIN):
+    wrapped = jax_lora.wrap(MLP(), config)
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    return wrapped, x, wrapped.init(jax.random.key(1), x)
+
+
+def _top(w, r):
+    """The best rank-r approximation of ``w`` (numpy SVD, float64)."""
+    u, s, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+def test_pissa_factors_are_the_top_singular_part_and_the_output_is_unchanged():
+    wrapped, x, v = _mlp_variables()
+    lora, residual = jax_lora.init_from_weights(v, PLAIN, method="pissa")
+    for n in ("fc1", "fc2", "head"):
+        w, a, b = (np.asarray(t, np.float64) for t in (v["params"][n]["kernel"], *lora[n].values()))
+        assert a.shape == (w.shape[0], 3) and b.shape == (3, w.shape[1])
+        assert_close(PLAIN.scale * a @ b, _top(w, 3), 1e-5)
+        assert_close(residual[n]["kernel"], w - _top(w, 3), 1e-5)
+        assert_close(residual[n]["bias"], v["params"][n]["bias"], 0.0)
+        # PEFT's split: A = sqrt(S/s) Uh and B = V sqrt(S/s) share the singular values evenly
+        assert_close(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), 1e-5)
+    assert_close(wrapped.apply({"params": residual, "lora": lora}, x), MLP().apply(v, x), 1e-5)
+    assert not np.allclose(residual["fc1"]["kernel"], v["params"]["fc1"]["kernel"])
+
+
+def test_olora_factors_are_the_qr_part():
+    wrapped, x, v = _mlp_variables()
+    lora, residual = jax_lora.init_from_weights(v, wrapped, x, method="olora")
+    for n in ("fc1", "fc2", "head"):
+        w = np.asarray(v["params"][n]["kernel"], np.float64)
+        a, b = (np.asarray(t, np.float64) for t in (lora[n]["a"], lora[n]["b"]))
+        q, r = np.linalg.qr(w.T)  # PEFT: qr of torch's (out, in) weight; B = Q[:, :r], A = R[:r]
+        assert_close(b @ b.T, np.eye(3), 1e-5)  # orthonormal rows of Q^T
+        assert_close(np.triu(a.T), a.T, 0.0)  # rows of R: upper triangular
+        assert_close(np.abs(a.T), np.abs(r[:3]), 1e-5)
+        assert_close(np.abs(b.T), np.abs(q[:, :3]), 1e-5)
+        assert_close(residual[n]["kernel"], w - PLAIN.scale * a @ b, 1e-5)
+    assert_close(wrapped.apply({"params": residual, "lora": lora}, x), MLP().apply(v, x), 1e-5)
+
+
+def test_pissa_randomised_svd_finds_the_top_subspace():
+    _, _, v = _mlp_variables()
+    g = np.random.default_rng(0)
+    u, vt = np.linalg.qr(g.normal(size=(16, 16)))[0], np.linalg.qr(g.normal(size=(16, 16)))[0]
+    s = np.where(np.arange(16) < 3, [4.0, 3.0, 2.0] + [0.0] * 13, 0.01)
+    w = ((u * s) @ vt.T).astype(np.float32)
+    v = {
+        "params": {**v["params"], "fc2": {**v["params"]["fc2"], "kernel": jnp.asarray(w)}},
+        "lora": v["lora"],
+    }
+    lora, residual = jax_lora.init_from_weights(v, PLAIN, niter=2, key=jax.random.key(5))
+    f = jax.tree.map(lambda t: np.asarray(t, np.float64), lora["fc2"])
+    assert_close(PLAIN.scale * f["a"] @ f["b"], _top(w, 3), 1e-5)
+    assert_close(residual["fc2"]["kernel"], w - _top(w, 3), 1e-4)
+
+
+def test_init_from_weights_bad_inputs():
+    _, _, v = _mlp_variables()
+    quantized = {
+        **v["params"],
+        "fc2": {**v["params"]["fc2"], "kernel": jnp.ones((16, 16), jnp.int8)},
+    }
+    with pytest.raises(TypeError, match="weight at 'fc2' is int8, not a floating array"):
+        jax_lora.init_from_weights({"params": quantized, "lora": v["lora"]}, PLAIN)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        jax_lora.init_from_weights(v, PLAIN, method="loftq")
+    with pytest.raises(ValueError, match="`niter`.* for method='pissa' only"):
+        jax_lora.init_from_weights(v, PLAIN, method="olora", niter=2)
+    with pytest.raises(ValueError, match="needs a `key`"):
+        jax_lora.init_from_weights(v, PLAIN, niter=2)
+    with pytest.raises(ValueError, match="factors at 'fc1' have rank 3, but the config's rank"):
+        jax_lora.init_from_weights(v, LoraConfig(rank=2, targets=["fc1", "fc2", "head"]))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_convert_to_lora_gives_the_trained_model_on_the_original_base(rslora):
+    config = LoraConfig(
+        rank=3,
+        alpha=6,
+        targets=["fc1", "fc2", "head"],
+        rslora=rslora,
+        rank_pattern={"fc2": 2},
+        alpha_pattern={"head": 4.0},
+    )
+    wrapped, x, v = _mlp_variables(config)
+    lora0, residual = jax_lora.init_from_weights(v, config, method="pissa")
+    trained = jax.tree.map(lambda t: t + 0.1, lora0)  # "training"
+    want = wrapped.apply({"params": residual, "lora": trained}, x)
+    plain, plain_cfg = jax_lora.convert_to_lora(trained, lora0, config)
+    assert jax.tree.map(np.shape, plain) == {
+        "fc1": {"a": (8, 6), "b": (6, 16)},
+        "fc2": {"a": (16, 4), "b": (4, 16)},
+        "head": {"a": (16, 6), "b": (6, 4)},
+    }
+    assert (plain_cfg.rank, plain_cfg.rank_pattern) == (6, (("fc2", 4),))
+    assert plain_cfg.alpha == pytest.approx(6 * (np.sqrt(2) if rslora else 2))
+    for n in ("fc1", "fc2", "head"):
+        assert plain_cfg.scale_for(n) == pytest.approx(config.scale_for(n))
+    got = jax_lora.wrap(MLP(), plain_cfg).apply({"params": v["params"], "lora": plain}, x)
+    assert_close(got, want, 1e-5)
+    with pytest.raises(ValueError, match="different layers"):
+        jax_lora.convert_to_lora(trained, {"fc1": lora0["fc1"]}, config)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from torch import nn as tnn
 
 import jax_lora
 
@@ -28,6 +29,7 @@ from .comparisons import (
     TorchMLP,
     _data,
     _flax_params,
+    _np,
     _Pair,
     row,
 )
@@ -200,3 +202,182 @@ def loraplus_adamw() -> list[Row]:
 
 
 ALL["loraplus_adamw"] = loraplus_adamw
+
+
+def _gapped(tm: tnn.Module, rank: int, seed: int = 0) -> None:
+    """Give every Linear of ``tm`` a spectrum with a clear gap after ``rank`` values (so the
+    randomised SVD of PiSSA's ``pissa_niter_K`` converges to the exact top-``rank`` subspace)."""
+    g = np.random.default_rng(seed)
+    for n in LINEARS:
+        lin = tm.get_submodule(n)
+        o, i = lin.weight.shape
+        u = np.linalg.qr(g.normal(size=(o, o)))[0][:, : min(o, i)]
+        v = np.linalg.qr(g.normal(size=(i, i)))[0][:, : min(o, i)]
+        s = np.where(np.arange(min(o, i)) < rank, 3.0 - 0.3 * np.arange(min(o, i)), 1e-3)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(((u * s) @ v.T).astype(np.float32)))
+
+
+def _peft_init(init: str, rank: int, alpha: float, gapped: bool):
+    """(original torch MLP state, PEFT model initialised with ``init``)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = TorchMLP()
+    if gapped:
+        _gapped(base, rank)
+    state = copy.deepcopy(base.state_dict())
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LINEARS), init_lora_weights=init)
+    return state, get_peft_model(base, cfg)
+
+
+def _torch_factors(pm) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """PEFT's (lora_A, lora_B, residual base weight) per layer, in LINEARS order."""
+    layers = [pm.base_model.model.get_submodule(n) for n in LINEARS]
+    return (
+        [_np(m.lora_A["default"].weight) for m in layers],
+        [_np(m.lora_B["default"].weight) for m in layers],
+        [_np(m.base_layer.weight) for m in layers],
+    )
+
+
+def _ours(state, method: str, rank: int, alpha: float, niter=None):
+    config = jax_lora.LoraConfig(rank=rank, alpha=alpha, targets=list(LINEARS))
+    base = TorchMLP()
+    base.load_state_dict(state)
+    params = _flax_params(base)
+    wrapped = jax_lora.wrap(FlaxMLP(), config)
+    x, _ = _data()
+    v = wrapped.init(jax.random.key(0), x)
+    v = {"params": params, "lora": v["lora"]}
+    key = jax.random.key(3) if niter is not None else None
+    lora, residual = jax_lora.init_from_weights(v, config, method=method, niter=niter, key=key)
+    return config, wrapped, params, lora, residual
+
+
+def _align_signs(ja, jb, ta):
+    """Flip each of our rank components (row i of A, column i of B) where it points against
+    PEFT's: ``sign(<a_i, a_i^peft>)`` per component ``i``, applied to both factors."""
+    out_a, out_b = [], []
+    for a, b, t in zip(ja, jb, ta, strict=True):
+        sign = np.sign(np.sum(a * t, axis=1))  # a: (r, in)
+        out_a.append(a * sign[:, None])
+        out_b.append(b * sign[None, :])  # b: (out, r)
+    return out_a, out_b
+
+
+def _rel_to(name: str, got, want, scale_ref, tol: float = 1e-5) -> Row:
+    """max|got - want| relative to max|scale_ref| (for a near-zero ``want``)."""
+    diff = max(
+        float(np.abs(np.asarray(g) - np.asarray(w)).max()) for g, w in zip(got, want, strict=True)
+    )
+    ref = max(float(np.abs(np.asarray(r)).max()) for r in scale_ref)
+    return Row(name, diff, diff / ref, tol)
+
+
+def _factors_of(pm) -> dict:
+    """A PEFT MLP's factors as our ``lora`` tree."""
+    out = {}
+    for n in LINEARS:
+        m = pm.base_model.model.get_submodule(n)
+        out[n] = {
+            "a": jnp.asarray(
+                convert.a_from_peft(_np(m.lora_A["default"].weight), (m.in_features,))
+            ),
+            "b": jnp.asarray(
+                convert.b_from_peft(_np(m.lora_B["default"].weight), (m.out_features,))
+            ),
+        }
+    return out
+
+
+def pissa_olora_mlp() -> list[Row]:
+    """PiSSA (exact and ``pissa_niter_4``) and OLoRA initialisation vs PEFT on the small MLP:
+    A, B and the residual base weights; then a "trained" PiSSA adapter converted to plain LoRA
+    (rank 2r) vs PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``."""
+    from peft import PeftModel
+
+    rank, alpha = 4, 8.0
+    rows = []
+    for init, method, niter in (("pissa", "pissa", None), ("olora", "olora", None)):
+        state, pm = _peft_init(init, rank, alpha, gapped=False)
+        ta, tb, tw = _torch_factors(pm)
+        _, _, _, lora, residual = _ours(state, method, rank, alpha, niter)
+        ja = [convert.a_to_peft(lora[n]["a"]) for n in LINEARS]
+        jb = [convert.b_to_peft(lora[n]["b"]) for n in LINEARS]
+        label = f"{init} init (MLP): A, B"
+        if init == "pissa":  # an SVD fixes each singular pair (u_i, v_i) only up to one sign
+            ja, jb = _align_signs(ja, jb, ta)
+            label += " (each singular pair's sign aligned to PEFT's)"
+        rows += [
+            row(label, ja + jb, ta + tb),
+            row(
+                f"{init} init (MLP): residual base W - s*B@A",
+                [convert.kernel_to_torch(residual[n]["kernel"]) for n in LINEARS],
+                tw,
+            ),
+        ]
+
+    # the randomised SVD: factors are defined up to a rotation; compare s*B@A and the residual
+    state, pm = _peft_init("pissa_niter_4", rank, alpha, gapped=True)
+    ta, tb, tw = _torch_factors(pm)
+    config, wrapped, params, lora, residual = _ours(state, "pissa", rank, alpha, niter=4)
+    s = config.scale
+    rows += [
+        row(
+            "pissa_niter_4 init (MLP, gapped spectrum): s*B@A",
+            [
+                s * convert.b_to_peft(lora[n]["b"]) @ convert.a_to_peft(lora[n]["a"])
+                for n in LINEARS
+            ],
+            [s * b @ a for a, b in zip(ta, tb, strict=True)],
+        ),
+        _rel_to(
+            "pissa_niter_4 init (MLP, gapped spectrum): residual base, error / max|W|",
+            [convert.kernel_to_torch(residual[n]["kernel"]) for n in LINEARS],
+            tw,
+            [_np(state[f"{n}.weight"]) for n in LINEARS],
+        ),
+    ]
+
+    # conversion: PiSSA init, "train" (perturb A, B), convert for the original base
+    state, pm = _peft_init("pissa", rank, alpha, gapped=False)
+    config, wrapped, params, _, residual = _ours(state, "pissa", rank, alpha)
+    x, _ = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(f"{tmp}/init")
+        lora0 = _factors_of(pm)  # PEFT's initial factors (ours differ by signs only)
+        g = np.random.default_rng(7)
+        with torch.no_grad():
+            for n in LINEARS:
+                m = pm.base_model.model.get_submodule(n)
+                for p in (m.lora_A["default"].weight, m.lora_B["default"].weight):
+                    p.add_(torch.from_numpy((0.1 * g.normal(size=p.shape)).astype(np.float32)))
+            out_t = pm.eval()(torch.from_numpy(x))
+        trained = _factors_of(pm)
+        out_j = wrapped.apply({"params": residual, "lora": trained}, x)
+        rows.append(row("pissa trained (MLP): forward on the residual base", out_j, out_t))
+        pm.save_pretrained(f"{tmp}/lora", path_initial_model_for_weight_conversion=f"{tmp}/init")
+        plain, plain_cfg = jax_lora.convert_to_lora(trained, lora0, config)
+        peft_plain, peft_cfg = jax_lora.import_peft(f"{tmp}/lora")
+        assert (plain_cfg.rank, plain_cfg.alpha) == (peft_cfg.rank, peft_cfg.alpha), peft_cfg
+        rows.append(
+            row(
+                "pissa -> plain LoRA (rank 2r) vs PEFT's conversion: A, B",
+                [plain[n][k] for n in LINEARS for k in "ab"],
+                [peft_plain[n][k] for n in LINEARS for k in "ab"],
+            )
+        )
+        out_plain = jax_lora.wrap(FlaxMLP(), plain_cfg).apply({"params": params, "lora": plain}, x)
+        fresh = TorchMLP()
+        fresh.load_state_dict(state)
+        with torch.no_grad():
+            out_t2 = PeftModel.from_pretrained(fresh, f"{tmp}/lora").eval()(torch.from_numpy(x))
+        rows += [
+            row("pissa -> plain LoRA on the original base: forward vs PEFT's", out_plain, out_t2),
+            row("pissa -> plain LoRA on the original base = trained PiSSA model", out_plain, out_t),
+        ]
+    return rows
+
+
+ALL["pissa_olora_mlp"] = pissa_olora_mlp
