@@ -381,3 +381,116 @@ def pissa_olora_mlp() -> list[Row]:
 
 
 ALL["pissa_olora_mlp"] = pissa_olora_mlp
+
+
+def _pissa_vs_float64(label, ja, jb, jw, ta, tb, tw, originals, scale) -> list[Row]:
+    """PiSSA factors of real weights judged against a float64 SVD: singular vectors of close
+    singular values (MiniLM's differ by ~1%) carry fp32 errors of ~1e-4 in any fp32 SVD, PEFT's
+    included: ours must be within 4x PEFT's own distance to the float64 truth (or 1e-5)."""
+    refs = [_pissa64(w, ta[0].shape[0], scale) for w in originals]
+    signs = [np.sign(np.sum(r[0] * t, axis=1)) for r, t in zip(refs, ta, strict=True)]
+    exact_ab = [r[0] * g[:, None] for r, g in zip(refs, signs, strict=True)]
+    exact_ab += [r[1] * g[None, :] for r, g in zip(refs, signs, strict=True)]
+    out = []
+    for what, ours, peft, exact in (
+        ("A, B", ja + jb, ta + tb, exact_ab),
+        ("residual base", jw, tw, [r[2] for r in refs]),
+    ):
+        ref = max(float(np.abs(e).max()) for e in exact)
+
+        def err(xs, exact=exact, ref=ref):
+            return max(float(np.abs(x - e).max()) for x, e in zip(xs, exact, strict=True)) / ref
+
+        mine, theirs = err(ours), err(peft)
+        out.append(
+            Row(
+                f"{label}: {what}, error vs a float64 SVD (PEFT's own: {theirs:.2g})",
+                mine * ref,
+                mine,
+                max(4 * theirs, 1e-5),
+                "max_rel <= max(4 x PEFT's error, 1e-5)",
+            )
+        )
+    return out
+
+
+def _pissa64(w: np.ndarray, rank: int, scale: float):
+    """PEFT's PiSSA formulas on torch's ``(out, in)`` weight in float64: (A, B, residual)."""
+    v, s, uh = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank] / scale)
+    a, b = root[:, None] * uh[:rank], v[:, :rank] * root[None, :]
+    return a, b, np.asarray(w, np.float64) - scale * b @ a
+
+
+def pissa_olora_minilm() -> list[Row]:
+    """PiSSA and OLoRA initialisation on the real all-MiniLM-L6-v2 (query/value, r=8) vs PEFT:
+    A, B and the residual base weights of all 12 layers, and the forward of the residual model
+    with its factors (padding positions excluded)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from .comparisons import _minilm
+
+    bert, d, cfg, ids, mask = _minilm()
+    params = bert.load_params(d, cfg)
+    keep = mask.astype(bool)
+    rank, alpha = 8, 16.0
+    config = jax_lora.LoraConfig(rank=rank, alpha=alpha, targets=r".*/attention/self/(query|value)")
+    wrapped = jax_lora.wrap(bert.Bert(cfg), config)
+    init = jax_lora.init_lora(wrapped, jax.random.key(0), {"params": params}, ids, mask)
+    paths = [
+        f"encoder/layer_{i}/attention/self/{p}"
+        for i in range(cfg.num_hidden_layers)
+        for p in ("query", "value")
+    ]
+    rows = []
+    for method in ("pissa", "olora"):
+        hf = transformers.BertModel.from_pretrained(
+            d, add_pooling_layer=False, attn_implementation="eager"
+        ).eval()
+        pm = get_peft_model(
+            hf,
+            LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                target_modules=["query", "value"],
+                init_lora_weights=method,
+            ),
+        ).eval()
+        with torch.no_grad():
+            out_t = pm(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+            ).last_hidden_state
+        lora, residual = jax_lora.init_from_weights(
+            {"params": params, "lora": init}, config, method=method
+        )
+
+        def at(tree, path):
+            for k in path.split("/"):
+                tree = tree[k]
+            return tree
+
+        mods = [pm.base_model.model.get_submodule(bert.torch_name(p)) for p in paths]
+        ta = [_np(m.lora_A["default"].weight) for m in mods]
+        tb = [_np(m.lora_B["default"].weight) for m in mods]
+        tw = [_np(m.base_layer.weight) for m in mods]
+        ja = [convert.a_to_peft(at(lora, p)["a"]) for p in paths]
+        jb = [convert.b_to_peft(at(lora, p)["b"]) for p in paths]
+        jw = [convert.kernel_to_torch(at(residual, p)["kernel"]) for p in paths]
+        label = f"MiniLM-L6 {method} init q,v r={rank} ({len(paths)} layers)"
+        out_j = wrapped.apply({"params": residual, "lora": lora}, ids, mask)
+        if method == "pissa":
+            ja, jb = _align_signs(ja, jb, ta)
+            originals = [convert.kernel_to_torch(at(params, p)["kernel"]) for p in paths]
+            rows += _pissa_vs_float64(label, ja, jb, jw, ta, tb, tw, originals, config.scale)
+            rows.append(row(f"{label}: A, B vs PEFT (sign-aligned)", ja + jb, ta + tb, 1e-3))
+        else:
+            rows += [
+                row(f"{label}: A, B", ja + jb, ta + tb),
+                row(f"{label}: residual base", jw, tw),
+            ]
+        rows.append(row(f"{label}: forward", np.asarray(out_j)[keep], _np(out_t)[keep]))
+    return rows
+
+
+ALL["pissa_olora_minilm"] = pissa_olora_minilm
