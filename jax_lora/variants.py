@@ -21,7 +21,7 @@ from flax.core import meta
 from . import weights
 from .config import LoraConfig
 from .merge import _apply, _geometry, _layer, _target
-from .targets import path_str
+from .targets import path_str, weight_path
 from .trees import factor_nodes
 
 METHODS = ("pissa", "olora")
@@ -88,15 +88,66 @@ def olora_factors(m: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     return _swap(r[..., :rank, :]), _swap(q[..., :, :rank])
 
 
+def _check_float(w: Any, method: str, where: str) -> None:
+    if not isinstance(w, (jax.Array, np.ndarray)) or not jnp.issubdtype(w.dtype, jnp.floating):
+        what = getattr(w, "dtype", type(w).__name__)
+        raise TypeError(
+            f"{method}: the weight at '{where}' is {what}, not a floating array (a quantized "
+            "base?). Initialise on the float model, then quantize the residual weights it "
+            "returns (PEFT's advice for PiSSA too)."
+        )
+
+
+def _factors(method, m, rank, scale, niter, key) -> tuple[jax.Array, jax.Array]:
+    if method == "olora":
+        return olora_factors(m, rank)
+    return pissa_factors(m, rank, scale, niter=niter, key=key)
+
+
+def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None) -> dict:
+    """`init_from_weights` for an adapted NNX model: in place; returns the initial factors."""
+    from .nnx import _by_weight, adapted_layers, lora_state
+
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA factors: `jax_lora.wrap` it first")
+    slots = []
+    for path, layer in layers:
+        if _by_weight(layer):
+            scales = dict(layer.lora_scale)
+            for n, geom in layer.lora_geoms:
+                slots.append((weight_path(path, n), layer, n, f"{n}_lora_", scales[n], geom))
+        else:
+            slots.append((path, layer, "kernel", "lora_", layer.lora_scale, None))
+    keys = iter(jax.random.split(key, len(slots))) if key is not None else None
+    writes = []  # everything is computed before the model changes: a failure leaves it as it was
+    for where, layer, name, prefix, scale, geom in slots:
+        w = getattr(layer, name)[...]
+        _check_float(w, method, where)
+        a0, b0 = getattr(layer, prefix + "a")[...], getattr(layer, prefix + "b")[...]
+        if geom is None:
+            geom = _geometry(tuple(w.shape), a0, b0, generic=False, known=None, where=where)
+        k = next(keys) if keys is not None else None
+        a, b = _factors(method, _matrices(w, geom), a0.shape[-1], scale, niter, k)
+        a, b = a.reshape(a0.shape).astype(a0.dtype), b.reshape(b0.shape).astype(b0.dtype)
+        d = weights.delta(geom, a, b, -scale)
+        writes.append((layer, name, prefix, (w.astype(d.dtype) + d).astype(w.dtype), a, b))
+    for layer, name, prefix, w, a, b in writes:
+        getattr(layer, name)[...] = w
+        getattr(layer, prefix + "a")[...] = a
+        getattr(layer, prefix + "b")[...] = b
+    return lora_state(model)
+
+
 def init_from_weights(
-    variables: Mapping[str, Any],
-    config: Any,
+    variables: Any,
+    config: Any = None,
     *args: Any,
     method: str = "pissa",
     niter: int | None = None,
     key: jax.Array | None = None,
     **kwargs: Any,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """PiSSA / OLoRA initialisation: new factors from each adapted weight, and the new base.
 
     **The base changes**: each adapted ``W`` becomes ``W - scale * a @ b`` (computed in fp32,
@@ -118,6 +169,10 @@ def init_from_weights(
       ``(lora, params)``: factors ``a (lead..., in..., r)``, ``b (lead..., r, out...)`` in the
       ``lora`` tree's dtypes, and the residual params (a new tree; ``variables`` is untouched).
 
+    NNX: ``init_from_weights(model, method=...)`` sets the factors and the residual weights of
+    the adapted ``model`` in place and returns ``(lora_state(model), None)``; keep the initial
+    factors for `convert_to_lora`.
+
     >>> import flax.linen as nn, jax, jax.numpy as jnp, jax_lora
     >>> wrapped = jax_lora.wrap(nn.Dense(6), jax_lora.LoraConfig(rank=2))
     >>> x = jnp.ones((1, 4))
@@ -135,6 +190,14 @@ def init_from_weights(
         raise ValueError("`niter` (the randomised SVD) is for method='pissa' only")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"`niter` must be an integer >= 0, got {niter!r}")
+    if niter is not None and key is None:
+        raise ValueError("the randomised SVD (`niter`) needs a `key`")
+    from flax import nnx
+
+    if isinstance(variables, nnx.Module):
+        if config is not None or args or kwargs:
+            raise TypeError("for an NNX model call `init_from_weights(model, method=...)` alone")
+        return _init_nnx(variables, method, niter, key), None
     cfg, known = _target(config, args, kwargs, variables)
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"expected a jax_lora.LoraConfig or a wrapped model, got {type(cfg)}")
@@ -149,13 +212,7 @@ def init_from_weights(
         where = path_str(path) or "<root>"
         holder, name, generic = _layer(params, path, where)
         w = meta.unbox(holder[name])
-        if not isinstance(w, (jax.Array, np.ndarray)) or not jnp.issubdtype(w.dtype, jnp.floating):
-            what = getattr(w, "dtype", type(w).__name__)
-            raise TypeError(
-                f"{method}: the weight at '{where}' is {what}, not a floating array (a quantized "
-                "base?). Initialise on the float model, then quantize the residual params it "
-                "returns (PEFT's advice for PiSSA too)."
-            )
+        _check_float(w, method, where)
         a0, b0 = node["a"], node["b"]
         rank = np.shape(a0)[-1]
         if rank != cfg.rank_for(path_str(path)):
@@ -166,13 +223,10 @@ def init_from_weights(
         geom = _geometry(
             tuple(w.shape), a0, b0, generic=generic, known=(known or {}).get(where), where=where
         )
-        m = _matrices(jnp.asarray(w), geom)
-        scale = cfg.scale_for(path_str(path))
-        if method == "olora":
-            a, b = olora_factors(m, rank)
-        else:
-            k = next(keys) if keys is not None else None
-            a, b = pissa_factors(m, rank, scale, niter=niter, key=k)
+        k = next(keys) if keys is not None else None
+        a, b = _factors(
+            method, _matrices(jnp.asarray(w), geom), rank, cfg.scale_for(where), niter, k
+        )
         sub = lora
         for part in path[:-1]:
             sub = sub.setdefault(part, {})

@@ -450,3 +450,39 @@ def test_convert_to_lora_gives_the_trained_model_on_the_original_base(rslora):
     assert_close(got, want, 1e-5)
     with pytest.raises(ValueError, match="different layers"):
         jax_lora.convert_to_lora(trained, {"fc1": lora0["fc1"]}, config)
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_nnx_init_from_weights_in_place(method):
+    """NNX: the same factors and residual as linen on the same weights, set in place; a Linear
+    and an Embed (a weight-path adapter) with a per-weight alpha."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.emb, self.fc = nnx.Embed(10, 6, rngs=rngs), nnx.Linear(6, 4, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.fc(self.emb(ids))
+
+    cfg = LoraConfig(rank=2, targets=["emb/embedding", "fc"], alpha_pattern={"embedding": 6.0})
+    model = jax_lora.wrap(Net(nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))
+    ids = jnp.array([[1, 7, 3]])
+    before = {
+        "emb": {"embedding": np.asarray(model.emb.embedding[...])},
+        "fc": {"kernel": np.asarray(model.fc.kernel[...]), "bias": np.asarray(model.fc.bias[...])},
+    }
+    with jax_lora.disabled():
+        y0 = model(ids)
+    lora, none = jax_lora.init_from_weights(model, method=method)
+    assert none is None
+    assert_close(model(ids), y0, 1e-5)  # residual + factors = the base model
+    # the linen path on the same weights gives the same factors and residual
+    v = jax_lora.wrap(_EmbedMLP(), cfg).init(jax.random.key(0), ids)
+    v = {"params": before, "lora": v["lora"]}
+    want_lora, want_params = jax_lora.init_from_weights(v, cfg, method=method)
+    assert_close(lora, want_lora, 1e-6)
+    assert_close(model.emb.embedding[...], want_params["emb"]["embedding"], 1e-6)
+    assert_close(model.fc.kernel[...], want_params["fc"]["kernel"], 1e-6)
+    e = jax.tree.map(lambda t: np.asarray(t, np.float64), lora["emb"]["embedding"])
+    if method == "pissa":
+        assert_close(3.0 * e["a"] @ e["b"], _top(before["emb"]["embedding"], 2), 1e-5)
