@@ -528,7 +528,9 @@ def _read_config(directory: str) -> tuple[dict[str, Any], int, float]:
         raise bad(
             f"`init_lora_weights`={init!r}: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA adapters apply "
             "to a residual (modified) base model, not the original one, and other values are "
-            f"unknown; jax_lora imports only plain LoRA ({', '.join(map(repr, _PLAIN_INITS))})"
+            f"unknown; jax_lora imports only plain LoRA ({', '.join(map(repr, _PLAIN_INITS))}). "
+            "Convert a PiSSA/OLoRA adapter to plain LoRA first (PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...), or jax_lora.convert_to_lora)"
         )
     r = raw.get("r", PEFT_DEFAULT_R)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:

@@ -330,6 +330,25 @@ def test_loraplus_nnx_state_groups_learning_rates():
     assert flat["fc2/lora_b"] == pytest.approx(-0.8)
 
 
+def test_loraplus_nnx_optimizer_on_factors_only():
+    """nnx.Optimizer(wrt=nnx.LoRAParam) hands plain arrays: grouped by name; a state holding
+    other params as plain arrays is refused (they would train)."""
+    model = jax_lora.wrap(NnxTwo(nnx.Rngs(0)), LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    tx = jax_lora.optimizer(optax.sgd, learning_rate=0.1, loraplus_lr_ratio=4.0)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.LoRAParam))
+    a0, b0, k0 = (
+        np.asarray(t) for t in (model.fc1.lora_a[...], model.fc1.lora_b[...], model.fc1.kernel[...])
+    )
+    opt.update(model, grads)
+    assert_close(np.asarray(model.fc1.lora_a[...]) - a0, np.full(a0.shape, -0.1), 1e-5)
+    assert_close(np.asarray(model.fc1.lora_b[...]) - b0, np.full(b0.shape, -0.4), 1e-5)
+    assert_close(model.fc1.kernel[...], k0, 0.0)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with pytest.raises(ValueError, match="non-factor leaf 'fc1/bias'"):
+        opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+
+
 def test_loraplus_bad_arguments():
     with pytest.raises(TypeError, match="function of the learning rate"):
         jax_lora.optimizer(optax.adam(1e-3), loraplus_lr_ratio=16.0, learning_rate=1e-3)
