@@ -44,7 +44,7 @@ def _patterns(field: str, value: str | Sequence[str] | None) -> tuple[str, ...] 
 
 
 def _pattern_map(
-    field: str, value: Any, check: Callable[[Any], Any]
+    field: str, value: Any, check: Callable[[str, Any], Any]
 ) -> tuple[tuple[str, Any], ...]:
     """``{regex: value}`` (or pairs) -> a hashable tuple of pairs, each checked."""
     if value is None:
