@@ -22,6 +22,8 @@ from .report import ParamReport as ParamReport
 from .report import param_report as param_report
 from .switch import disabled as disabled
 from .switch import set_enabled as set_enabled
+from .variants import convert_to_lora as convert_to_lora
+from .variants import init_from_weights as init_from_weights
 
 __version__ = "0.1.0"
 
@@ -33,10 +35,12 @@ __all__ = [
     "ParamReport",
     "QArray",
     "Restored",
+    "convert_to_lora",
     "dequantize",
     "disabled",
     "export_peft",
     "import_peft",
+    "init_from_weights",
     "init_lora",
     "load_lora",
     "lora_state",

@@ -25,8 +25,10 @@ from .config import INITS, LoraConfig
 from .trees import check_layout, flat_paths
 from .trees import check_same_layout as check_same_layout
 
-FORMAT = "jax_lora.adapter/1"
-"""The format of the `LoraConfig` record (`config_to_json`)."""
+FORMAT = "jax_lora.adapter/2"
+"""The format of the `LoraConfig` record (`config_to_json`); ``/2`` added ``rank_pattern`` and
+``alpha_pattern`` (a ``/1`` record, which has neither, still loads)."""
+_FORMAT_1 = "jax_lora.adapter/1"
 
 CHECKPOINT_FORMAT = "jax_lora.checkpoint/2"
 """The format of a step's ``config.json``: the config, plus shape, dtype and sha256 per array."""
@@ -61,7 +63,10 @@ _FIELDS: dict[str, str] = {
     "init": "null or one of " + ", ".join(INITS),
     "rslora": "true or false",
     "param_dtype": "a floating dtype name",
+    "rank_pattern": "an object {regex: integer}",
+    "alpha_pattern": "an object {regex: number}",
 }
+_OPTIONAL = {"rank_pattern": {}, "alpha_pattern": {}}  # absent in a _FORMAT_1 record
 
 
 def config_to_json(config: LoraConfig) -> dict[str, Any]:
@@ -76,13 +81,15 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
         "init": config.init if isinstance(config.init, str) else None,
         "rslora": config.rslora,
         "param_dtype": np.dtype(config.param_dtype).name,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
     }
 
 
 def _field_ok(field: str, v: Any) -> bool:
     number = isinstance(v, (int, float)) and not isinstance(v, bool)
     if field == "format":
-        return v == FORMAT
+        return v in (FORMAT, _FORMAT_1)
     if field == "rank":
         return isinstance(v, int) and not isinstance(v, bool)
     if field in ("alpha", "dropout"):
@@ -93,6 +100,11 @@ def _field_ok(field: str, v: Any) -> bool:
         return v is None or v in INITS
     if field == "rslora":
         return isinstance(v, bool)
+    if field in _OPTIONAL:
+        want = int if field == "rank_pattern" else (int, float)
+        return isinstance(v, dict) and all(
+            isinstance(x, want) and not isinstance(x, bool) for x in v.values()
+        )
     try:  # param_dtype
         return isinstance(v, str) and np.issubdtype(jax.numpy.dtype(v), np.floating)
     except TypeError:
@@ -107,7 +119,9 @@ def config_from_json(raw: Any) -> LoraConfig:
     """
     if not isinstance(raw, dict):
         raise ValueError(f"an adapter config must be a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT:
+    if raw.get("format") == _FORMAT_1:
+        raw = {**_OPTIONAL, **raw}
+    elif raw.get("format") != FORMAT:
         raise ValueError(
             f"not a jax_lora adapter config (`format` {raw.get('format')!r}, expected {FORMAT!r})"
         )
@@ -130,6 +144,8 @@ def config_from_json(raw: Any) -> LoraConfig:
             init=raw["init"] or "peft",
             rslora=raw["rslora"],
             param_dtype=jax.numpy.dtype(raw["param_dtype"]),
+            rank_pattern=raw["rank_pattern"],
+            alpha_pattern=raw["alpha_pattern"],
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid adapter config: {e}") from None

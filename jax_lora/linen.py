@@ -299,7 +299,7 @@ class _Interceptor:
         creating = module.is_mutable_collection(COLLECTION)
         if not self.enabled and not creating:
             return y
-        cfg = self.config
+        cfg = self.config.for_path(path)  # this layer's rank and alpha (rank_pattern, ...)
         geom = _geometry(module, args, kwargs, path)
         if not module.has_variable(COLLECTION, "a"):
             if not creating and cfg.targets is None:
@@ -409,8 +409,8 @@ class _Interceptor:
 
     def _adapter(self, module, mpath, name, boxed, uses, trace, creating):
         """The `weights.Adapter` for weight ``name`` (creating its factors), or None to skip."""
-        cfg = self.config
         wpath = weight_path(mpath, name)
+        cfg = self.config.for_path(wpath)  # this weight's rank and alpha (rank_pattern, ...)
         kind = class_name(module)
         shape = tuple(np.shape(nn.meta.unbox(boxed)))
         submodules = "its module also calls submodules, which LoRA cannot follow from it"
@@ -582,6 +582,7 @@ class LoraWrapped(nn.Module):
                     raise
                 why = "\n".join(f"  {p}: {w}" for p, w in interceptor.skipped[:20])
                 raise ValueError(f"{e}\nWeights seen but not adaptable:\n{why}") from None
+            self.config.check_patterns(sorted(path_str(p) for p in interceptor.used))
             interceptor.skipped = [
                 (p, w) for p, w in interceptor.skipped if self.config.targets is None
             ]

@@ -117,10 +117,11 @@ def _apply(
         boxed = holder[key]
         w = quant.dequantize(meta.unbox(boxed))  # a quantized base merges in its compute dtype
         a, b = node["a"], node["b"]
-        if np.shape(a)[-1] != config.rank:
+        rank = config.rank_for(path_str(path))  # rank_pattern, else rank
+        if np.shape(a)[-1] != rank:
             raise ValueError(
                 f"`lora` factors at '{where}' have rank {np.shape(a)[-1]} (a {np.shape(a)}), but "
-                f"the config's rank is {config.rank}: the scale alpha/rank would be wrong. Use "
+                f"the config's rank there is {rank}: the scale alpha/rank would be wrong. Use "
                 "the config the factors were made with."
             )
         geom = _geometry(
@@ -131,7 +132,7 @@ def _apply(
             known=(known or {}).get(where),
             where=where,
         )
-        holder[key] = _rebox(boxed, _fold(w, a, b, sign * config.scale, geom))
+        holder[key] = _rebox(boxed, _fold(w, a, b, sign * config.scale_for(path_str(path)), geom))
     return params
 
 

@@ -223,7 +223,8 @@ def _run(layer: Any, method: str, args: tuple, kwargs: dict) -> Any:
                 f"{problem}; its adapter has roles {geoms[n].describe()}."
             )
         a, b = getattr(layer, f"{n}_lora_a")[...], getattr(layer, f"{n}_lora_b")[...]
-        adapters[pos] = weights.Adapter(geoms[n], a, b, layer.lora_scale, _dropout_fn(layer))
+        scale = dict(layer.lora_scale)[n]
+        adapters[pos] = weights.Adapter(geoms[n], a, b, scale, _dropout_fn(layer))
     outs = weights.evaluate(closed, [*lifted, *dyn_vals], adapters)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
@@ -242,13 +243,14 @@ class _LoraWeights(nnx.Module):
 
     `wrap_nnx` sets, per adapted weight ``w``: ``w_lora_a: (lead..., in..., r)`` and
     ``w_lora_b: (lead..., r, out...)`` (``nnx.LoRAParam``), with the axis groups in ``w``'s
-    stored order; per layer: ``lora_geoms`` (``((name, weights.WeightGeometry), ...)``) and the
-    attributes of `_LoraLayer` but ``lora_a``/``lora_b``.
+    stored order; per layer: ``lora_geoms`` (``((name, weights.WeightGeometry), ...)``),
+    ``lora_scale`` per weight (``((name, scale), ...)``: ``alpha_pattern`` may differ) and the
+    other attributes of `_LoraLayer` but ``lora_a``/``lora_b``.
     """
 
     if TYPE_CHECKING:
         lora_geoms: tuple[tuple[str, weights.WeightGeometry], ...]
-        lora_scale: float
+        lora_scale: tuple[tuple[str, float], ...]
         lora_dropout: float
         lora_rngs: nnx.RngStream | None
         lora_enabled: bool
@@ -560,7 +562,9 @@ def wrap_nnx(
                 wpath = weight_path(path, n)
                 uses = found.get((path, n), [])
                 shape = tuple(np.shape(getattr(module, n).get_value()))
-                geom, why = weights.decide(config, wpath, class_name(module), shape, uses)
+                geom, why = weights.decide(
+                    config.for_path(wpath), wpath, class_name(module), shape, uses
+                )
                 if geom is None:
                     if why is not None:
                         skipped.append((wpath, why))
@@ -587,14 +591,17 @@ def wrap_nnx(
     plans = []
     for path, layer in targets:
         geom = _stacked(_init_geometry(layer, path), layer, path)
-        factors.check_rank(geom, config.rank, path)
+        factors.check_rank(geom, config.rank_for(path), path)
         plans.append((path, layer, geom))
     wplans = []
     for path, (layer, geoms) in generic.items():
         fgs = {n: _flat_geometry(g) for n, g in geoms.items()}
         for n, fg in fgs.items():
-            factors.check_rank(fg, config.rank, weight_path(path, n))
+            factors.check_rank(fg, config.rank_for(weight_path(path, n)), weight_path(path, n))
         wplans.append((path, layer, geoms, fgs))
+    config.check_patterns(
+        [p for p, _, _ in plans] + [weight_path(p, n) for p, _, g, _ in wplans for n in g]
+    )
     modes = [
         (path.split("/") if path else [], m.deterministic)
         for path, m in _modules(model)
@@ -602,24 +609,28 @@ def wrap_nnx(
     ]
     for path, layer, geom in plans:
         meta_a, meta_b = _factor_metadata(layer, geom)
-        layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, config), **meta_a)
-        layer.lora_b = nnx.LoRAParam(factors.init_b(geom, config), **meta_b)
+        cfg = config.for_path(path)  # this layer's rank and alpha (rank_pattern, ...)
+        layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, cfg), **meta_a)
+        layer.lora_b = nnx.LoRAParam(factors.init_b(geom, cfg), **meta_b)
         stack = geom.lead_shape[
             : len(geom.lead_shape) - len(_init_geometry(layer, path).lead_shape)
         ]
         injected = ["lora_a", "lora_b", *_common(layer, path, config, rngs, modes, stack)]
+        layer.lora_scale = cfg.scale
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer)))
     for path, layer, geoms, fgs in wplans:
         injected = []
         for n, geom in geoms.items():
             meta_a, meta_b = _weight_metadata(getattr(layer, n), geom)
-            a = factors.init_a(rngs.params(), fgs[n], config)
+            cfg = config.for_path(weight_path(path, n))
+            a = factors.init_a(rngs.params(), fgs[n], cfg)
             setattr(layer, f"{n}_lora_a", nnx.LoRAParam(a, **meta_a))
-            setattr(layer, f"{n}_lora_b", nnx.LoRAParam(factors.init_b(fgs[n], config), **meta_b))
+            setattr(layer, f"{n}_lora_b", nnx.LoRAParam(factors.init_b(fgs[n], cfg), **meta_b))
             injected += [f"{n}_lora_a", f"{n}_lora_b"]
         layer.lora_geoms = tuple(geoms.items())
         injected += ["lora_geoms", *_common(layer, path, config, rngs, modes, ())]
+        layer.lora_scale = tuple((n, config.scale_for(weight_path(path, n))) for n in geoms)
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer), by_weight=True))
     return model
@@ -722,7 +733,7 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
                     geom,
                     getattr(f, f"{n}_lora_a")[...],
                     getattr(f, f"{n}_lora_b")[...],
-                    sign * f.lora_scale,
+                    sign * dict(f.lora_scale)[n],
                 )
                 w[...] = (w[...].astype(d.dtype) + d).astype(w[...].dtype)
         else:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
 from .trees import COLLECTION, key_name
 
 TRAIN, FREEZE = "lora", "frozen"
+GROUP_A, GROUP_B, GROUP_EMBEDDING = "lora_a", "lora_b", "lora_embedding"  # LoRA+ groups
 
 
 def _is_variable(x: Any) -> bool:
@@ -102,11 +104,102 @@ def trainable_mask(variables: Any, *, also_train: str | Sequence[str] | None = N
     return jax.tree_util.tree_map_with_path(label, dict(variables))
 
 
+def _loraplus_group(path: tuple, value: Any) -> str:
+    """PEFT's ``create_loraplus_optimizer`` groups: factors of an embedding (a weight named
+    ``embedding``), every other ``b`` and trainable 1-D param (biases), every other ``a``."""
+    names = [key_name(k) for k in path]
+    leaf = names[-1]
+    if isinstance(value, nnx.Variable):
+        value = value.get_value()
+    if names[0] == COLLECTION:  # linen: lora/<layer or weight path>/(a|b)
+        if len(names) >= 3 and names[-2] == "embedding":
+            return GROUP_EMBEDDING
+        return GROUP_B if leaf == "b" else GROUP_A
+    if leaf in ("embedding_lora_a", "embedding_lora_b"):  # NNX: <weight>_lora_(a|b)
+        return GROUP_EMBEDDING
+    if leaf.endswith("lora_b") or np.ndim(value) == 1:
+        return GROUP_B
+    return GROUP_A
+
+
+def _plain_factor_groups(state: nnx.State) -> Any:
+    """Groups of a plain-array NNX state (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``
+    passes one): every leaf must be a factor, told apart by its name."""
+
+    def group(path, v):
+        name = key_name(path[-1])
+        if not (name in ("lora_a", "lora_b") or name.endswith(("_lora_a", "_lora_b"))):
+            raise ValueError(
+                f"LoRA+ got a plain-array nnx.State with the non-factor leaf "
+                f"'{'/'.join(key_name(k) for k in path)}': use "
+                "nnx.Optimizer(model, tx, wrt=nnx.LoRAParam), or pass nnx.state(model, nnx.Param) "
+                "to the optimizer's init/update yourself."
+            )
+        return _loraplus_group(path, v)
+
+    return jax.tree_util.tree_map_with_path(group, state)
+
+
+def _loraplus(
+    make: Callable[..., optax.GradientTransformation],
+    lr: Any,
+    ratio: float,
+    lr_embedding: Any,
+    also_train: str | Sequence[str] | None,
+) -> optax.GradientTransformation:
+    if not callable(make) or isinstance(make, optax.GradientTransformation):
+        raise TypeError(
+            "with `loraplus_lr_ratio`, pass the optimizer as a function of the learning rate "
+            "(e.g. `optax.adam` or `functools.partial(optax.adamw, weight_decay=0.01)`), not a "
+            f"built optimizer: it is built once per learning-rate group; got {make!r}"
+        )
+    if lr is None:
+        raise TypeError("`loraplus_lr_ratio` needs `learning_rate` (the learning rate of `a`)")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ValueError(f"`loraplus_lr_ratio` must be a number > 0 (PEFT: >= 1), got {ratio!r}")
+    b_lr = (lambda step: lr(step) * ratio) if callable(lr) else lr * ratio
+
+    def labels(tree):
+        if isinstance(tree, nnx.State) and not any(
+            _is_variable(v) for v in jax.tree.leaves(tree, is_leaf=_is_variable)
+        ):
+            return _plain_factor_groups(tree)
+        mask = trainable_mask(tree, also_train=also_train)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, m, v: _loraplus_group(path, v) if m else FREEZE,
+            mask,
+            tree,
+            is_leaf=lambda x: isinstance(x, bool),
+        )
+
+    groups = {
+        GROUP_A: make(lr),
+        GROUP_B: make(b_lr),
+        GROUP_EMBEDDING: make(lr_embedding),
+        FREEZE: optax.set_to_zero(),
+    }
+    return optax.multi_transform(groups, labels)
+
+
 def optimizer(
-    tx: optax.GradientTransformation, *, also_train: str | Sequence[str] | None = None
+    tx: optax.GradientTransformation | Callable[..., optax.GradientTransformation],
+    *,
+    also_train: str | Sequence[str] | None = None,
+    loraplus_lr_ratio: float | None = None,
+    learning_rate: float | optax.Schedule | None = None,
+    loraplus_lr_embedding: float | optax.Schedule = 1e-6,
 ) -> optax.GradientTransformation:
     """Wrap ``tx`` to train only the LoRA factors of a whole ``{"params", "lora"}`` tree (linen)
     or of ``nnx.state(model, nnx.Param)`` (NNX), plus the params ``also_train`` matches.
+
+    LoRA+ (arXiv 2402.12354; PEFT's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio``
+    ``λ``, ``tx`` is a function of the learning rate (``optax.adam``, or
+    ``functools.partial(optax.adamw, weight_decay=wd)``) and is built once per PEFT group: ``a``
+    factors at ``learning_rate``, ``b`` factors (and trainable 1-D params such as biases from
+    ``also_train``) at ``λ * learning_rate``, both factors of an embedding table (a weight named
+    ``embedding``) at ``loraplus_lr_embedding`` (PEFT's default ``1e-6``). PEFT's
+    ``loraplus_weight_decay`` is the ``weight_decay`` given to ``tx`` here (PEFT also drops it
+    for biases, this does not). NNX: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
 
     Trainable leaves (see `trainable_mask`) get ``tx``'s update; every other leaf gets an
     update of exactly zero and no optimizer state (``optax.multi_transform`` with
@@ -123,6 +216,11 @@ def optimizer(
     >>> sum(t.size for t in jax.tree.leaves(state) if t.dtype == jnp.float32)  # mu, nu of a, b
     192
     """
+
+    if loraplus_lr_ratio is not None:
+        return _loraplus(tx, learning_rate, loraplus_lr_ratio, loraplus_lr_embedding, also_train)
+    if learning_rate is not None:
+        raise TypeError("`learning_rate` is only used with `loraplus_lr_ratio`")
 
     def labels(tree):
         return jax.tree.map(

@@ -55,6 +55,7 @@ _ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, "README.md"})  # what export_peft m
 # is set (not None/False/empty; `bias` not "none"): it changes the math and jax_lora does not
 # implement it. Unknown fields (newer PEFT) are refused unless set to None/False/empty.
 _READ = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights")
+_READ += ("rank_pattern", "alpha_pattern")
 _HARMLESS = frozenset(
     {
         *("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision"),
@@ -70,8 +71,6 @@ _OFF: tuple[Any, ...] = (None, False, {}, [], "")
 _UNSUPPORTED = {
     "use_dora": _OFF,
     "bias": ("none",),
-    "rank_pattern": _OFF,
-    "alpha_pattern": _OFF,
     "modules_to_save": _OFF,
     "layers_to_transform": _OFF,
     "layer_replication": _OFF,
@@ -338,13 +337,15 @@ def export_peft(
     _check_kinds(kinds)
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}  # torch name -> Flax path
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
     nodes = [(path_str(parts), node) for parts, node in factor_nodes(meta.unbox(lora))]
     used = {_stack_key(stacked, path) for path, _ in nodes}
     for key in sorted(set(stacked) - used):
         raise ValueError(f"`stacked` key {key!r} names no factors in `lora` (a typo?)")
     for path, node in nodes:
         a, b = np.asarray(node["a"], np.float32), np.asarray(node["b"], np.float32)
-        for layer, la, lb in _layers(path, a, b, config.rank, stacked):
+        for layer, la, lb in _layers(path, a, b, config.rank_for(path), stacked):
             name = name_of(layer)
             if name in owner:
                 first, second = sorted((owner[name], layer))
@@ -353,6 +354,10 @@ def export_peft(
                     "give each layer its own name in `torch_name`"
                 )
             owner[name] = layer
+            if config.rank_for(path) != config.rank:  # PEFT's keys: regexes on module names
+                rank_pattern["^" + re.escape(name)] = config.rank_for(path)
+            if config.alpha_for(path) != config.alpha:
+                alpha_pattern["^" + re.escape(name)] = config.alpha_for(path)
             kind = _kind_of(kinds, layer, la)
             ta, tb = to_peft(la, lb, kind)
             if kind == "embedding":
@@ -378,8 +383,8 @@ def export_peft(
         "init_lora_weights": True,
         "use_dora": False,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(sorted(rank_pattern.items())),
+        "alpha_pattern": dict(sorted(alpha_pattern.items())),
         "inference_mode": True,
     }
     files = {
@@ -523,7 +528,9 @@ def _read_config(directory: str) -> tuple[dict[str, Any], int, float]:
         raise bad(
             f"`init_lora_weights`={init!r}: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA adapters apply "
             "to a residual (modified) base model, not the original one, and other values are "
-            f"unknown; jax_lora imports only plain LoRA ({', '.join(map(repr, _PLAIN_INITS))})"
+            f"unknown; jax_lora imports only plain LoRA ({', '.join(map(repr, _PLAIN_INITS))}). "
+            "Convert a PiSSA/OLoRA adapter to plain LoRA first (PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...), or jax_lora.convert_to_lora)"
         )
     r = raw.get("r", PEFT_DEFAULT_R)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -536,11 +543,39 @@ def _read_config(directory: str) -> tuple[dict[str, Any], int, float]:
         raise bad(f"`lora_dropout`={dropout!r}; expected a number in [0, 1)")
     if not isinstance(raw.get("use_rslora", False), bool):
         raise bad(f"`use_rslora`={raw['use_rslora']!r}; expected true or false")
+    for field, want in (("rank_pattern", "integers >= 1"), ("alpha_pattern", "numbers > 0")):
+        value = raw.get(field) or {}
+        ok = isinstance(value, dict) and all(
+            isinstance(v, numbers.Real)
+            and not isinstance(v, bool)
+            and (isinstance(v, int) if field == "rank_pattern" else math.isfinite(v))
+            and v > (0 if field == "alpha_pattern" else 0.5)
+            for v in value.values()
+        )
+        if not ok:
+            raise bad(f"`{field}`={value!r}; expected an object {{regex: {want}}}")
+        try:
+            for key in value:
+                re.compile(key)
+        except re.error as e:
+            raise bad(f"`{field}` key {key!r} is not a valid regex: {e}") from None
     return raw, r, float(alpha)
 
 
-def _read_factors(directory: str, r: int, r_text: str) -> dict[str, dict[str, np.ndarray]]:
-    """``{torch module name: {"A": lora_A.weight, "B": lora_B.weight}}``, ranks checked."""
+def peft_pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """``patterns[key]`` for the first key matching torch module ``name`` as PEFT's
+    ``get_pattern_key`` matches it (a regex on the whole name or a ``.``-separated suffix)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_factors(
+    directory: str, r: int, r_text: str, rank_pattern: Mapping[str, int]
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{torch module name: {"A": lora_A.weight, "B": lora_B.weight}}``, ranks checked
+    (``r``, or the module's ``rank_pattern`` entry)."""
     where = os.path.join(directory, WEIGHTS)
     try:
         tensors = _safetensors().load_file(where)
@@ -576,9 +611,11 @@ def _read_factors(directory: str, r: int, r_text: str) -> dict[str, dict[str, np
         a, b = ab["A"], ab["B"]
         ab["kind"] = kind
         ndim = a.ndim if kind == "conv" else 2
-        if a.ndim != ndim or b.ndim != ndim or a.shape[0] != r or b.shape[1] != r:
+        rank = peft_pattern_value(rank_pattern, name, r)
+        text = r_text if rank == r else f"`rank_pattern` (rank {rank} for {name!r})"
+        if a.ndim != ndim or b.ndim != ndim or a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(
-                f"{os.path.join(directory, CONFIG)}: {r_text} does not fit {where}: module {name!r} "
+                f"{os.path.join(directory, CONFIG)}: {text} does not fit {where}: module {name!r} "
                 f"has lora_A.weight {a.shape} and lora_B.weight {b.shape}; PEFT needs (r, in) and "
                 "(out, r), and refuses this adapter too"
             )
@@ -661,7 +698,8 @@ def import_peft(
     directory = os.fspath(directory)
     raw, r, alpha = _read_config(directory)
     r_text = f"`r`={r}" if "r" in raw else f"`r` (absent: PEFT's default {PEFT_DEFAULT_R})"
-    pairs = _read_factors(directory, r, r_text)
+    rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    pairs = _read_factors(directory, r, r_text, rank_pattern)
     stacked = dict(stacked or {})
     _check_templates(stacked)
     name_to_path = _mapper(flax_path, lambda n: n.replace(".", "/"), "flax_path")
@@ -669,6 +707,7 @@ def import_peft(
     like = meta.unbox(like) if like is not None else None
     flat_like = {path_str(p): n for p, n in factor_nodes(like)} if like is not None else {}
     layers: dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
+    alphas: dict[str, dict[float, str]] = {}  # Flax path -> {alpha: a torch module with it}
     for name, (path, index) in sorted(where.items()):
         ab = pairs[name]
         if flax_path is None:  # the default names the module: find the weight under it
@@ -686,6 +725,14 @@ def import_peft(
         if ref is not None:
             a, b = a.astype(ref["a"].dtype), b.astype(ref["b"].dtype)
         layers.setdefault(path, {})[index] = (a, b)
+        alphas.setdefault(path, {})[float(peft_pattern_value(alpha_pattern, name, alpha))] = name
+    for path, seen in alphas.items():
+        if len(seen) > 1:
+            names = " and ".join(f"{n!r} (alpha {v:g})" for v, n in sorted(seen.items())[:2])
+            raise ValueError(
+                f"{directory}: the torch modules {names} are layers of one Flax stack '{path}', "
+                "which has one alpha; import without `stacked` for this stack"
+            )
     lora: dict[str, Any] = {}
     for path, by_index in layers.items():
         if None in by_index:
@@ -697,6 +744,13 @@ def import_peft(
                     f"{directory}: the stack at Flax '{path}' has no layer {missing[0]} "
                     f"(found layers {sorted(by_index)})"
                 )
+            ranks = {by_index[i][0].shape[-1] for i in by_index}
+            if len(ranks) > 1:
+                raise ValueError(
+                    f"{directory}: the layers of the stack at Flax '{path}' have ranks "
+                    f"{sorted(ranks)} (`rank_pattern`), but a stack has one rank; import without "
+                    "`stacked` for this stack"
+                )
             a = np.stack([by_index[i][0] for i in sorted(by_index)])
             b = np.stack([by_index[i][1] for i in sorted(by_index)])
         node = lora
@@ -705,11 +759,20 @@ def import_peft(
         node.update(a=a, b=b)
     if like is not None:
         check_same_layout(lora, like, f"PEFT adapter {directory}")
+    nodes = sorted((path_str(p), n) for p, n in factor_nodes(lora))
     config = LoraConfig(
         rank=r,
         alpha=alpha,
-        targets=sorted(re.escape(path_str(p)) for p, _ in factor_nodes(lora)),
+        targets=[re.escape(p) for p, _ in nodes],
         dropout=float(raw.get("lora_dropout", 0.0)),
         rslora=bool(raw.get("use_rslora", False)),
+        rank_pattern={
+            "^" + re.escape(p): n["a"].shape[-1] for p, n in nodes if n["a"].shape[-1] != r
+        },
+        alpha_pattern={
+            "^" + re.escape(p): next(iter(alphas[p]))
+            for p, _ in nodes
+            if next(iter(alphas[p])) != alpha
+        },
     )
     return lora, config

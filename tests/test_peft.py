@@ -97,7 +97,6 @@ def test_failed_export_keeps_existing_adapter(tmp_path):
         ("use_dora", True),
         ("bias", "all"),
         ("lora_bias", True),
-        ("rank_pattern", {"q": 2}),
         ("modules_to_save", ["classifier"]),
     ],
 )

@@ -1697,3 +1697,4 @@ def peft_conv1d_conv3d_format() -> list[Row]:
 
 ALL["peft_conv1d_conv3d_format"] = peft_conv1d_conv3d_format
 from . import qlora  # noqa: E402, F401  (registers its rows)
+from . import variants  # noqa: E402, F401  (registers its rows)
