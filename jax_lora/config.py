@@ -65,6 +65,9 @@ class LoraConfig:
         wrapped model returns exactly the base model's output.
       rslora: use rank-stabilised scaling ``alpha / sqrt(rank)``.
       param_dtype: dtype of ``a`` and ``b`` (default float32, also for a bf16 base).
+      use_dora: DoRA (PEFT's ``use_dora=True``): each adapted kernel also gets a trainable
+        magnitude ``m: (out...)`` and computes ``m * (W + s·a@b) / ‖W + s·a@b‖`` (the norm over
+        the input axes, a constant in backprop); see `jax_lora.dora`.
 
     >>> from jax_lora import LoraConfig
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=r".*/(query|value)")
@@ -80,6 +83,7 @@ class LoraConfig:
     init: str | Initializer = "peft"
     rslora: bool = False
     param_dtype: Any = np.float32
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, (bool, np.bool_)) or not isinstance(self.rank, (int, np.integer)):
@@ -123,6 +127,12 @@ class LoraConfig:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"`param_dtype` must be a floating dtype, got {dtype}")
         object.__setattr__(self, "param_dtype", dtype)
+        if not isinstance(self.use_dora, (bool, np.bool_)):
+            raise TypeError(
+                f"`use_dora` must be a bool (True or False), got {self.use_dora!r} of type "
+                f"{type(self.use_dora).__name__}"
+            )
+        object.__setattr__(self, "use_dora", bool(self.use_dora))
 
     @property
     def scale(self) -> float:

@@ -1,0 +1,185 @@
+"""DoRA (`jax_lora.dora`, ``LoraConfig(use_dora=True)``) against independent computations:
+the base model run with each kernel replaced by ``m / ‖W + s·a@b‖ · (W + s·a@b)`` (numpy)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _check import assert_close
+from _models import MLP, Encoder
+
+import jax_lora
+from jax_lora import LoraConfig, dora
+
+KEY = jax.random.key(0)
+
+
+def _x(shape=(2, 5, 16), seed=1):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _randomize(lora, seed=7):
+    """Random a, b (std 0.3) and m = init * (1 + 0.2 noise): every term of the formula matters."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = []
+    for k, (path, t) in zip(keys, leaves, strict=True):
+        noise = jax.random.normal(k, t.shape, t.dtype)
+        if jax.tree_util.keystr(path[-1:]) == "['m']":
+            out.append(t * (1 + 0.2 * noise))
+        else:
+            out.append(0.3 * noise)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _np_merge(params, lora, scale):
+    """numpy float64: each adapted kernel -> m / ‖W + s·a@b‖_in · (W + s·a@b)."""
+    out = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+
+    def visit(p, node):
+        if "m" in node:
+            a, b, m = (np.asarray(node[k], np.float64) for k in ("a", "b", "m"))
+            n_in = a.ndim - 1
+            full = p["kernel"] + scale * np.tensordot(a, b, axes=([n_in], [0]))
+            norm = np.sqrt((full**2).sum(axis=tuple(range(n_in))))
+            p["kernel"] = m / norm * full
+            return
+        for k, v in node.items():
+            visit(p[k], v)
+
+    visit(out, lora)
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), out)
+
+
+MODELS = {
+    "mlp": (MLP(), (4, 16), 2.0),  # Dense
+    "encoder": (Encoder(), (2, 5, 16), 0.5),  # DenseGeneral (attention) and Einsum (MLP)
+}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_equals_merged_formula(name, jit):
+    base, shape, alpha = MODELS[name]
+    cfg = LoraConfig(rank=2, alpha=alpha, use_dora=True)
+    wrapped, x = jax_lora.wrap(base, cfg), _x(shape)
+    v = wrapped.init(KEY, x)
+    v = {"params": v["params"], "lora": _randomize(v["lora"])}
+    run = jax.jit(wrapped.apply) if jit else wrapped.apply
+    want = base.apply({"params": _np_merge(v["params"], v["lora"], cfg.scale)}, x)
+    assert_close(run(v, x), want, rel=1e-5)
+
+
+def test_init_magnitude_is_column_norm_and_output_is_base():
+    base, cfg = Encoder(), LoraConfig(rank=2, use_dora=True)
+    wrapped, x = jax_lora.wrap(base, cfg), _x()
+    v = wrapped.init(KEY, x)
+    for path in (("layer_0", "attn", "query"), ("layer_0", "attn", "out"), ("layer_1", "up")):
+        node, kern = v["lora"], v["params"]
+        for k in path:
+            node, kern = node[k], kern[k]
+        k = np.asarray(kern["kernel"], np.float64)
+        n_in = node["a"].ndim - 1
+        want = np.sqrt((k**2).sum(axis=tuple(range(n_in))))
+        assert node["m"].shape == k.shape[n_in:] and node["m"].dtype == jnp.float32
+        assert_close(node["m"], want, rel=1e-6)
+    assert_close(wrapped.apply(v, x), base.apply({"params": v["params"]}, x), rel=1e-5)
+
+
+def test_grads_treat_the_norm_as_a_constant():
+    """Gradients wrt a, b, m equal those of the base model run with the merged kernel whose
+    norm is stop_gradient'ed (PEFT's ``weight_norm.detach()``), and differ without it."""
+    base, cfg = Encoder(), LoraConfig(rank=2, alpha=4.0, use_dora=True)
+    wrapped, x = jax_lora.wrap(base, cfg), _x()
+    v = wrapped.init(KEY, x)
+    params, lora = v["params"], _randomize(v["lora"])
+    target = _x((2, 5, 8), seed=3)
+
+    def merged(lora, detach):
+        out = jax.tree.map(lambda t: t, params)
+
+        def visit(p, node):
+            if "m" in node:
+                a, b, m = node["a"], node["b"], node["m"]
+                n_in = a.ndim - 1
+                full = p["kernel"] + cfg.scale * jnp.tensordot(
+                    a, b, axes=([n_in], [0]), precision="highest"
+                )
+                norm = jnp.sqrt(jnp.sum(full**2, axis=tuple(range(n_in))))
+                f = m / (jax.lax.stop_gradient(norm) if detach else norm)
+                p["kernel"] = f.reshape((1,) * n_in + f.shape) * full
+                return
+            for k, val in node.items():
+                visit(p[k], val)
+
+        visit(out, lora)
+        return out
+
+    loss = lambda y: jnp.mean((y - target) ** 2)  # noqa: E731
+    got = jax.grad(lambda lo: loss(wrapped.apply({"params": params, "lora": lo}, x)))(lora)
+    want = jax.grad(lambda lo: loss(base.apply({"params": merged(lo, True)}, x)))(lora)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, rel=1e-4)
+    full = jax.grad(lambda lo: loss(base.apply({"params": merged(lo, False)}, x)))(lora)
+    diff = max(
+        float(jnp.max(jnp.abs(g - w)))
+        for g, w in zip(*map(jax.tree.leaves, (got, full)), strict=True)
+    )
+    assert diff > 1e-3  # the test tells the detached norm from the full gradient
+
+
+def test_dropout_scales_the_dropped_out_base_as_peft(monkeypatch):
+    """PEFT with dropout running: ``y = xW + bias + (m/n - 1)·dropout(x)W + (m/n)·s·dropout(x)AB``."""
+    mask = (jax.random.uniform(jax.random.key(5), (4, 8)) > 0.3).astype(jnp.float32)
+    monkeypatch.setattr(jax_lora.factors, "dropout", lambda x, rate, key: x * mask / 0.7)
+    dense = nn.Dense(6, bias_init=nn.initializers.normal(1.0))
+    cfg = LoraConfig(rank=2, alpha=3.0, dropout=0.3, use_dora=True)
+    wrapped, x = jax_lora.wrap(dense, cfg), _x((4, 8))
+    v = wrapped.init(KEY, x)
+    v = {"params": v["params"], "lora": _randomize(v["lora"])}
+    got = wrapped.apply(v, x, rngs={"dropout": jax.random.key(1)})
+    w, bias = (np.asarray(v["params"][k], np.float64) for k in ("kernel", "bias"))
+    a, b, m = (np.asarray(v["lora"][k], np.float64) for k in ("a", "b", "m"))
+    xs, xd = np.asarray(x, np.float64), np.asarray(x * mask / 0.7, np.float64)
+    n = np.linalg.norm(w + cfg.scale * a @ b, axis=0)
+    want = xs @ w + bias + (m / n - 1) * (xd @ w) + (m / n) * cfg.scale * (xd @ a @ b)
+    assert_close(got, want, rel=1e-5)
+    # evaluation: no dropout, the merged formula
+    ev = wrapped.apply(v, x)
+    assert_close(ev, xs @ (m / n * (w + cfg.scale * a @ b)) + bias, rel=1e-5)
+
+
+def test_norm_without_forming_delta_equals_direct_form():
+    k = jax.random.split(jax.random.key(2), 3)
+    kernel = jax.random.normal(k[0], (3, 6, 5, 7))  # lead 3, in (6, 5), out 7
+    a = jax.random.normal(k[1], (3, 6, 5, 4))
+    b = jax.random.normal(k[2], (3, 4, 7))
+    got = dora.weight_norm(kernel, a, b, 0.7)
+    full = np.asarray(kernel, np.float64) + 0.7 * np.einsum(
+        "lijr,lro->lijo", np.asarray(a, np.float64), np.asarray(b, np.float64)
+    )
+    want = np.sqrt((full**2).sum(axis=(1, 2)))
+    assert got.shape == (3, 7)
+    assert_close(got, want, rel=1e-5)
+    assert_close(dora.weight_norm_dense(kernel, a, b, 0.7), want, rel=1e-5)
+    # a constant in backprop
+    g = jax.grad(lambda a: jnp.sum(dora.weight_norm(kernel, a, b, 0.7)))(a)
+    assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_use_dora_must_be_bool():
+    with pytest.raises(TypeError, match="`use_dora` must be a bool"):
+        LoraConfig(rank=2, use_dora="yes")
+    assert LoraConfig(rank=2).use_dora is False
+
+
+def test_unsupported_layer_kind_is_named():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (3,), name="conv")(x)
+
+    cfg = LoraConfig(rank=2, targets=r"conv/kernel", use_dora=True)
+    with pytest.raises(ValueError, match=r"DoRA is not supported yet for \S*Conv at 'conv/kernel'"):
+        jax_lora.wrap(Net(), cfg).init(KEY, _x((2, 9, 3)))
