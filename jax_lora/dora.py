@@ -165,6 +165,21 @@ def unmerge_kernel(merged: Array, a: Array, b: Array, m: Array, norm: Array, sca
     return (merged.astype(jnp.float32) * f - d).astype(merged.dtype)
 
 
+def fold(kernel: Array, node, scale: float, generic: bool, where: str) -> Array:
+    """`merge`'s DoRA case for the factor node ``{"a", "b", "m"}`` at ``where``; a negative
+    ``scale`` (unmerge) raises: the merged kernel alone does not determine ``‖W + s·a@b‖``."""
+    if generic:
+        raise ValueError(unsupported("a weight of a non-Dense layer", where))
+    if scale < 0:
+        raise ValueError(
+            f"the `lora` node at '{where}' is DoRA (has a magnitude 'm'): its merge "
+            "m·(W+ΔW)/‖W+ΔW‖ cannot be undone from the merged kernel and the factors alone (each "
+            "output column's norm is lost). Keep the unmerged params (merge from them for export), "
+            "or use `jax_lora.dora.unmerge_kernel` with the norm of the unmerged kernel."
+        )
+    return merge_kernel(kernel, node["a"], node["b"], node[MAGNITUDE], scale)
+
+
 def magnitude_shape(geom: factors.Geometry) -> tuple[int, ...]:
     """``(lead..., out...)``: one magnitude per output feature (per stacked layer)."""
     return geom.lead_shape + geom.out_shape

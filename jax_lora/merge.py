@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax.core import meta
 
-from . import factors, weights
+from . import dora, factors, weights
 from .config import LoraConfig
 from .targets import path_str
 
@@ -131,6 +131,9 @@ def _apply(
             known=(known or {}).get(where),
             where=where,
         )
+        if dora.MAGNITUDE in node:
+            holder[key] = _rebox(boxed, dora.fold(w, node, sign * config.scale, generic, where))
+            continue
         holder[key] = _rebox(boxed, _fold(w, a, b, sign * config.scale, geom))
     return params
 
