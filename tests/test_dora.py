@@ -201,3 +201,57 @@ def test_merge_folds_magnitude_and_unmerge_explains():
         merged["layer_1"]["up"]["kernel"], node["a"], node["b"], node["m"], norm, cfg.scale
     )
     assert_close(back, w, rel=1e-5)
+
+
+def _dora_lora():
+    cfg = LoraConfig(rank=2, alpha=4.0, use_dora=True)
+    v = jax_lora.wrap(Encoder(), cfg).init(KEY, _x())
+    return _randomize(v["lora"]), cfg
+
+
+def test_peft_format_round_trip_with_magnitude(tmp_path):
+    from safetensors.numpy import load_file
+
+    lora, cfg = _dora_lora()
+    names = jax_lora.export_peft(tmp_path, lora, cfg)
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    m = t["base_model.model.layer_0.attn.query.lora_magnitude_vector"]
+    assert m.shape == (16,)  # DenseGeneral (heads, head_dim) flattened, as torch sees it
+    assert len([k for k in t if k.endswith("lora_magnitude_vector")]) == len(names)
+    back, cfg2 = jax_lora.import_peft(tmp_path, like=lora)
+    assert cfg2.use_dora and cfg2.rank == 2 and cfg2.scale == cfg.scale
+    assert jax.tree.structure(back) == jax.tree.structure(lora)
+    for g, w in zip(jax.tree.leaves(back), jax.tree.leaves(lora), strict=True):
+        np.testing.assert_array_equal(g, w)
+    # a stack of L layers exports L modules, each with its own magnitude
+    stack = {
+        "blocks": {"fc": {"a": np.ones((3, 8, 2)), "b": np.ones((3, 2, 5)), "m": np.ones((3, 5))}}
+    }
+    stack["blocks"]["fc"]["m"][1] = 2.0
+    jax_lora.export_peft(tmp_path / "s", stack, cfg, stacked={"blocks": "h/{i}"})
+    t = load_file(tmp_path / "s" / "adapter_model.safetensors")
+    assert t["base_model.model.h.1.fc.lora_magnitude_vector"].tolist() == [2.0] * 5
+    back, _ = jax_lora.import_peft(tmp_path / "s", stacked={"blocks": "h/{i}"})
+    np.testing.assert_array_equal(back["blocks"]["fc"]["m"], stack["blocks"]["fc"]["m"])
+
+
+def test_peft_format_dora_errors(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    lora, cfg = _dora_lora()
+    with pytest.raises(ValueError, match=r"'layer_0/attn/key' has a DoRA magnitude 'm', but"):
+        jax_lora.export_peft(tmp_path / "x", lora, LoraConfig(rank=2, alpha=4.0))
+    assert not (tmp_path / "x").exists()
+    jax_lora.export_peft(tmp_path, lora, cfg)
+    f = tmp_path / "adapter_model.safetensors"
+    t = load_file(f)
+    key = "base_model.model.layer_1.up.lora_magnitude_vector"
+    save_file({**t, key: np.ones((3,), np.float32)}, f)
+    with pytest.raises(ValueError, match=rf"'{key}' has shape \(3,\) .* \(32,\)"):
+        jax_lora.import_peft(tmp_path)
+    del t[key]
+    save_file(t, f)
+    with pytest.raises(
+        ValueError, match="'layer_1.up' has no lora_magnitude_vector, but `use_dora`"
+    ):
+        jax_lora.import_peft(tmp_path)

@@ -261,3 +261,125 @@ def dora_dropout_train() -> list[Row]:
 
 ALL["dora_mlp"] = dora_mlp
 ALL["dora_dropout_train"] = dora_dropout_train
+
+
+def dora_minilm() -> list[Row]:
+    """The real all-MiniLM-L6-v2 with DoRA on q, k, v and the attention output (rank 4): PEFT's
+    model saved (``save_pretrained``) -> `import_peft` -> forward and gradients vs PEFT; our
+    adapter -> `export_peft` -> ``PeftModel.from_pretrained`` -> outputs; merged weights."""
+    import copy
+    import tempfile
+
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from .comparisons import _minilm, _np
+
+    bert, d, cfg, ids, mask = _minilm()
+    params = bert.load_params(d, cfg)
+    keep = mask.astype(bool)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    targets = r".*/attention/self/(query|key|value)|.*/attention/output/dense"
+    config = jax_lora.LoraConfig(rank=4, alpha=8.0, targets=targets, use_dora=True)
+    wrapped = jax_lora.wrap(bert.Bert(cfg), config)
+
+    def hf():
+        return transformers.BertModel.from_pretrained(
+            d, add_pooling_layer=False, attn_implementation="eager"
+        ).eval()
+
+    pcfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "key", "value", "attention.output.dense"]
+    )
+    pcfg.use_dora = True
+    torch.manual_seed(0)
+    pm = get_peft_model(hf(), pcfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    pm.eval()
+    out_t = pm(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+    (out_t * torch.from_numpy(keep[..., None].astype(np.float32))).square().sum().backward()
+    like = jax.eval_shape(
+        lambda: jax_lora.init_lora(wrapped, jax.random.key(0), {"params": params}, ids, mask)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp)
+        lora, config2 = jax_lora.import_peft(tmp, flax_path=bert.flax_path, like=like)
+    assert config2.use_dora
+
+    def loss(lora):
+        out = jax_lora.wrap(bert.Bert(cfg), config2).apply(
+            {"params": params, "lora": lora}, ids, mask
+        )
+        return jnp.sum((out * keep[..., None].astype(out.dtype)) ** 2)
+
+    out_j = jax_lora.wrap(bert.Bert(cfg), config2).apply(
+        {"params": params, "lora": lora}, ids, mask
+    )
+    base = bert.Bert(cfg).apply({"params": params}, ids, mask)
+    assert np.abs(np.asarray(out_j - base))[keep].max() > 1e-2, "DoRA update is a no-op"
+    grads = jax.grad(loss)(lora)
+    label = "MiniLM-L6 + DoRA q,k,v,o r=4"
+    tl = [
+        (pm.base_model.model.get_submodule(bert.torch_name(p)), p.split("/"))
+        for p in ("encoder/layer_0/attention/self/query", "encoder/layer_5/attention/output/dense")
+    ]
+
+    def at(tree, parts):
+        for k in parts:
+            tree = tree[k]
+        return tree
+
+    rows = [
+        row(f"{label}: import_peft(PEFT save) forward", np.asarray(out_j)[keep], _np(out_t)[keep]),
+        row(
+            f"{label}: grad A, B, magnitude (layer 0 q, layer 5 o)",
+            [
+                t
+                for _, parts in tl
+                for t in (
+                    convert.a_to_peft(at(grads, parts)["a"]),
+                    convert.b_to_peft(at(grads, parts)["b"]),
+                    at(grads, parts)["m"],
+                )
+            ],
+            [
+                t
+                for m, _ in tl
+                for t in (
+                    m.lora_A["default"].weight.grad,
+                    m.lora_B["default"].weight.grad,
+                    m.lora_magnitude_vector["default"].weight.grad,
+                )
+            ],
+        ),
+    ]
+    # ours -> PEFT: perturb the imported adapter so the export is not a copy of PEFT's file
+    lora_x = jax.tree.map(lambda t: t * 1.1, lora)
+    out_x = wrapped.apply({"params": params, "lora": lora_x}, ids, mask)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax_lora.export_peft(tmp, lora_x, config, torch_name=bert.torch_name)
+        px = PeftModel.from_pretrained(hf(), tmp).eval()
+        with torch.no_grad():
+            out_px = px(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+    rows.append(
+        row(
+            f"{label}: export_peft -> PeftModel.from_pretrained",
+            np.asarray(out_x)[keep],
+            _np(out_px)[keep],
+        )
+    )
+    merged_t = copy.deepcopy(pm).merge_and_unload()
+    merged_j = jax_lora.merge({"params": params, "lora": lora}, config)
+    with torch.no_grad():
+        out_mt = merged_t(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+    out_mj = bert.Bert(cfg).apply({"params": merged_j}, ids, mask)
+    rows.append(row(f"{label}: merged model forward", np.asarray(out_mj)[keep], _np(out_mt)[keep]))
+    return rows
+
+
+ALL["dora_minilm"] = dora_minilm
