@@ -62,6 +62,9 @@ _FIELDS: dict[str, str] = {
     "rslora": "true or false",
     "param_dtype": "a floating dtype name",
 }
+_OPTIONAL: dict[str, tuple[str, Any]] = {  # written only when not the default (older readers)
+    "use_dora": ("true or false", False),
+}
 
 
 def config_to_json(config: LoraConfig) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
         "init": config.init if isinstance(config.init, str) else None,
         "rslora": config.rslora,
         "param_dtype": np.dtype(config.param_dtype).name,
-    }
+    } | {k: getattr(config, k) for k, (_, d) in _OPTIONAL.items() if getattr(config, k) != d}
 
 
 def _field_ok(field: str, v: Any) -> bool:
@@ -91,7 +94,7 @@ def _field_ok(field: str, v: Any) -> bool:
         return v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v))
     if field == "init":
         return v is None or v in INITS
-    if field == "rslora":
+    if field in ("rslora", "use_dora"):
         return isinstance(v, bool)
     try:  # param_dtype
         return isinstance(v, str) and np.issubdtype(jax.numpy.dtype(v), np.floating)
@@ -111,9 +114,12 @@ def config_from_json(raw: Any) -> LoraConfig:
         raise ValueError(
             f"not a jax_lora adapter config (`format` {raw.get('format')!r}, expected {FORMAT!r})"
         )
-    for field in sorted(set(raw) - set(_FIELDS)):
+    for field in sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL)):
         raise ValueError(f"unknown adapter config field `{field}`; expected {sorted(_FIELDS)}")
-    for field, expected in _FIELDS.items():
+    optional = {k: raw.get(k, d) for k, (_, d) in _OPTIONAL.items()}
+    for field, expected in (
+        _FIELDS | {k: e for k, (e, _) in _OPTIONAL.items() if k in raw}
+    ).items():
         if field not in raw:
             raise ValueError(f"the adapter config has no `{field}` ({expected})")
         if not _field_ok(field, raw[field]):
@@ -130,6 +136,7 @@ def config_from_json(raw: Any) -> LoraConfig:
             init=raw["init"] or "peft",
             rslora=raw["rslora"],
             param_dtype=jax.numpy.dtype(raw["param_dtype"]),
+            **optional,
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid adapter config: {e}") from None

@@ -255,3 +255,19 @@ def test_peft_format_dora_errors(tmp_path):
         ValueError, match="'layer_1.up' has no lora_magnitude_vector, but `use_dora`"
     ):
         jax_lora.import_peft(tmp_path)
+
+
+def test_checkpoint_round_trip_and_param_report(tmp_path):
+    lora, cfg = _dora_lora()
+    with jax_lora.AdapterCheckpointer(tmp_path) as ck:
+        ck.save(1, lora, cfg)
+        ck.wait()
+        r = ck.restore(lora)
+    assert r.config == cfg and r.config.use_dora
+    for g, w in zip(jax.tree.leaves(r.lora), jax.tree.leaves(lora), strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert r.lora["layer_1"]["up"]["m"].shape == (2, 16)
+    # Dense(16) on 8 inputs, rank 4: a 8*4 + b 4*16 + m 16 trainable; kernel 8*16 + bias 16
+    model = jax_lora.wrap(nn.Dense(16), LoraConfig(rank=4, use_dora=True))
+    rep = jax_lora.param_report(model.init(KEY, jnp.ones((1, 8))))
+    assert (rep.trainable, rep.total) == (112, 112 + 144)
