@@ -1,6 +1,8 @@
 """DoRA (`jax_lora.dora`, ``LoraConfig(use_dora=True)``) against independent computations:
 the base model run with each kernel replaced by ``m / ‖W + s·a@b‖ · (W + s·a@b)`` (numpy)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 from _check import assert_close
 from _models import MLP, Encoder
+from flax import nnx
 
 import jax_lora
 from jax_lora import LoraConfig, dora
@@ -271,3 +274,105 @@ def test_checkpoint_round_trip_and_param_report(tmp_path):
     model = jax_lora.wrap(nn.Dense(16), LoraConfig(rank=4, use_dora=True))
     rep = jax_lora.param_report(model.init(KEY, jnp.ones((1, 8))))
     assert (rep.trainable, rep.total) == (112, 112 + 144)
+
+
+# --- NNX ----------------------------------------------------------------------------------
+
+
+class _NnxMLP(nnx.Module):
+    """tests/_models.MLP in NNX: 16 -> 16 -> 16 -> 4."""
+
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(16, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 16, rngs=rngs)
+        self.head = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+class _Heads(nnx.Module):
+    def __init__(self, rngs):
+        self.q = nnx.LinearGeneral(16, (2, 8), rngs=rngs)
+        self.up = nnx.Einsum("btd,dnf->btnf", (16, 2, 8), bias_shape=(2, 8), rngs=rngs)
+        self.out = nnx.LinearGeneral((2, 8), 16, axis=(-2, -1), rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.q(x) * self.up(x))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_nnx_equals_linen(dropout, monkeypatch):
+    mask = (jax.random.uniform(jax.random.key(5), (8, 16)) > 0.25).astype(jnp.float32)
+    monkeypatch.setattr(jax_lora.factors, "dropout", lambda x, rate, key: x * mask / 0.75)
+    cfg = LoraConfig(rank=4, alpha=6.0, targets=["fc1", "fc2", "head"], dropout=dropout)
+    cfg = dataclasses.replace(cfg, use_dora=True)
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    wrapped = jax_lora.wrap(MLP(), cfg)
+    v = wrapped.init(KEY, x)
+    model = jax_lora.wrap(_NnxMLP(nnx.Rngs(0)), cfg)
+    for name in ("fc1", "fc2", "head"):
+        layer = getattr(model, name)
+        layer.kernel[...] = v["params"][name]["kernel"]
+        layer.bias[...] = v["params"][name]["bias"]
+        assert layer.lora_m.shape == (layer.out_features,)
+    # a fresh NNX magnitude is ‖W‖ of the NNX layer's own kernel, as linen's of its own
+    assert_close(
+        _fresh_nnx_m(cfg), np.linalg.norm(np.asarray(_NnxMLP(nnx.Rngs(0)).fc1.kernel[...]), axis=0)
+    )
+    v["lora"] = _randomize(v["lora"])
+    jax_lora.load_lora(model, v["lora"])
+    assert_close(jax_lora.lora_state(model), v["lora"], rel=0)
+    kw = {"rngs": {"dropout": jax.random.key(1)}} if dropout else {}
+    if not dropout:
+        model = nnx.view(model, deterministic=True)
+    want = wrapped.apply(v, x, **kw)
+    assert_close(model(x), want, rel=1e-6)
+    g_nnx = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    g_linen = jax.grad(
+        lambda lo: jnp.sum(wrapped.apply({"params": v["params"], "lora": lo}, x, **kw) ** 2)
+    )(v["lora"])
+    for name in ("fc1", "fc2", "head"):
+        for ours, theirs in (("lora_a", "a"), ("lora_b", "b"), ("lora_m", "m")):
+            assert_close(g_nnx[name][ours][...], g_linen[name][theirs], rel=1e-5)
+
+
+def _fresh_nnx_m(cfg):
+    return jax_lora.wrap(_NnxMLP(nnx.Rngs(0)), cfg).fc1.lora_m[...]
+
+
+def test_nnx_merge_unmerge_multi_axis():
+    base = _Heads(nnx.Rngs(0))
+    kernels = {n: getattr(base, n).kernel[...] for n in ("q", "up", "out")}
+    model = jax_lora.wrap(base, LoraConfig(rank=3, use_dora=True), rngs=nnx.Rngs(5))
+    state = jax_lora.lora_state(model)
+    assert jax.tree.map(jnp.shape, state)["out"] == {"a": (2, 8, 3), "b": (3, 16), "m": (16,)}
+    assert jax.tree.map(jnp.shape, state)["up"]["m"] == (2, 8)
+    lora = _randomize(state)
+    jax_lora.load_lora(model, lora)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    merged = jax_lora.merge(model)
+    assert not jax_lora.nnx.adapted_layers(merged)
+    assert_close(merged(x), model(x), rel=1e-5)
+    want = _np_merge({n: {"kernel": k} for n, k in kernels.items()}, lora, 1.0)
+    for n in kernels:
+        assert_close(getattr(merged, n).kernel[...], want[n]["kernel"], rel=1e-5)
+    back = jax_lora.unmerge(merged, model)
+    for n, k in kernels.items():
+        assert_close(getattr(back, n).kernel[...], k, rel=1e-5)
+
+
+def test_nnx_unsupported_layer_is_named():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(10, 4, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.emb(ids)
+
+    net = Net(nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match=r"DoRA is not supported yet for \S*Embed at 'emb/embedding'"
+    ):
+        jax_lora.wrap(net, LoraConfig(rank=2, targets=["emb/embedding"], use_dora=True))
+    assert type(net.emb) is nnx.Embed  # a refused wrap leaves the model as it was
