@@ -31,10 +31,21 @@ def _split(kernel_ndim: int, a: Array, b: Array) -> tuple[int, int]:
 def weight_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
     """``‖W + scale·a@b‖`` over the input axes: ``(lead..., out...)`` in fp32, no gradient.
 
-    Computed without forming ``a@b``: ``‖W‖² + 2s·⟨aᵀW, b⟩ + s²·⟨(aᵀa) b, b⟩`` per output
-    column, which needs no ``(in, out)`` temporary besides the squares of ``W`` that the
-    reduction fuses (see `weight_norm_dense` for the direct form).
+    Forms ``W + scale·a@b`` (as PEFT): measured on CPU (XLA, 1024x1024 and 2048x4096 kernels,
+    rank 16, a DoRA layer's forward and backward), this was 10-20% faster than the factored
+    form `weight_norm_factored` with the same peak temporary memory (XLA fuses the product
+    into the reduction), and it has no cancellation. Nothing of it is kept for the backward:
+    its inputs are ``stop_gradient``'ed.
     """
+    kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
+    n_lead, n_in = _split(kernel.ndim, a, b)
+    full = kernel.astype(jnp.float32) + factors.delta_kernel(a, b, scale, kernel.ndim)
+    return jnp.sqrt(jnp.sum(jnp.square(full), axis=tuple(range(n_lead, n_lead + n_in))))
+
+
+def weight_norm_factored(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """`weight_norm` without forming ``a@b``: ``‖W‖² + 2s·⟨aᵀW, b⟩ + s²·⟨(aᵀa) b, b⟩`` per
+    output column (kept to compare against; see `weight_norm` for why it is not the default)."""
     kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     w, a, b = kernel.astype(dtype), a.astype(dtype), b.astype(dtype)
@@ -51,14 +62,6 @@ def weight_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
     s = jnp.asarray(scale, dtype)
     sq = w2 + 2 * s * cross + s * s * quad
     return jnp.sqrt(jnp.maximum(sq, jnp.zeros((), dtype)))
-
-
-def weight_norm_dense(kernel: Array, a: Array, b: Array, scale: float) -> Array:
-    """`weight_norm` by forming ``W + scale·a@b`` (the reference; more memory)."""
-    kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
-    n_lead, n_in = _split(kernel.ndim, a, b)
-    full = kernel.astype(jnp.float32) + factors.delta_kernel(a, b, scale, kernel.ndim)
-    return jnp.sqrt(jnp.sum(jnp.square(full), axis=tuple(range(n_lead, n_lead + n_in))))
 
 
 def init_magnitude(kernel: Array, a: Array, b: Array, scale: float, dtype=jnp.float32) -> Array:

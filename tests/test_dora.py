@@ -164,7 +164,7 @@ def test_norm_without_forming_delta_equals_direct_form():
     want = np.sqrt((full**2).sum(axis=(1, 2)))
     assert got.shape == (3, 7)
     assert_close(got, want, rel=1e-5)
-    assert_close(dora.weight_norm_dense(kernel, a, b, 0.7), want, rel=1e-5)
+    assert_close(dora.weight_norm_factored(kernel, a, b, 0.7), want, rel=1e-5)
     # a constant in backprop
     g = jax.grad(lambda a: jnp.sum(dora.weight_norm(kernel, a, b, 0.7)))(a)
     assert float(jnp.max(jnp.abs(g))) == 0.0
@@ -376,3 +376,22 @@ def test_nnx_unsupported_layer_is_named():
     ):
         jax_lora.wrap(net, LoraConfig(rank=2, targets=["emb/embedding"], use_dora=True))
     assert type(net.emb) is nnx.Embed  # a refused wrap leaves the model as it was
+
+
+def test_backward_keeps_no_kernel_sized_residual(capsys):
+    """The norm is a constant: the backward keeps its (out,) result, never W + s·a@b."""
+    import jax.ad_checkpoint
+
+    k = jax.random.split(jax.random.key(4), 4)
+    w, a = jax.random.normal(k[0], (24, 40)), jax.random.normal(k[1], (24, 3))
+    b, x = jax.random.normal(k[2], (3, 40)), jax.random.normal(k[3], (5, 24))
+    geom = jax_lora.factors.dense_geometry(x.shape, 40)
+
+    def loss(a, b, m):
+        return jnp.sum(dora.apply(x @ w, None, x, None, w, a, b, m, geom, 0.5))
+
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, a, b, jnp.ones((40,)))
+    saved = capsys.readouterr().out
+    assert "f32[40] output of sqrt" in saved  # the norm itself
+    assert "f32[24,40]" not in saved, saved
