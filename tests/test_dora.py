@@ -395,3 +395,49 @@ def test_backward_keeps_no_kernel_sized_residual(capsys):
     saved = capsys.readouterr().out
     assert "f32[40] output of sqrt" in saved  # the norm itself
     assert "f32[24,40]" not in saved, saved
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return x + nn.Dense(16, name="fc2")(nn.gelu(nn.Dense(32, name="fc1")(x))), None
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            nn.remat(_Block),
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return stack(name="blocks")(x, None)[0]
+
+
+class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = _Block(name=f"block_{i}")(x)[0]
+        return x
+
+
+def _unstack(tree):
+    return {f"block_{i}": jax.tree.map(lambda t, i=i: t[i], tree["blocks"]) for i in range(3)}
+
+
+def test_scanned_stack_equals_unrolled():
+    """nn.scan (with remat) stacks the magnitude with the factors: m (L, out...); merge folds
+    each layer's kernel with its own m."""
+    cfg = LoraConfig(rank=4, alpha=8.0, use_dora=True)
+    x = _x((2, 5, 16))
+    scanned = jax_lora.wrap(Scanned(), cfg)
+    v = scanned.init(KEY, x)
+    assert v["lora"]["blocks"]["fc1"]["m"].shape == (3, 32)
+    v["lora"] = _randomize(v["lora"])
+    flat = {"params": _unstack(v["params"]), "lora": _unstack(v["lora"])}
+    want = jax_lora.wrap(Unrolled(), cfg).apply(flat, x)
+    assert_close(jax.jit(scanned.apply)(v, x), want, rel=1e-5)
+    merged = jax_lora.merge(v, cfg)
+    assert_close(Scanned().apply({"params": merged}, x), want, rel=1e-5)
