@@ -194,8 +194,17 @@ def _magnitude(module, geom, a, b, cfg: LoraConfig, path: str) -> jax.Array:
     """DoRA's ``lora/<layer>/m: (lead..., out...)``, made as PEFT does: ``‖W + s·a@b‖``."""
 
     def init():
-        kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
-        return dora.init_magnitude(kernel, a, b, cfg.scale, cfg.param_dtype)
+        box = module.get_variable("params", "kernel")
+        m = dora.init_magnitude(nn.meta.unbox(box), a, b, cfg.scale, cfg.param_dtype)
+        names = getattr(box, "names", None)  # partitioned as the kernel's lead and out axes
+        if (
+            isinstance(box, nn.meta.AxisMetadata)
+            and names is not None
+            and len(names) == box.value.ndim
+        ):
+            n_lead, n_in = len(geom.lead_shape), len(geom.in_shape)
+            return dataclasses.replace(box, value=m, names=names[:n_lead] + names[n_lead + n_in :])
+        return m
 
     return _factor(module, dora.MAGNITUDE, dora.magnitude_shape(geom), init, path)
 

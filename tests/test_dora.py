@@ -441,3 +441,11 @@ def test_scanned_stack_equals_unrolled():
     assert_close(jax.jit(scanned.apply)(v, x), want, rel=1e-5)
     merged = jax_lora.merge(v, cfg)
     assert_close(Scanned().apply({"params": merged}, x), want, rel=1e-5)
+
+
+def test_magnitude_inherits_partitioning():
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+    model = jax_lora.wrap(nn.Dense(16, kernel_init=init), LoraConfig(rank=2, use_dora=True))
+    v = model.init(KEY, jnp.ones((2, 8)))
+    assert v["lora"]["m"].names == ("mlp",) and v["lora"]["b"].names == (None, "mlp")
+    assert v["lora"]["m"].value.shape == (16,)
