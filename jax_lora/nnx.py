@@ -628,7 +628,12 @@ def wrap_nnx(
             m = dora.init_magnitude(
                 layer.kernel[...], layer.lora_a[...], layer.lora_b[...], config.scale
             )
-            layer.lora_m = nnx.LoRAParam(m.astype(config.param_dtype))
+            nl = len(geom.lead_shape)  # partitioned as b without its rank axis
+            meta_m = {
+                k: v[:nl] + v[nl + 1 :] if isinstance(v, tuple) and len(v) == m.ndim + 1 else v
+                for k, v in meta_b.items()
+            }
+            layer.lora_m = nnx.LoRAParam(m.astype(config.param_dtype), **meta_m)
             injected.append("lora_m")
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer)))

@@ -449,3 +449,20 @@ def test_magnitude_inherits_partitioning():
     v = model.init(KEY, jnp.ones((2, 8)))
     assert v["lora"]["m"].names == ("mlp",) and v["lora"]["b"].names == (None, "mlp")
     assert v["lora"]["m"].value.shape == (16,)
+
+
+def test_nnx_magnitude_inherits_partitioning():
+    init = nnx.initializers.lecun_normal()
+    with nnx.use_eager_sharding(False):
+        model = _Heads(nnx.Rngs(0))
+        model.q = nnx.LinearGeneral(
+            16,
+            (2, 8),
+            kernel_init=nnx.with_partitioning(init, ("embed", "heads", "kv")),
+            rngs=nnx.Rngs(0),
+        )
+        jax_lora.wrap(model, LoraConfig(rank=2, targets="q|up", use_dora=True))
+    spec = nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam))
+    P = jax.sharding.PartitionSpec
+    assert spec["q"]["lora_m"].get_value() == P("heads", "kv")
+    assert spec["up"]["lora_m"].get_value() == P()
