@@ -348,6 +348,9 @@ def test_nnx_merge_unmerge_multi_axis():
     state = jax_lora.lora_state(model)
     assert jax.tree.map(jnp.shape, state)["out"] == {"a": (2, 8, 3), "b": (3, 16), "m": (16,)}
     assert jax.tree.map(jnp.shape, state)["up"]["m"] == (2, 8)
+    rep = jax_lora.param_report(model)  # a, b and m of q, up, out are the trainable params
+    assert rep.trainable == sum(int(np.size(t)) for t in jax.tree.leaves(state))
+    assert rep.trainable == (16 * 3 + 3 * 16 + 16) * 2 + (16 * 3 + 3 * 16 + 16)
     lora = _randomize(state)
     jax_lora.load_lora(model, lora)
     x = jax.random.normal(jax.random.key(2), (2, 5, 16))
