@@ -199,3 +199,18 @@ def unsupported(kind: str, path: str) -> str:
         "linen, Linear/LinearGeneral/Einsum in NNX). Leave this weight out of `targets` (or "
         "add it to `exclude`), or use plain LoRA (`use_dora=False`)."
     )
+
+
+def check_agrees(has_m: bool, use_dora: bool, path: str) -> None:
+    """Raise unless a factor node has a magnitude exactly when the config says DoRA."""
+    if has_m and not use_dora:
+        raise ValueError(
+            f"the `lora` node at '{path}' has a DoRA magnitude 'm', but `use_dora` is False: "
+            "use the config the adapter was made with (`LoraConfig(..., use_dora=True)`)"
+        )
+    if use_dora and not has_m:
+        raise ValueError(
+            f"the `lora` node at '{path}' has no DoRA magnitude 'm', but the config has "
+            "`use_dora=True`: these factors are plain LoRA (use `use_dora=False`), or create "
+            "DoRA ones with `init` / `jax_lora.init_lora`"
+        )

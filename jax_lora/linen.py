@@ -346,6 +346,8 @@ class _Interceptor:
             lambda: box_b(factors.init_b(geom, cfg)),
             path,
         )
+        if not creating or module.has_variable(COLLECTION, dora.MAGNITUDE):
+            dora.check_agrees(module.has_variable(COLLECTION, dora.MAGNITUDE), cfg.use_dora, path)
         m = _magnitude(module, geom, a, b, cfg, path) if cfg.use_dora else None
         if not self.enabled:
             return y

@@ -131,6 +131,7 @@ def _apply(
             known=(known or {}).get(where),
             where=where,
         )
+        dora.check_agrees(dora.MAGNITUDE in node, config.use_dora, where)
         if dora.MAGNITUDE in node:
             holder[key] = _rebox(boxed, dora.fold(w, node, sign * config.scale, generic, where))
             continue

@@ -57,7 +57,7 @@ def _np_merge(params, lora, scale):
 
 MODELS = {
     "mlp": (MLP(), (4, 16), 2.0),  # Dense
-    "encoder": (Encoder(), (2, 5, 16), 0.5),  # DenseGeneral (attention) and Einsum (MLP)
+    "encoder": (Encoder(layers=1), (2, 5, 16), 0.5),  # DenseGeneral (attention) and Einsum (MLP)
 }
 
 
@@ -92,7 +92,7 @@ def test_init_magnitude_is_column_norm_and_output_is_base():
 def test_grads_treat_the_norm_as_a_constant():
     """Gradients wrt a, b, m equal those of the base model run with the merged kernel whose
     norm is stop_gradient'ed (PEFT's ``weight_norm.detach()``), and differ without it."""
-    base, cfg = Encoder(), LoraConfig(rank=2, alpha=4.0, use_dora=True)
+    base, cfg = Encoder(layers=1), LoraConfig(rank=2, alpha=4.0, use_dora=True)
     wrapped, x = jax_lora.wrap(base, cfg), _x()
     v = wrapped.init(KEY, x)
     params, lora = v["params"], _randomize(v["lora"])
@@ -469,3 +469,20 @@ def test_nnx_magnitude_inherits_partitioning():
     P = jax.sharding.PartitionSpec
     assert spec["q"]["lora_m"].get_value() == P("heads", "kv")
     assert spec["up"]["lora_m"].get_value() == P()
+
+
+def test_dora_tree_and_config_must_agree():
+    """A DoRA tree run (or merged) under a plain-LoRA config, or the reverse, raises naming the
+    layer instead of silently dropping or missing the magnitude."""
+    x = jnp.ones((2, 8))
+    dora_cfg, plain = LoraConfig(rank=2, use_dora=True), LoraConfig(rank=2)
+    v = jax_lora.wrap(nn.Dense(4, name="fc"), dora_cfg).init(KEY, x)
+    with pytest.raises(ValueError, match=r"'m'.*`use_dora` is False"):
+        jax_lora.wrap(nn.Dense(4), plain).apply(v, x)
+    with pytest.raises(ValueError, match=r"'m'.*`use_dora` is False"):
+        jax_lora.merge(v, plain)
+    no_m = {"params": v["params"], "lora": {"a": v["lora"]["a"], "b": v["lora"]["b"]}}
+    with pytest.raises(ValueError, match=r"no DoRA magnitude 'm'.*`use_dora=True`"):
+        jax_lora.wrap(nn.Dense(4), dora_cfg).apply(no_m, x)
+    with pytest.raises(ValueError, match=r"no DoRA magnitude 'm'.*`use_dora=True`"):
+        jax_lora.merge(no_m, dora_cfg)
