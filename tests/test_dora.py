@@ -486,3 +486,51 @@ def test_dora_tree_and_config_must_agree():
         jax_lora.wrap(nn.Dense(4), dora_cfg).apply(no_m, x)
     with pytest.raises(ValueError, match=r"no DoRA magnitude 'm'.*`use_dora=True`"):
         jax_lora.merge(no_m, dora_cfg)
+
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.fc(x))
+
+
+class _NnxStack(nnx.Module):
+    """3 blocks made under nnx.vmap, run with nnx.scan: kernels (3, 16, 16)."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return _NnxBlock(rngs)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_nnx_scanned_stack():
+    model = jax_lora.wrap(
+        _NnxStack(nnx.Rngs(0)), LoraConfig(rank=2, use_dora=True), rngs=nnx.Rngs(1)
+    )
+    kernel = np.asarray(model.blocks.fc.kernel[...], np.float64)
+    lora = jax_lora.lora_state(model)
+    assert lora["blocks"]["fc"]["m"].shape == (3, 16)
+    assert_close(lora["blocks"]["fc"]["m"], np.linalg.norm(kernel, axis=1), rel=1e-6)
+    lora = _randomize(lora)
+    jax_lora.load_lora(model, lora)
+    x = jax.random.normal(jax.random.key(2), (4, 16))
+    want = np.asarray(x, np.float64)
+    bias = np.asarray(model.blocks.fc.bias[...], np.float64)
+    for i in range(3):  # unrolled, each layer's kernel m_i (W_i + a_i b_i) / ||.||
+        a, b, m = (np.asarray(lora["blocks"]["fc"][k][i], np.float64) for k in ("a", "b", "m"))
+        full = kernel[i] + a @ b
+        want = want + np.tanh(want @ (m / np.linalg.norm(full, axis=0) * full) + bias[i])
+    assert_close(model(x), want, rel=1e-5)
+    assert_close(jax_lora.merge(model)(x), want, rel=1e-5)
