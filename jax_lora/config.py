@@ -131,6 +131,9 @@ class LoraConfig:
         tuple of ``(regex, rank)`` pairs (hashable); read it with `rank_for`.
       alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` per layer, matched the same way
         (PEFT's ``alpha_pattern``); read it with `scale_for`.
+      use_dora: DoRA (PEFT's ``use_dora=True``): each adapted kernel also gets a trainable
+        magnitude ``m: (out...)`` and computes ``m * (W + s·a@b) / ‖W + s·a@b‖`` (the norm over
+        the input axes, a constant in backprop); see `jax_lora.dora`.
 
     >>> from jax_lora import LoraConfig
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=r".*/(query|value)")
@@ -148,6 +151,7 @@ class LoraConfig:
     param_dtype: Any = np.float32
     rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] | None = ()
     alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] | None = ()
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, (bool, np.bool_)) or not isinstance(self.rank, (int, np.integer)):
@@ -195,6 +199,12 @@ class LoraConfig:
         object.__setattr__(self, "rank_pattern", rp)
         ap = _pattern_map("alpha_pattern", self.alpha_pattern, _alpha_value)
         object.__setattr__(self, "alpha_pattern", ap)
+        if not isinstance(self.use_dora, (bool, np.bool_)):
+            raise TypeError(
+                f"`use_dora` must be a bool (True or False), got {self.use_dora!r} of type "
+                f"{type(self.use_dora).__name__}"
+            )
+        object.__setattr__(self, "use_dora", bool(self.use_dora))
 
     @property
     def scale(self) -> float:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from . import factors, quant, weights
+from . import dora, factors, quant, weights
 from .config import LoraConfig
 from .switch import disabled as disabled
 from .switch import lora_enabled
@@ -203,6 +203,35 @@ def _geometry_of_factors(node, shape, uses, derived, wpath: str, rank: int):
     return derived if derived in fits else fits[0]
 
 
+def _magnitude(module, geom, a, b, cfg: LoraConfig, path: str) -> jax.Array:
+    """DoRA's ``lora/<layer>/m: (lead..., out...)``, made as PEFT does: ``‖W + s·a@b‖``."""
+
+    def init():
+        box = module.get_variable("params", "kernel")
+        m = dora.init_magnitude(nn.meta.unbox(box), a, b, cfg.scale, cfg.param_dtype)
+        names = getattr(box, "names", None)  # partitioned as the kernel's lead and out axes
+        if (
+            isinstance(box, nn.meta.AxisMetadata)
+            and names is not None
+            and len(names) == box.value.ndim
+        ):
+            n_lead, n_in = len(geom.lead_shape), len(geom.in_shape)
+            return dataclasses.replace(box, value=m, names=names[:n_lead] + names[n_lead + n_in :])
+        return m
+
+    return _factor(module, dora.MAGNITUDE, dora.magnitude_shape(geom), init, path)
+
+
+def _dora(module, y, x, drop, a, b, m, geom, cfg: LoraConfig):
+    """DoRA's output for a Dense-family call; with dropout running, the base part is the
+    layer's own matmul of the dropped-out input (as PEFT), without its bias."""
+    params = module.variables["params"]
+    kernel = nn.meta.unbox(params["kernel"])
+    bias = nn.meta.unbox(params["bias"]) if "bias" in params else None
+    x_base = None if drop is None else dora.base_matmul(x, kernel, geom, module.precision)
+    return dora.apply(y, bias, x, x_base, kernel, a, b, m, geom, cfg.scale, module.precision)
+
+
 class _Interceptor:
     """Adds the LoRA branch to every targeted layer call; records what it saw."""
 
@@ -334,12 +363,17 @@ class _Interceptor:
             lambda: box_b(factors.init_b(geom, cfg)),
             path,
         )
+        if not creating or module.has_variable(COLLECTION, dora.MAGNITUDE):
+            dora.check_agrees(module.has_variable(COLLECTION, dora.MAGNITUDE), cfg.use_dora, path)
+        m = _magnitude(module, geom, a, b, cfg, path) if cfg.use_dora else None
         if not self.enabled:
             return y
         x = _input(args, kwargs).astype(y.dtype)
         drop = self._dropout(module, path)
         if drop is not None:
             x = drop(x)
+        if m is not None:
+            return _dora(module, y, x, drop, a, b, m, geom, cfg)
         return y + factors.branch(x, a, b, geom, cfg.scale, module.precision)
 
     def _kernel_named(self, path: str) -> bool:
@@ -421,6 +455,8 @@ class _Interceptor:
             if why is not None:
                 self.skipped.append((wpath, why))
             return None
+        if cfg.use_dora:
+            raise ValueError(dora.unsupported(kind, wpath))
         scope = module.scope  # not `module.variable`: setup-style layers (Embed) work too
         node = None
         if scope.has_variable(COLLECTION, name):

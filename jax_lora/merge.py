@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax.core import meta
 
-from . import factors, quant, weights
+from . import dora, factors, quant, weights
 from .config import LoraConfig
 from .targets import path_str
 
@@ -132,7 +132,12 @@ def _apply(
             known=(known or {}).get(where),
             where=where,
         )
-        holder[key] = _rebox(boxed, _fold(w, a, b, sign * config.scale_for(path_str(path)), geom))
+        scale = sign * config.scale_for(path_str(path))
+        dora.check_agrees(dora.MAGNITUDE in node, config.use_dora, where)
+        if dora.MAGNITUDE in node:
+            holder[key] = _rebox(boxed, dora.fold(w, node, scale, generic, where))
+            continue
+        holder[key] = _rebox(boxed, _fold(w, a, b, scale, geom))
     return params
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import factors, weights
+from . import dora, factors, weights
 from .config import LoraConfig
 from .switch import lora_enabled
 from .switch import set_enabled as set_enabled
@@ -135,8 +135,11 @@ class _LoraLayer(nnx.Module):
             return y
         geom = _call_geometry(self, inputs, args, kwargs)  # type: ignore[arg-type]
         x = inputs.astype(y.dtype)
-        if self.lora_dropout > 0 and not self.deterministic and self.lora_rngs is not None:
+        drop = self.lora_dropout > 0 and not self.deterministic and self.lora_rngs is not None
+        if drop:
             x = factors.dropout(x, self.lora_dropout, self.lora_rngs())
+        if hasattr(self, "lora_m"):  # DoRA
+            return _dora(self, y, x, drop, geom)
         return y + factors.branch(
             x, self.lora_a[...], self.lora_b[...], geom, self.lora_scale, self.precision
         )
@@ -145,6 +148,15 @@ class _LoraLayer(nnx.Module):
         """``nnx.view(model, deterministic=...)`` reaches LoRA dropout (as ``nnx.Dropout``)."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _dora(layer: Any, y: jax.Array, x: jax.Array, drop: bool, geom: factors.Geometry):
+    """DoRA's output of an adapted Linear/LinearGeneral/Einsum (see `jax_lora.dora.apply`)."""
+    kernel = layer.kernel[...]
+    bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
+    x_base = dora.base_matmul(x, kernel, geom, layer.precision) if drop else None
+    a, b, m = layer.lora_a[...], layer.lora_b[...], layer.lora_m[...]
+    return dora.apply(y, bias, x, x_base, kernel, a, b, m, geom, layer.lora_scale, layer.precision)
 
 
 class LoraLinear(_LoraLayer, nnx.Linear):
@@ -595,6 +607,10 @@ def wrap_nnx(
         plans.append((path, layer, geom))
     wplans = []
     for path, (layer, geoms) in generic.items():
+        if config.use_dora:
+            raise ValueError(
+                dora.unsupported(class_name(layer), weight_path(path, next(iter(geoms))))
+            )
         fgs = {n: _flat_geometry(g) for n, g in geoms.items()}
         for n, fg in fgs.items():
             factors.check_rank(fg, config.rank_for(weight_path(path, n)), weight_path(path, n))
@@ -617,6 +633,17 @@ def wrap_nnx(
         ]
         injected = ["lora_a", "lora_b", *_common(layer, path, config, rngs, modes, stack)]
         layer.lora_scale = cfg.scale
+        if config.use_dora:  # DoRA's magnitude m: (lead..., out...), PEFT's init ‖W + s·a@b‖
+            m = dora.init_magnitude(
+                layer.kernel[...], layer.lora_a[...], layer.lora_b[...], cfg.scale
+            )
+            nl = len(geom.lead_shape)  # partitioned as b without its rank axis
+            meta_m = {
+                k: v[:nl] + v[nl + 1 :] if isinstance(v, tuple) and len(v) == m.ndim + 1 else v
+                for k, v in meta_b.items()
+            }
+            layer.lora_m = nnx.LoRAParam(m.astype(config.param_dtype), **meta_m)
+            injected.append("lora_m")
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer)))
     for path, layer, geoms, fgs in wplans:
@@ -703,6 +730,8 @@ def lora_state(model: nnx.Module) -> dict[str, Any]:
             for part in where.split("/") if where else []:
                 node = node.setdefault(part, {})
             node.update(a=getattr(layer, a)[...], b=getattr(layer, b)[...])
+            if hasattr(layer, "lora_m"):
+                node[dora.MAGNITUDE] = layer.lora_m[...]
     return out
 
 
@@ -717,6 +746,8 @@ def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
             va, vb = getattr(layer, a), getattr(layer, b)
             va[...] = jnp.asarray(flat[where]["a"], va[...].dtype)
             vb[...] = jnp.asarray(flat[where]["b"], vb[...].dtype)
+            if hasattr(layer, "lora_m"):
+                layer.lora_m[...] = jnp.asarray(flat[where]["m"], layer.lora_m[...].dtype)
 
 
 def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> nnx.Module:
@@ -736,6 +767,13 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
                     sign * dict(f.lora_scale)[n],
                 )
                 w[...] = (w[...].astype(d.dtype) + d).astype(w[...].dtype)
+        elif hasattr(f, "lora_m"):  # DoRA; unmerging needs the norm of the adapted model's kernel
+            a, b, m, s = f.lora_a[...], f.lora_b[...], f.lora_m[...], f.lora_scale
+            if sign > 0:
+                layer.kernel[...] = dora.merge_kernel(layer.kernel[...], a, b, m, s)
+            else:
+                norm = dora.weight_norm(f.kernel[...], a, b, s)
+                layer.kernel[...] = dora.unmerge_kernel(layer.kernel[...], a, b, m, norm, s)
         else:
             layer.kernel[...] = factors.fold(
                 layer.kernel[...], f.lora_a[...], f.lora_b[...], sign * f.lora_scale

@@ -46,6 +46,7 @@ _KEY = re.compile(
     r"^base_model\.model\.(?P<name>.+)\.lora_(?:(?P<emb>embedding_)(?P<eab>[AB])|(?P<ab>[AB])\.weight)$"
 )
 KINDS = ("linear", "conv", "embedding")
+_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_magnitude_vector$")
 Kinds = Mapping[str, str] | None
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, "README.md"})  # what export_peft may replace
@@ -56,6 +57,7 @@ _ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, "README.md"})  # what export_peft m
 # implement it. Unknown fields (newer PEFT) are refused unless set to None/False/empty.
 _READ = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights")
 _READ += ("rank_pattern", "alpha_pattern")
+_READ += ("use_dora",)  # DoRA: `lora_magnitude_vector (out,)` per module, `m (out...)` here
 _HARMLESS = frozenset(
     {
         *("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision"),
@@ -69,7 +71,6 @@ _HARMLESS = frozenset(
 )
 _OFF: tuple[Any, ...] = (None, False, {}, [], "")
 _UNSUPPORTED = {
-    "use_dora": _OFF,
     "bias": ("none",),
     "modules_to_save": _OFF,
     "layers_to_transform": _OFF,
@@ -345,7 +346,8 @@ def export_peft(
         raise ValueError(f"`stacked` key {key!r} names no factors in `lora` (a typo?)")
     for path, node in nodes:
         a, b = np.asarray(node["a"], np.float32), np.asarray(node["b"], np.float32)
-        for layer, la, lb in _layers(path, a, b, config.rank_for(path), stacked):
+        m = _export_magnitude(path, node, config)
+        for i, (layer, la, lb) in enumerate(_layers(path, a, b, config.rank_for(path), stacked)):
             name = name_of(layer)
             if name in owner:
                 first, second = sorted((owner[name], layer))
@@ -366,6 +368,11 @@ def export_peft(
             else:
                 tensors[f"base_model.model.{name}.lora_A.weight"] = ta
                 tensors[f"base_model.model.{name}.lora_B.weight"] = tb
+            if m is not None:
+                if kind != "linear":
+                    raise ValueError(f"DoRA is not supported yet for a {kind} layer at '{layer}'")
+                mi = m[i] if la.ndim < a.ndim else m  # a stack exports one module per layer
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = mi.reshape(-1)
     if not owner:
         raise ValueError("`lora` has no factors ({'a': ..., 'b': ...} nodes) to export")
     names = sorted(owner)
@@ -381,7 +388,7 @@ def export_peft(
         "bias": "none",
         "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "modules_to_save": None,
         "rank_pattern": dict(sorted(rank_pattern.items())),
         "alpha_pattern": dict(sorted(alpha_pattern.items())),
@@ -393,6 +400,18 @@ def export_peft(
     }
     _replace_folder(os.fspath(directory), files, overwrite=overwrite)
     return names
+
+
+def _export_magnitude(path: str, node: Mapping[str, Any], config: LoraConfig) -> Any:
+    """DoRA's ``m (lead..., out...)`` of a node as float32, or None; it must agree with
+    ``config.use_dora``."""
+    if ("m" in node) != config.use_dora:
+        has = "has a DoRA magnitude 'm'" if "m" in node else "has no DoRA magnitude 'm'"
+        raise ValueError(
+            f"the `lora` node at '{path}' {has}, but `config.use_dora` is {config.use_dora}; "
+            "export with the config the factors were trained with"
+        )
+    return np.asarray(node["m"], np.float32) if "m" in node else None
 
 
 # --- the atomic folder replace ------------------------------------------------------------
@@ -559,6 +578,8 @@ def _read_config(directory: str) -> tuple[dict[str, Any], int, float]:
                 re.compile(key)
         except re.error as e:
             raise bad(f"`{field}` key {key!r} is not a valid regex: {e}") from None
+    if raw.get("use_dora") is not None and not isinstance(raw["use_dora"], bool):
+        raise bad(f"`use_dora`={raw['use_dora']!r}; expected true or false")
     return raw, r, float(alpha)
 
 
@@ -587,23 +608,33 @@ def _read_factors(
         ) from None
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
+        if _MAGNITUDE_KEY.match(key):
+            pairs.setdefault(_MAGNITUDE_KEY.match(key)["name"], {})["M"] = value
+            continue
         m = _KEY.match(key)
         if m is None:
             raise ValueError(
                 f"{where}: tensor {key!r} is not a LoRA Linear factor (expected "
                 "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / "
-                "'.lora_embedding_A' / '.lora_embedding_B'); DoRA and modules_to_save weights are "
-                "not supported"
+                "'.lora_embedding_A' / '.lora_embedding_B' / DoRA's '.lora_magnitude_vector'); "
+                "modules_to_save weights are not supported"
             )
         node = pairs.setdefault(m["name"], {})
         kind = "embedding" if m["emb"] else ("conv" if value.ndim > 2 else "linear")
-        if node.setdefault("kind", kind) != kind:
+        if node.get("kind", kind) != kind:
             raise ValueError(
                 f"{where}: module {m['name']!r} mixes {node['kind']} and {kind} LoRA tensors"
             )
+        node["kind"] = kind
         node[m["eab"] or m["ab"]] = value
     for name, ab in sorted(pairs.items()):
-        kind = ab.pop("kind")
+        magnitude = ab.pop("M", None)
+        kind = ab.pop("kind", None)
+        if kind is None:
+            raise ValueError(
+                f"{where}: 'base_model.model.{name}.lora_magnitude_vector' (DoRA) has no "
+                "lora_A / lora_B of its module"
+            )
         if set(ab) != {"A", "B"}:
             raise ValueError(
                 f"{where}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B"
@@ -619,7 +650,21 @@ def _read_factors(
                 f"has lora_A.weight {a.shape} and lora_B.weight {b.shape}; PEFT needs (r, in) and "
                 "(out, r), and refuses this adapter too"
             )
+        if magnitude is not None:
+            _check_magnitude(where, name, kind, magnitude, b.shape[0])
+            ab["M"] = magnitude
     return pairs
+
+
+def _check_magnitude(where: str, name: str, kind: str, m: np.ndarray, out: int) -> None:
+    key = f"base_model.model.{name}.lora_magnitude_vector"
+    if kind != "linear":
+        raise ValueError(f"{where}: {key!r}: DoRA is not supported yet for a {kind} layer")
+    if m.shape != (out,) or not np.issubdtype(m.dtype, np.floating):
+        raise ValueError(
+            f"{where}: {key!r} has shape {m.shape} and dtype {m.dtype}; DoRA needs one float "
+            f"per output feature, ({out},) like lora_B.weight's first axis"
+        )
 
 
 def _flax_paths(
@@ -724,7 +769,17 @@ def import_peft(
             ) from None
         if ref is not None:
             a, b = a.astype(ref["a"].dtype), b.astype(ref["b"].dtype)
-        layers.setdefault(path, {})[index] = (a, b)
+        layer = (a, b)
+        if ("M" in ab) != bool(raw.get("use_dora")):
+            raise ValueError(
+                f"{os.path.join(directory, WEIGHTS)}: module {name!r} "
+                + ("has" if "M" in ab else "has no")
+                + f" lora_magnitude_vector, but `use_dora` is {raw.get('use_dora')!r}"
+            )
+        if "M" in ab:
+            m = ab["M"].reshape(b.shape[1:])
+            layer += (m.astype(ref["m"].dtype) if ref is not None and "m" in ref else m,)
+        layers.setdefault(path, {})[index] = layer
         alphas.setdefault(path, {})[float(peft_pattern_value(alpha_pattern, name, alpha))] = name
     for path, seen in alphas.items():
         if len(seen) > 1:
@@ -736,7 +791,7 @@ def import_peft(
     lora: dict[str, Any] = {}
     for path, by_index in layers.items():
         if None in by_index:
-            a, b = by_index[None]
+            arrays = by_index[None]
         else:
             missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
             if missing:
@@ -751,12 +806,13 @@ def import_peft(
                     f"{sorted(ranks)} (`rank_pattern`), but a stack has one rank; import without "
                     "`stacked` for this stack"
                 )
-            a = np.stack([by_index[i][0] for i in sorted(by_index)])
-            b = np.stack([by_index[i][1] for i in sorted(by_index)])
+            arrays = [
+                np.stack(x) for x in zip(*(by_index[i] for i in sorted(by_index)), strict=True)
+            ]
         node = lora
         for part in path.split("/"):
             node = node.setdefault(part, {})
-        node.update(a=a, b=b)
+        node.update(zip("abm", arrays, strict=False))
     if like is not None:
         check_same_layout(lora, like, f"PEFT adapter {directory}")
     nodes = sorted((path_str(p), n) for p, n in factor_nodes(lora))
@@ -774,5 +830,6 @@ def import_peft(
             for p, _ in nodes
             if next(iter(alphas[p])) != alpha
         },
+        use_dora=bool(raw.get("use_dora", False)),
     )
     return lora, config

@@ -77,12 +77,13 @@ def factor_nodes(
         )
     leaves = [k for k, v in tree.items() if not isinstance(v, Mapping)]
     if leaves:
-        if set(tree) != {"a", "b"} or len(leaves) != 2:
+        if set(tree) not in ({"a", "b"}, {"a", "b", "m"}) or len(leaves) != len(tree):
             raise ValueError(
                 f"the `lora` node at '{where}' has keys {sorted(map(str, tree))}; a factor node "
-                "is exactly {'a': (lead..., in..., r), 'b': (lead..., r, out...)}"
+                "is exactly {'a': (lead..., in..., r), 'b': (lead..., r, out...)}, plus "
+                "'m': (lead..., out...) with DoRA"
             )
-        for k in ("a", "b"):
+        for k in tree:
             dtype = getattr(tree[k], "dtype", None)
             dtype = np.dtype(dtype) if dtype is not None else np.asarray(tree[k]).dtype
             if not jnp.issubdtype(dtype, jnp.floating):

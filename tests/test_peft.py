@@ -115,9 +115,9 @@ def test_foreign_tensor_and_layout_mismatch(tmp_path):
     jax_lora.export_peft(tmp_path, lora, LoraConfig(rank=4))
     f = tmp_path / "adapter_model.safetensors"
     t = load_file(f)
-    save_file({**t, "base_model.model.emb.lora_magnitude_vector": np.zeros((4,), np.float32)}, f)
+    save_file({**t, "base_model.model.emb.lora_E": np.zeros((4,), np.float32)}, f)
     with pytest.raises(
-        ValueError, match="'base_model.model.emb.lora_magnitude_vector' is not a LoRA Linear factor"
+        ValueError, match="'base_model.model.emb.lora_E' is not a LoRA Linear factor"
     ):
         jax_lora.import_peft(tmp_path)
     save_file(t, f)

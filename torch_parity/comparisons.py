@@ -1696,5 +1696,8 @@ def peft_conv1d_conv3d_format() -> list[Row]:
 
 
 ALL["peft_conv1d_conv3d_format"] = peft_conv1d_conv3d_format
-from . import qlora  # noqa: E402, F401  (registers its rows)
-from . import variants  # noqa: E402, F401  (registers its rows)
+from . import (
+    dora,  # noqa: F401  (registers its rows)
+    qlora,  # noqa: F401  (registers its rows)
+    variants,  # noqa: F401  (registers its rows)
+)

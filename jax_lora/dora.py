@@ -1,0 +1,216 @@
+"""DoRA (Liu et al. 2024, arXiv 2402.09353; PEFT ``use_dora=True``), the math written once.
+
+A kernel ``W: (lead..., in..., out...)`` with LoRA factors ``a: (lead..., in..., r)``,
+``b: (lead..., r, out...)`` also gets a magnitude ``m: (lead..., out...)``; the layer computes
+``y = m / ‖W + s·a@b‖ · (x @ W + s·(x @ a) @ b) + bias``, the norm over the input axes and, as
+in PEFT (paper §4.3), a constant in backprop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import factors
+
+Array = jax.Array
+
+MAGNITUDE = "m"
+"""The key of the magnitude in a factor node: ``{"a", "b", "m"}``."""
+
+
+def _split(kernel_ndim: int, a: Array, b: Array) -> tuple[int, int]:
+    """(number of lead axes, number of input axes) of a kernel adapted by ``a``, ``b``."""
+    n_lead = a.ndim + b.ndim - 2 - kernel_ndim
+    return n_lead, a.ndim - 1 - n_lead
+
+
+def weight_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """``‖W + scale·a@b‖`` over the input axes: ``(lead..., out...)`` in fp32, no gradient.
+
+    Forms ``W + scale·a@b`` (as PEFT): measured on CPU (XLA, 1024x1024 and 2048x4096 kernels,
+    rank 16, a DoRA layer's forward and backward), this was 10-20% faster than the factored
+    form `weight_norm_factored` with the same peak temporary memory (XLA fuses the product
+    into the reduction), and it has no cancellation. Nothing of it is kept for the backward:
+    its inputs are ``stop_gradient``'ed.
+    """
+    kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
+    n_lead, n_in = _split(kernel.ndim, a, b)
+    full = kernel.astype(jnp.float32) + factors.delta_kernel(a, b, scale, kernel.ndim)
+    return jnp.sqrt(jnp.sum(jnp.square(full), axis=tuple(range(n_lead, n_lead + n_in))))
+
+
+def weight_norm_factored(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """`weight_norm` without forming ``a@b``: ``‖W‖² + 2s·⟨aᵀW, b⟩ + s²·⟨(aᵀa) b, b⟩`` per
+    output column (kept to compare against; see `weight_norm` for why it is not the default)."""
+    kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    w, a, b = kernel.astype(dtype), a.astype(dtype), b.astype(dtype)
+    n_lead, n_in = _split(w.ndim, a, b)
+    lead = tuple(range(n_lead))
+    ins = tuple(range(n_lead, n_lead + n_in))
+    hi = lax.Precision.HIGHEST
+    w2 = jnp.sum(jnp.square(w), axis=ins)  # (lead..., out...)
+    atw = lax.dot_general(a, w, ((ins, ins), (lead, lead)), precision=hi)  # (lead..., r, out...)
+    cross = jnp.sum(atw * b, axis=n_lead)
+    gram = lax.dot_general(a, a, ((ins, ins), (lead, lead)), precision=hi)  # (lead..., r, r)
+    gb = lax.dot_general(gram, b, (((n_lead + 1,), (n_lead,)), (lead, lead)), precision=hi)
+    quad = jnp.sum(gb * b, axis=n_lead)
+    s = jnp.asarray(scale, dtype)
+    sq = w2 + 2 * s * cross + s * s * quad
+    return jnp.sqrt(jnp.maximum(sq, jnp.zeros((), dtype)))
+
+
+def init_magnitude(kernel: Array, a: Array, b: Array, scale: float, dtype=jnp.float32) -> Array:
+    """PEFT's initial magnitude ``‖W + scale·a@b‖`` (``‖W‖`` while ``b = 0``) in ``dtype``."""
+    return weight_norm(kernel, a, b, scale).astype(dtype)
+
+
+def _out_factor(f: Array, y_ndim: int, geom: factors.Geometry) -> Array:
+    """Reshape a per-output factor ``(lead..., out...)`` to broadcast against the layer output."""
+    if geom.kind == "einsum":
+        lhs, out = geom.eq_b.split("->")
+        outs = lhs.split(",")[1][1:]
+        order = [c for c in out if c in outs]
+        f = jnp.transpose(f, [outs.index(c) for c in order])
+        shape = [f.shape[order.index(c)] if c in outs else 1 for c in out]
+        return f.reshape(shape)
+    return bias_shaped(f, y_ndim, geom)
+
+
+def bias_shaped(f: Array, y_ndim: int, geom: factors.Geometry) -> Array:
+    """Reshape ``f`` stored as the layer's bias is (output axes in output order) to broadcast
+    against the output."""
+    if geom.kind == "einsum":
+        lhs, out = geom.eq_b.split("->")
+        outs = lhs.split(",")[1][1:]
+        return f.reshape(
+            [f.shape[[c for c in out if c in outs].index(c)] if c in outs else 1 for c in out]
+        )
+    n_lead, n_out = len(geom.lead_shape), len(geom.out_shape)
+    rest = y_ndim - n_lead - n_out
+    return f.reshape(f.shape[:n_lead] + (1,) * rest + f.shape[n_lead:])
+
+
+def apply(
+    y: Array,
+    bias: Array | None,
+    x: Array,
+    x_base: Array | None,
+    kernel: Array,
+    a: Array,
+    b: Array,
+    m: Array,
+    geom: factors.Geometry,
+    scale: float,
+    precision=None,
+) -> Array:
+    """A Dense-family layer's DoRA output, as PEFT's ``DoraLinearVariant.forward``.
+
+    Args:
+      y: the base layer's output ``x @ W + bias``.
+      bias: the layer's bias (``None`` if it has none), broadcastable to ``y``.
+      x: the LoRA branch input (dropped-out while LoRA dropout runs).
+      x_base: ``dropout(x) @ W`` (no bias) while dropout runs, else ``None``: PEFT then scales
+        ``x @ W`` by ``m/‖·‖ - 1`` on the dropped-out input, the base output unchanged.
+      kernel, a, b, m: ``W: (lead..., in..., out...)``, the factors and ``m: (lead..., out...)``.
+
+    Returns ``y + (m/n - 1) * base + (m/n) * s * (x @ a) @ b``, ``n`` the stop-gradient norm.
+    """
+    norm = weight_norm(kernel, a, b, scale)
+    mn = (m.astype(norm.dtype) / norm).astype(y.dtype)
+    mn = _out_factor(mn, y.ndim, geom)
+    lora = factors.branch(x, a, b, geom, scale, precision)
+    if x_base is None:
+        base = y if bias is None else y - bias_shaped(bias.astype(y.dtype), y.ndim, geom)
+    else:
+        base = x_base
+    return y + (mn - jnp.ones((), y.dtype)) * base + mn * lora
+
+
+def base_matmul(x: Array, kernel: Array, geom: factors.Geometry, precision=None) -> Array:
+    """``x @ W`` without bias, contracted as the layer does (the base part of PEFT's DoRA
+    forward while dropout runs)."""
+    kernel = kernel.astype(x.dtype)
+    if geom.kind == "einsum":
+        lhs, out = geom.eq_b.split("->")
+        outs = lhs.split(",")[1][1:]
+        x_spec, rest = geom.eq_a.split("->")[0].split(",")
+        return jnp.einsum(f"{x_spec},{rest[:-1]}{outs}->{out}", x, kernel, precision=precision)
+    nb, na = len(geom.batch_dims), len(geom.axis)
+    dims = ((geom.axis, tuple(range(nb, nb + na))), (geom.batch_dims, tuple(range(nb))))
+    return lax.dot_general(x, kernel, dims, precision=precision)
+
+
+def _kernel_factor(f: Array, kernel_ndim: int, n_lead: int, n_in: int) -> Array:
+    return f.reshape(f.shape[:n_lead] + (1,) * n_in + f.shape[n_lead:])
+
+
+def merge_kernel(kernel: Array, a: Array, b: Array, m: Array, scale: float) -> Array:
+    """``m / ‖W + s·a@b‖ · (W + s·a@b)`` computed in fp32, cast to the kernel's dtype."""
+    n_lead, n_in = _split(kernel.ndim, a, b)
+    full = kernel.astype(jnp.float32) + factors.delta_kernel(a, b, scale, kernel.ndim)
+    norm = weight_norm(kernel, a, b, scale)
+    f = _kernel_factor(m.astype(jnp.float32) / norm, kernel.ndim, n_lead, n_in)
+    return (f * full).astype(kernel.dtype)
+
+
+def unmerge_kernel(merged: Array, a: Array, b: Array, m: Array, norm: Array, scale: float) -> Array:
+    """The inverse of `merge_kernel`: ``W = W' · norm / m - s·a@b``. ``norm`` is the
+    `weight_norm` of the *unmerged* kernel: merged weights alone do not determine it (every
+    column's scale is free), so PEFT caches it; here it comes from the unmerged model."""
+    n_lead, n_in = _split(merged.ndim, a, b)
+    f = _kernel_factor(norm / m.astype(jnp.float32), merged.ndim, n_lead, n_in)
+    d = factors.delta_kernel(a, b, scale, merged.ndim)
+    return (merged.astype(jnp.float32) * f - d).astype(merged.dtype)
+
+
+def fold(kernel: Array, node, scale: float, generic: bool, where: str) -> Array:
+    """`merge`'s DoRA case for the factor node ``{"a", "b", "m"}`` at ``where``; a negative
+    ``scale`` (unmerge) raises: the merged kernel alone does not determine ``‖W + s·a@b‖``."""
+    if generic:
+        raise ValueError(unsupported("a weight of a non-Dense layer", where))
+    if scale < 0:
+        raise ValueError(
+            f"the `lora` node at '{where}' is DoRA (has a magnitude 'm'): its merge "
+            "m·(W+ΔW)/‖W+ΔW‖ cannot be undone from the merged kernel and the factors alone (each "
+            "output column's norm is lost). Keep the unmerged params (merge from them for export), "
+            "or use `jax_lora.dora.unmerge_kernel` with the norm of the unmerged kernel."
+        )
+    return merge_kernel(kernel, node["a"], node["b"], node[MAGNITUDE], scale)
+
+
+def magnitude_shape(geom: factors.Geometry) -> tuple[int, ...]:
+    """``(lead..., out...)``: one magnitude per output feature (per stacked layer)."""
+    return geom.lead_shape + geom.out_shape
+
+
+def magnitude_size(geom: factors.Geometry) -> int:
+    return math.prod(magnitude_shape(geom))
+
+
+def unsupported(kind: str, path: str) -> str:
+    """The error text for DoRA on a layer kind it does not cover yet."""
+    return (
+        f"DoRA is not supported yet for {kind} at '{path}' (only Dense/DenseGeneral/Einsum in "
+        "linen, Linear/LinearGeneral/Einsum in NNX). Leave this weight out of `targets` (or "
+        "add it to `exclude`), or use plain LoRA (`use_dora=False`)."
+    )
+
+
+def check_agrees(has_m: bool, use_dora: bool, path: str) -> None:
+    """Raise unless a factor node has a magnitude exactly when the config says DoRA."""
+    if has_m and not use_dora:
+        raise ValueError(
+            f"the `lora` node at '{path}' has a DoRA magnitude 'm', but `use_dora` is False: "
+            "use the config the adapter was made with (`LoraConfig(..., use_dora=True)`)"
+        )
+    if use_dora and not has_m:
+        raise ValueError(
+            f"the `lora` node at '{path}' has no DoRA magnitude 'm', but the config has "
+            "`use_dora=True`: these factors are plain LoRA (use `use_dora=False`), or create "
+            "DoRA ones with `init` / `jax_lora.init_lora`"
+        )
