@@ -1,5 +1,12 @@
 """jax_lora: LoRA (arXiv 2106.09685) for JAX and Flax."""
 
+from .adapters import MultiLoraWrapped as MultiLoraWrapped
+from .adapters import adapter_names as adapter_names
+from .adapters import add_adapter as add_adapter
+from .adapters import combine_adapters as combine_adapters
+from .adapters import delete_adapter as delete_adapter
+from .adapters import export_peft_adapters as export_peft_adapters
+from .adapters import import_peft_adapters as import_peft_adapters
 from .checkpoint import AdapterCheckpointer as AdapterCheckpointer
 from .checkpoint import Restored as Restored
 from .config import INITS as INITS
@@ -27,11 +34,18 @@ __all__ = [
     "AdapterCheckpointer",
     "LoraConfig",
     "LoraWrapped",
+    "MultiLoraWrapped",
     "ParamReport",
     "Restored",
+    "adapter_names",
+    "add_adapter",
+    "combine_adapters",
+    "delete_adapter",
     "disabled",
     "export_peft",
+    "export_peft_adapters",
     "import_peft",
+    "import_peft_adapters",
     "init_lora",
     "load_lora",
     "lora_state",
