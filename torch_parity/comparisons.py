@@ -1696,3 +1696,4 @@ def peft_conv1d_conv3d_format() -> list[Row]:
 
 
 ALL["peft_conv1d_conv3d_format"] = peft_conv1d_conv3d_format
+from . import multi_adapter  # noqa: E402, F401  (registers its rows)
