@@ -330,10 +330,10 @@ class MultiLoraWrapped(nn.Module):
         from .linen import LoraWrapped, init_lora
 
         out = self.base(*args, **kwargs)
-        base = self.base.clone(parent=None)
         rest = {k: v for k, v in self.variables.items() if k != COLLECTION}
         for name, config in todo:
             key = self.make_rng("params")
+            base = self.base.unbind()[0]  # a fresh unbound copy for each nested `apply`
             tree = init_lora(
                 LoraWrapped(base=base, config=config, parent=None), key, rest, *args, **kwargs
             )
