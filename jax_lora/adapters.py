@@ -368,6 +368,12 @@ def wrap_adapters(
 ) -> MultiLoraWrapped:
     """`MultiLoraWrapped` over ``module`` with adapters ``configs`` (``{name: LoraConfig}``,
     in this order). ``jax_lora.wrap(module, {...})`` calls this."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            "named adapters ({name: LoraConfig}) take a flax.linen.Module; got "
+            f"{type(module).__name__}. NNX models take one LoraConfig for now (wrap a copy per "
+            "adapter, e.g. with nnx.clone)."
+        )
     if not configs:
         raise ValueError("`configs` is empty: give at least one {name: LoraConfig}")
     pairs = []

@@ -627,7 +627,7 @@ def wrap(
     >>> jax.tree.map(jnp.shape, v["lora"])
     {'a': (8, 4), 'b': (4, 16)}
     """
-    if isinstance(config, Mapping) and isinstance(module, nn.Module):
+    if isinstance(config, Mapping):
         from .adapters import wrap_adapters  # named adapters: {name: LoraConfig}
 
         return wrap_adapters(module, config, name=name)

@@ -329,8 +329,12 @@ def test_export_import_adapters_round_trip(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
-def test_wrap_rejects_wrapping_twice():
+def test_wrap_rejects_wrapping_twice_and_nnx():
+    from flax import nnx
+
     _, wrapped, _, _ = _setup()
     with pytest.raises(ValueError, match="already has named adapters"):
         jax_lora.wrap(wrapped, CONFIGS)
     assert isinstance(wrapped, nn.Module)
+    with pytest.raises(TypeError, match="named adapters .* take a flax.linen.Module; got Linear"):
+        jax_lora.wrap(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), CONFIGS)
