@@ -7,17 +7,20 @@ subtree exactly what ``jax_lora.wrap(model, config)`` makes for that adapter's `
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
 from . import factors
@@ -166,52 +169,73 @@ class _Multi:
                     a, b = nodes[k]["a"], nodes[k]["b"]
                     y = y + factors.branch(x, a, b, geom, self.scales[k], module.precision)
             return y
-        return y + self._gathered(x, nodes, geom, path, module.precision)
+        scales = [self.scales[k] for k in self.names]
+        return y + gathered_branch(
+            x, nodes, self.names, scales, self.ids, geom, path, module.precision
+        )
 
-    def _gathered(self, x, nodes, geom: factors.Geometry, path: str, precision) -> jax.Array:
-        """Per-row branch: factors stacked ``(n, in..., r_max)``/``(n, r_max, out...)``, zero
-        for adapters absent here and zero-padded to the largest rank, gathered by id."""
-        ids = self.ids
-        if x.shape[0] != ids.shape[0]:
-            raise ValueError(
-                f"`adapter_ids` has {ids.shape[0]} rows, but the input of layer '{path}' has "
-                f"shape {x.shape}: its first axis must be the batch"
-            )
-        r_max = max(int(node["a"].shape[-1]) for node in nodes.values())
-        stack_a, stack_b, scales = [], [], []
-        for k in self.names:
-            node = nodes.get(k)
-            if node is None:
-                a = jnp.zeros((*geom.a_shape, r_max), x.dtype)
-                b = jnp.zeros((r_max, *geom.out_shape), x.dtype)
-                scales.append(0.0)
-            else:
-                pad = r_max - node["a"].shape[-1]
-                a = jnp.pad(node["a"].astype(x.dtype), [(0, 0)] * len(geom.a_shape) + [(0, pad)])
-                b = jnp.pad(node["b"].astype(x.dtype), [(0, pad)] + [(0, 0)] * len(geom.out_shape))
-                scales.append(self.scales[k])
-            stack_a.append(a)
-            stack_b.append(b)
-        n = len(self.names)
-        inside = (ids >= 0) & (ids < n)
-        idx = jnp.clip(ids, 0, n - 1)
-        scale = jnp.where(inside, jnp.asarray(scales, x.dtype)[idx], jnp.zeros((), x.dtype))
-        a_rows, b_rows = jnp.stack(stack_a)[idx], jnp.stack(stack_b)[idx]
-        if geom.kind == "einsum":
-            eq_a, eq_b = _batched_einsum(geom, path)
-            h = jnp.einsum(eq_a, x, a_rows, precision=precision)
-            h = h * scale.reshape((-1,) + (1,) * (h.ndim - 1))
-            return jnp.einsum(eq_b, h, b_rows, precision=precision)
-        if 0 in geom.axis:
-            raise ValueError(f"layer '{path}' contracts the batch axis 0; per-row adapters need it")
-        na = len(geom.axis)
-        h = lax.dot_general(
-            x, a_rows, ((geom.axis, tuple(range(1, 1 + na))), ((0,), (0,))), precision=precision
+
+def gathered_branch(
+    x: jax.Array,
+    nodes: Mapping[str, Mapping[str, jax.Array]],
+    names: Sequence[str],
+    scales: Sequence[float],
+    ids: jax.Array,
+    geom: factors.Geometry,
+    path: str,
+    precision: Any = None,
+) -> jax.Array:
+    """The per-row LoRA branch of one layer: row ``i`` uses adapter ``names[ids[i]]``.
+
+    ``nodes`` maps the adapters that adapt this layer to ``{"a": (in..., r_k), "b": (r_k,
+    out...)}``; ``scales[k]`` is adapter ``names[k]``'s scale. The factors are stacked as
+    ``(n, in..., r_max)`` and ``(n, r_max, out...)`` (zero-padded to the largest rank, zero for
+    adapters absent here), gathered per row and contracted in two batched matmuls. Rows whose id
+    is outside ``[0, n)`` get zero. Returns the layer's output shape, in ``x.dtype``.
+    """
+    if x.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"`adapter_ids` has {ids.shape[0]} rows, but the input of layer '{path}' has "
+            f"shape {x.shape}: its first axis must be the batch"
         )
-        h = h * scale.reshape((-1,) + (1,) * (h.ndim - 1))
-        return lax.dot_general(
-            h, b_rows, (((h.ndim - 1,), (1,)), ((0,), (0,))), precision=precision
+    r_max = max(int(node["a"].shape[-1]) for node in nodes.values())
+    stack_a, stack_b, kept = [], [], []
+    for k, scale in zip(names, scales, strict=True):
+        node = nodes.get(k)
+        if node is None:
+            stack_a.append(jnp.zeros((*geom.a_shape, r_max), x.dtype))
+            stack_b.append(jnp.zeros((r_max, *geom.out_shape), x.dtype))
+            kept.append(0.0)
+            continue
+        pad = r_max - node["a"].shape[-1]
+        stack_a.append(
+            jnp.pad(node["a"].astype(x.dtype), [(0, 0)] * len(geom.a_shape) + [(0, pad)])
         )
+        stack_b.append(
+            jnp.pad(node["b"].astype(x.dtype), [(0, pad)] + [(0, 0)] * len(geom.out_shape))
+        )
+        kept.append(scale)
+    n = len(names)
+    inside = (ids >= 0) & (ids < n)
+    idx = jnp.clip(ids, 0, n - 1)
+    row_scale = jnp.where(inside, jnp.asarray(kept, x.dtype)[idx], jnp.zeros((), x.dtype))
+    a_rows, b_rows = jnp.stack(stack_a)[idx], jnp.stack(stack_b)[idx]
+    if geom.kind == "einsum":
+        eq_a, eq_b = _batched_einsum(geom, path)
+        h = jnp.einsum(eq_a, x, a_rows, precision=precision)
+        h = h * row_scale.reshape((-1,) + (1,) * (h.ndim - 1))
+        return jnp.einsum(eq_b, h, b_rows, precision=precision)
+    if geom.batch_dims or 0 in geom.axis:
+        raise ValueError(
+            f"layer '{path}' contracts or batches over axis 0; per-row adapters need it to be "
+            "the batch"
+        )
+    na = len(geom.axis)
+    h = lax.dot_general(
+        x, a_rows, ((geom.axis, tuple(range(1, 1 + na))), ((0,), (0,))), precision=precision
+    )
+    h = h * row_scale.reshape((-1,) + (1,) * (h.ndim - 1))
+    return lax.dot_general(h, b_rows, (((h.ndim - 1,), (1,)), ((0,), (0,))), precision=precision)
 
 
 def _batched_einsum(geom: factors.Geometry, path: str) -> tuple[str, str]:
@@ -364,18 +388,31 @@ class MultiLoraWrapped(nn.Module):
 
 
 def wrap_adapters(
-    module: nn.Module, configs: Mapping[str, LoraConfig], *, name: str | None = None
-) -> MultiLoraWrapped:
-    """`MultiLoraWrapped` over ``module`` with adapters ``configs`` (``{name: LoraConfig}``,
-    in this order). ``jax_lora.wrap(module, {...})`` calls this."""
+    module: Any,
+    configs: Mapping[str, LoraConfig],
+    *,
+    name: str | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> Any:
+    """Named adapters ``configs`` (``{name: LoraConfig}``, in this order) on ``module``:
+    a `MultiLoraWrapped` for a linen module, or an NNX model adapted in place (see
+    `wrap_nnx_adapters`). ``jax_lora.wrap(module, {...})`` calls this."""
+    if isinstance(module, nnx.Module):
+        return wrap_nnx_adapters(module, configs, rngs=rngs)
     if not isinstance(module, nn.Module):
         raise TypeError(
-            "named adapters ({name: LoraConfig}) take a flax.linen.Module; got "
-            f"{type(module).__name__}. NNX models take one LoraConfig for now (wrap a copy per "
-            "adapter, e.g. with nnx.clone)."
+            "named adapters ({name: LoraConfig}) take a flax.linen.Module or an nnx.Module; "
+            f"got {type(module).__name__}"
         )
-    if not configs:
-        raise ValueError("`configs` is empty: give at least one {name: LoraConfig}")
+    pairs = _check_configs(configs)
+    if isinstance(module, MultiLoraWrapped):
+        raise ValueError("this module already has named adapters; use `with_adapter` to add one")
+    return MultiLoraWrapped(base=module.clone(parent=None), adapters=tuple(pairs), name=name)
+
+
+def _check_configs(configs: Mapping[str, LoraConfig]) -> list[tuple[str, LoraConfig]]:
+    if not isinstance(configs, Mapping) or not configs:
+        raise ValueError("named adapters need a non-empty {name: LoraConfig} mapping")
     pairs = []
     for k, c in configs.items():
         _check_name(k)
@@ -387,9 +424,7 @@ def wrap_adapters(
                 f"{c.dropout}); use dropout=0.0"
             )
         pairs.append((k, c))
-    if isinstance(module, MultiLoraWrapped):
-        raise ValueError("this module already has named adapters; use `with_adapter` to add one")
-    return MultiLoraWrapped(base=module.clone(parent=None), adapters=tuple(pairs), name=name)
+    return pairs
 
 
 # --- weighted combination (PEFT's add_weighted_adapter) ---------------------------------------
@@ -598,3 +633,161 @@ def import_peft_adapters(
     for k in pick:
         trees[k], configs[k] = import_peft(found[k], **kwargs)
     return trees, configs
+
+
+# --- NNX ------------------------------------------------------------------------------------
+
+_IDS: contextvars.ContextVar[Any] = contextvars.ContextVar("jax_lora_adapter_ids", default=None)
+
+
+@contextlib.contextmanager
+def adapter_ids(ids: Any) -> Iterator[None]:
+    """NNX: inside this block, layers with named adapters route row ``i`` of their input to
+    adapter ``ids[i]`` (an int array ``(batch,)``, index into the declared names, ``-1``: base
+    only). Read when the model is called (or traced): enter it inside your jitted function,
+    ``with jax_lora.adapter_ids(ids): y = model(x)``. (linen: the ``adapter_ids=`` keyword.)"""
+    token = _IDS.set(ids)
+    try:
+        yield
+    finally:
+        _IDS.reset(token)
+
+
+class _MultiNnx(nnx.Module):
+    """The named-adapter ``__call__`` in front of an NNX Dense-family layer class. Set per layer
+    by `wrap_nnx_adapters`: ``lora_adapters`` (``{name: {"a", "b"}}`` of ``nnx.LoRAParam``, only
+    the adapters that adapt this layer), ``lora_names`` (all declared names, the id order),
+    ``lora_scales``, ``lora_active`` and ``lora_path``."""
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        from .nnx import _call_geometry
+
+        y = super().__call__(inputs, *args, **kwargs)  # type: ignore[misc]
+        if not lora_enabled():
+            return y
+        geom = _call_geometry(self, inputs, args, kwargs)  # type: ignore[arg-type]
+        nodes = {k: {"a": v["a"][...], "b": v["b"][...]} for k, v in self.lora_adapters.items()}
+        x = inputs.astype(y.dtype)
+        ids = _IDS.get()
+        precision = getattr(self, "precision", None)
+        if ids is None:
+            for k in self.lora_active:
+                if k in nodes:
+                    a, b = nodes[k]["a"], nodes[k]["b"]
+                    y = y + factors.branch(x, a, b, geom, self.lora_scales[k], precision)
+            return y
+        ids = check_ids(ids, len(self.lora_names))
+        scales = [self.lora_scales[k] for k in self.lora_names]
+        return y + gathered_branch(
+            x, nodes, self.lora_names, scales, ids, geom, self.lora_path, precision
+        )
+
+
+class MultiLinear(_MultiNnx, nnx.Linear):
+    """``nnx.Linear`` with named adapters. Made in place by `wrap_nnx_adapters`."""
+
+
+class MultiLinearGeneral(_MultiNnx, nnx.LinearGeneral):
+    """``nnx.LinearGeneral`` with named adapters. Made in place by `wrap_nnx_adapters`."""
+
+
+class MultiEinsum(_MultiNnx, nnx.Einsum):
+    """``nnx.Einsum`` with named adapters. Made in place by `wrap_nnx_adapters`."""
+
+
+_MULTI_NNX = {
+    nnx.Linear: MultiLinear,
+    nnx.LinearGeneral: MultiLinearGeneral,
+    nnx.Einsum: MultiEinsum,
+}
+
+
+def wrap_nnx_adapters(
+    model: nnx.Module, configs: Mapping[str, LoraConfig], *, rngs: nnx.Rngs | None = None
+) -> nnx.Module:
+    """Named adapters on an initialised NNX model, in place; returns ``model``.
+
+    Each adapter's layers and factors are what `jax_lora.wrap(model, config)` would make
+    (found on a clone). Each adapted ``nnx.Linear``/``LinearGeneral``/``Einsum`` becomes
+    `MultiLinear`/... holding ``lora_adapters = {name: {"a", "b"}}`` (``nnx.LoRAParam``; train
+    them with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). Calls use the first adapter
+    (`set_active_adapters` picks others); inside ``with jax_lora.adapter_ids(ids):`` row ``i`` uses
+    adapter ``ids[i]``. `adapters_state` gives ``{name: lora tree}``.
+    """
+    from .nnx import _modules, adapted_layers, lora_state, wrap_nnx
+
+    pairs = _check_configs(configs)
+    names = tuple(k for k, _ in pairs)
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    modules = dict(_modules(model))
+    if any(isinstance(m, _MultiNnx) for m in modules.values()):
+        raise ValueError("this model already has named adapters")
+    trees: dict[str, dict] = {}
+    for k, config in pairs:  # everything is checked before the model changes
+        clone = nnx.clone(model)
+        wrap_nnx(clone, config, rngs=rngs)
+        for path, _ in adapted_layers(clone):
+            base = type(modules[path])
+            if base not in _MULTI_NNX:
+                raise ValueError(
+                    f"adapter {k!r} adapts '{path}' ({base.__name__}); named adapters adapt "
+                    "nnx.Linear, nnx.LinearGeneral and nnx.Einsum layers only"
+                )
+        trees[k] = lora_state(clone)
+    by_path: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for k, tree in trees.items():
+        for p, node in factor_nodes(tree):
+            by_path.setdefault(path_str(p), {})[k] = node
+    scales = {k: c.scale for k, c in pairs}
+    for path, nodes in by_path.items():
+        layer = modules[path]
+        layer.lora_adapters = nnx.data(
+            {
+                k: {"a": nnx.LoRAParam(node["a"]), "b": nnx.LoRAParam(node["b"])}
+                for k, node in nodes.items()
+            }
+        )
+        layer.lora_names = names
+        layer.lora_scales = scales
+        layer.lora_active = names[:1]
+        layer.lora_path = path
+        object.__setattr__(layer, "__class__", _MULTI_NNX[type(layer)])
+    return model
+
+
+def _multi_layers(model: nnx.Module) -> list[tuple[str, _MultiNnx]]:
+    from .nnx import _modules
+
+    layers = [(p, m) for p, m in _modules(model) if isinstance(m, _MultiNnx)]
+    if not layers:
+        raise ValueError("this NNX model has no named adapters (see `wrap_nnx_adapters`)")
+    return layers
+
+
+def set_active_adapters(model: nnx.Module, active: str | Sequence[str]) -> nnx.Module:
+    """NNX: the adapter(s) whose branches run outside `adapter_ids` (several add up; ``()`` is
+    the base), in place; returns ``model``. (linen: ``wrapped.clone(active=...)``.)"""
+    active = (active,) if isinstance(active, str) else tuple(active)
+    for _, layer in _multi_layers(model):
+        for k in active:
+            if k not in layer.lora_names:
+                raise ValueError(
+                    f"unknown adapter {k!r}; adapters: {_names_line(layer.lora_names)}"
+                )
+        layer.lora_active = active
+    return model
+
+
+def adapters_state(model: nnx.Module) -> dict[str, dict[str, Any]]:
+    """NNX: ``{name: lora tree}`` of a model with named adapters (the linen layout)."""
+    out: dict[str, dict[str, Any]] = {}
+    layers = _multi_layers(model)
+    for k in layers[0][1].lora_names:
+        out[k] = {}
+    for path, layer in layers:
+        for k, node in layer.lora_adapters.items():
+            at = out[k]
+            for part in path.split("/") if path else []:
+                at = at.setdefault(part, {})
+            at.update(a=node["a"][...], b=node["b"][...])
+    return out

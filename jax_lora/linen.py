@@ -630,7 +630,7 @@ def wrap(
     if isinstance(config, Mapping):
         from .adapters import wrap_adapters  # named adapters: {name: LoraConfig}
 
-        return wrap_adapters(module, config, name=name)
+        return wrap_adapters(module, config, name=name, rngs=rngs)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jax_lora.LoraConfig, got {type(config).__name__}")
     from flax import nnx

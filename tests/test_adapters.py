@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jax_lora
-from jax_lora.adapters import check_ids
+from jax_lora.adapters import _multi_layers, check_ids
 from tests._models import MLP, Block
 
 CONFIGS = {
@@ -329,12 +330,115 @@ def test_export_import_adapters_round_trip(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
-def test_wrap_rejects_wrapping_twice_and_nnx():
-    from flax import nnx
-
+def test_wrap_rejects_wrapping_twice():
     _, wrapped, _, _ = _setup()
     with pytest.raises(ValueError, match="already has named adapters"):
         jax_lora.wrap(wrapped, CONFIGS)
     assert isinstance(wrapped, nn.Module)
-    with pytest.raises(TypeError, match="named adapters .* take a flax.linen.Module; got Linear"):
-        jax_lora.wrap(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), CONFIGS)
+    with pytest.raises(TypeError, match="take a flax.linen.Module or an nnx.Module; got int"):
+        jax_lora.wrap(3, CONFIGS)
+
+
+# --- NNX ----------------------------------------------------------------------------------
+
+
+class _NnxMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 16, rngs=rngs)
+        self.head = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+def _nnx_setup():
+    base = _NnxMLP(nnx.Rngs(0))
+    model = jax_lora.wrap(nnx.clone(base), CONFIGS, rngs=nnx.Rngs(1))
+    for path, layer in _multi_layers(model):
+        for k, node in layer.lora_adapters.items():
+            key = jax.random.key(hash((path, k)) % 1000)
+            node["b"][...] = 0.3 * jax.random.normal(key, node["b"][...].shape)
+    return base, model, jax.random.normal(jax.random.key(2), (6, 8))
+
+
+def _nnx_single(base, name, lora):
+    single = jax_lora.wrap(nnx.clone(base), CONFIGS[name], rngs=nnx.Rngs(5))
+    jax_lora.load_lora(single, lora)
+    return single
+
+
+def test_nnx_named_adapters_per_row_and_active():
+    base, model, x = _nnx_setup()
+    state = jax_lora.adapters_state(model)
+    assert jax.tree.map(jnp.shape, state["de"]) == {"fc1": {"a": (8, 4), "b": (4, 16)}}
+    assert set(state["fr"]) == {"fc1", "fc2", "head"}  # NNX all-linear includes the head
+    ids = jnp.array([1, 0, -1, 2, 2, 0])
+
+    @nnx.jit
+    def serve(model, x, ids):
+        with jax_lora.adapter_ids(ids):
+            return model(x)
+
+    y = serve(model, x, ids)
+    for i, name in enumerate(CONFIGS):
+        alone = _nnx_single(base, name, state[name])(x)
+        rows = np.asarray(ids) == i
+        assert _rel(y[rows], alone[rows]) <= 1e-6
+        assert _rel(alone, base(x)) > 1e-2
+    np.testing.assert_allclose(y[2], base(x)[2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        model(x), _nnx_single(base, "fr", state["fr"])(x), rtol=1e-6, atol=1e-6
+    )  # first adapter by default
+    jax_lora.set_active_adapters(model, "it")
+    assert _rel(model(x), _nnx_single(base, "it", state["it"])(x)) <= 1e-6
+    jax_lora.set_active_adapters(model, ())
+    np.testing.assert_array_equal(model(x), base(x))
+    with pytest.raises(ValueError, match="unknown adapter 'es'"):
+        jax_lora.set_active_adapters(model, "es")
+    bad = jax_lora.adapter_ids(jnp.array([3, 0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"`adapter_ids`\[0\] = 3 is out of range"), bad:
+        model(x)
+
+
+def test_nnx_mixed_batch_grads_are_each_adapters_own():
+    base, model, x = _nnx_setup()
+    ids = jnp.array([0, 1, 2, 1, -1, 0])
+    target = jax.random.normal(jax.random.key(5), (6, 4))
+    lora_only = nnx.DiffState(0, nnx.LoRAParam)
+
+    def loss(model):
+        with jax_lora.adapter_ids(ids):
+            return jnp.sum((model(x) - target) ** 2)
+
+    grads = nnx.to_pure_dict(nnx.grad(loss, argnums=lora_only)(model))
+    state = jax_lora.adapters_state(model)
+    for i, name in enumerate(CONFIGS):
+        rows = np.asarray(ids) == i
+
+        def own(single, rows=rows):
+            return jnp.sum((single(x[rows]) - target[rows]) ** 2)
+
+        want = nnx.to_pure_dict(
+            nnx.grad(own, argnums=lora_only)(_nnx_single(base, name, state[name]))
+        )
+        for layer in state[name]:
+            for f in ("a", "b"):
+                w = want[layer][f"lora_{f}"]
+                assert np.abs(np.asarray(w)).max() > 1e-3
+                got = grads[layer]["lora_adapters"][name][f]
+                np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_bad_input_leaves_model_unchanged():
+    model = _NnxMLP(nnx.Rngs(0))
+    emb = jax_lora.LoraConfig(rank=2, targets="fc1")
+    jax_lora.wrap(model, {"a": emb})
+    with pytest.raises(ValueError, match="already has named adapters"):
+        jax_lora.wrap(model, {"b": emb})
+    fresh = _NnxMLP(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="matches no"):
+        jax_lora.wrap(fresh, {"a": emb, "b": jax_lora.LoraConfig(1, targets="zz")})
+    assert type(fresh.fc1) is nnx.Linear and not hasattr(fresh.fc1, "lora_adapters")
+    with pytest.raises(ValueError, match="no named adapters"):
+        jax_lora.adapters_state(fresh)
