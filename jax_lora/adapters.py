@@ -417,7 +417,10 @@ def _check_configs(configs: Mapping[str, LoraConfig]) -> list[tuple[str, LoraCon
     for k, c in configs.items():
         _check_name(k)
         if not isinstance(c, LoraConfig):
-            raise TypeError(f"adapter {k!r}: config must be a jax_lora.LoraConfig, got {c!r}")
+            raise TypeError(
+                "`config` must be a jax_lora.LoraConfig, or {name: LoraConfig} for named "
+                f"adapters; adapter {k!r} got {c!r}"
+            )
         if c.dropout > 0:
             raise ValueError(
                 f"adapter {k!r}: named adapters do not run LoRA dropout yet (`dropout`="

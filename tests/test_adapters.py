@@ -215,7 +215,7 @@ def test_bad_names_and_trees():
         wrapped.apply(extra, x)
     with pytest.raises(ValueError, match="adapter name"):
         jax_lora.wrap(model, {"a/b": CONFIGS["fr"]})
-    with pytest.raises(TypeError, match="adapter 'x': config must be"):
+    with pytest.raises(TypeError, match="for named adapters; adapter 'x' got 3"):
         jax_lora.wrap(model, {"x": 3})
     with pytest.raises(ValueError, match="dropout"):
         jax_lora.wrap(model, {"x": jax_lora.LoraConfig(rank=2, dropout=0.1)})
