@@ -325,6 +325,12 @@ def test_export_import_adapters_round_trip(tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and (out / "it").is_dir()
     with pytest.raises(KeyError, match="no adapter 'es'"):
         jax_lora.import_peft_adapters(out, names=["es"])
+    # a failing export (the second adapter's tree is malformed) leaves the folder as it was
+    broken = {"de": lora["de"], "it": {"fc1": {"a": np.ones((8, 3))}}}
+    with pytest.raises(ValueError, match="fc1"):
+        jax_lora.export_peft_adapters(out, broken, configs, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine" and (out / "it").is_dir()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     jax_lora.export_peft_adapters(out, {"de": lora["de"]}, configs, overwrite=True)
     assert sorted(os.listdir(out)) == ["de"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
