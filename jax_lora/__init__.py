@@ -1,5 +1,15 @@
 """jax_lora: LoRA (arXiv 2106.09685) for JAX and Flax."""
 
+from .adapters import MultiLoraWrapped as MultiLoraWrapped
+from .adapters import adapter_ids as adapter_ids
+from .adapters import adapter_names as adapter_names
+from .adapters import adapters_state as adapters_state
+from .adapters import add_adapter as add_adapter
+from .adapters import combine_adapters as combine_adapters
+from .adapters import delete_adapter as delete_adapter
+from .adapters import export_peft_adapters as export_peft_adapters
+from .adapters import import_peft_adapters as import_peft_adapters
+from .adapters import set_active_adapters as set_active_adapters
 from .checkpoint import AdapterCheckpointer as AdapterCheckpointer
 from .checkpoint import Restored as Restored
 from .config import INITS as INITS
@@ -32,14 +42,23 @@ __all__ = [
     "AdapterCheckpointer",
     "LoraConfig",
     "LoraWrapped",
+    "MultiLoraWrapped",
     "ParamReport",
     "QArray",
     "Restored",
+    "adapter_ids",
+    "adapter_names",
+    "adapters_state",
+    "add_adapter",
+    "combine_adapters",
     "convert_to_lora",
+    "delete_adapter",
     "dequantize",
     "disabled",
     "export_peft",
+    "export_peft_adapters",
     "import_peft",
+    "import_peft_adapters",
     "init_from_weights",
     "init_lora",
     "load_lora",
@@ -48,6 +67,7 @@ __all__ = [
     "optimizer",
     "param_report",
     "quantize",
+    "set_active_adapters",
     "set_enabled",
     "trainable_mask",
     "unmerge",

@@ -660,7 +660,8 @@ def wrap(
 
     Args:
       module: a ``flax.linen.Module`` definition (any model: the layers are found by path).
-      config: the `LoraConfig` saying which layers and how.
+      config: the `LoraConfig` saying which layers and how; for a linen module also
+        ``{name: LoraConfig}``: named adapters (a `jax_lora.adapters.MultiLoraWrapped`).
       name: the wrapper's name when it is made inside a parent module's compact method
         (paths matched by ``targets`` then start with it).
       rngs: NNX only: ``nnx.Rngs`` for the factor init and LoRA dropout (see `wrap_nnx`).
@@ -680,6 +681,10 @@ def wrap(
     >>> jax.tree.map(jnp.shape, v["lora"])
     {'a': (8, 4), 'b': (4, 16)}
     """
+    if isinstance(config, Mapping):
+        from .adapters import wrap_adapters  # named adapters: {name: LoraConfig}
+
+        return wrap_adapters(module, config, name=name, rngs=rngs)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jax_lora.LoraConfig, got {type(config).__name__}")
     from flax import nnx

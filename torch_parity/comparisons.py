@@ -1696,8 +1696,5 @@ def peft_conv1d_conv3d_format() -> list[Row]:
 
 
 ALL["peft_conv1d_conv3d_format"] = peft_conv1d_conv3d_format
-from . import (
-    dora,  # noqa: F401  (registers its rows)
-    qlora,  # noqa: F401  (registers its rows)
-    variants,  # noqa: F401  (registers its rows)
-)
+# later features keep their comparisons in their own modules; importing one registers its rows
+from . import dora, multi_adapter, qlora, variants  # noqa: E402, F401
