@@ -1,8 +1,10 @@
-"""Many named LoRA adapters over one frozen linen model: the tree helpers, per-example adapters
-in one batch (stacked factors gathered per row, BGMV-style) and PEFT's weighted combinations.
+"""Many named LoRA adapters over one frozen model (linen and NNX): the tree helpers, per-example
+adapters in one batch (stacked factors gathered per row, BGMV-style), PEFT's weighted
+combinations and PEFT's one-folder-per-adapter layout.
 
 Layout: ``variables["lora"] = {name: <the single-adapter lora tree of that adapter>}``, each
-subtree exactly what ``jax_lora.wrap(model, config)`` makes for that adapter's `LoraConfig`.
+subtree exactly what ``jax_lora.wrap(model, config)`` makes for that adapter's `LoraConfig`
+(NNX: `adapters_state` gives the same).
 """
 
 from __future__ import annotations

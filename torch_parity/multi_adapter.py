@@ -99,6 +99,21 @@ def multi_adapter_minilm() -> list:
                 _np(mixed_t.last_hidden_state)[keep],
             )
         )
+        with tempfile.TemporaryDirectory() as tmp:  # and back: PEFT's save_pretrained
+            pm.save_pretrained(tmp)
+            trees, configs2 = jax_lora.import_peft_adapters(tmp, flax_path=bert.flax_path)
+        assert sorted(trees) == sorted(names), sorted(trees)
+        back = jax_lora.wrap(bert.Bert(cfg), {k: configs2[k] for k in names})
+        mixed_back = back.apply(
+            {"params": params, "lora": trees}, ids, mask, adapter_ids=jnp.asarray(batch_ids)
+        )
+        rows.append(
+            row(
+                "MiniLM 3 adapters: PEFT save_pretrained -> import_peft_adapters, mixed batch",
+                np.asarray(mixed_back)[keep],
+                _np(mixed_t.last_hidden_state)[keep],
+            )
+        )
         for kind, weights in (
             ("linear", {"fr": 0.7, "de": -0.4}),
             ("cat", {"fr": 0.7, "de": -0.4, "it": 1.5}),
