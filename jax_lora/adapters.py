@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from . import factors
+from . import factors, quant
 from .config import LoraConfig
 from .switch import lora_enabled
 from .targets import path_str
@@ -139,16 +139,23 @@ class _Multi:
     def __init__(self, wrapper: MultiLoraWrapped, lora, ids, active: tuple[str, ...]):
         self.wrapper, self.lora, self.ids, self.active = wrapper, lora, ids, active
         self.names = wrapper.names
-        self.scales = {n: c.scale for n, c in wrapper.adapters}
+        self.configs = dict(wrapper.adapters)
         self.used: set[tuple[str, tuple[str, ...]]] = set()
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
+        n = len(self.wrapper.path)
+        ours = tuple(module.path[:n]) == tuple(self.wrapper.path)
+        if ours and context.method_name != "setup" and quant.layer_has_quantized(module):
+            from .linen import COLLECTION, _unintercepted  # QLoRA: the layer runs dequantized
+
+            next_fun = quant.dequantized_call(
+                module, context.method_name, COLLECTION, _unintercepted
+            )
         y = next_fun(*args, **kwargs)
         if not isinstance(module, _dense_family()) or context.method_name != "__call__":
             return y
-        n = len(self.wrapper.path)
-        if tuple(module.path[:n]) != tuple(self.wrapper.path):
+        if not ours:
             return y
         rel = tuple(module.path[n:])
         nodes = {k: _node_at(self.lora[k], rel) for k in self.names}
@@ -169,9 +176,10 @@ class _Multi:
             for k in self.active:
                 if k in nodes:
                     a, b = nodes[k]["a"], nodes[k]["b"]
-                    y = y + factors.branch(x, a, b, geom, self.scales[k], module.precision)
+                    scale = self.configs[k].scale_for(path_str(rel))  # alpha_pattern, ...
+                    y = y + factors.branch(x, a, b, geom, scale, module.precision)
             return y
-        scales = [self.scales[k] for k in self.names]
+        scales = [self.configs[k].scale_for(path_str(rel)) for k in self.names]
         return y + gathered_branch(
             x, nodes, self.names, scales, self.ids, geom, path, module.precision
         )
@@ -427,6 +435,11 @@ def _check_configs(configs: Mapping[str, LoraConfig]) -> list[tuple[str, LoraCon
             raise ValueError(
                 f"adapter {k!r}: named adapters do not run LoRA dropout yet (`dropout`="
                 f"{c.dropout}); use dropout=0.0"
+            )
+        if c.use_dora:
+            raise ValueError(
+                f"adapter {k!r}: named adapters do not run DoRA yet (`use_dora`=True); use a "
+                "single-adapter `wrap` for a DoRA adapter"
             )
         pairs.append((k, c))
     return pairs
@@ -743,7 +756,7 @@ def wrap_nnx_adapters(
     for k, tree in trees.items():
         for p, node in factor_nodes(tree):
             by_path.setdefault(path_str(p), {})[k] = node
-    scales = {k: c.scale for k, c in pairs}
+    configs = dict(pairs)
     for path, nodes in by_path.items():
         layer = modules[path]
         layer.lora_adapters = nnx.data(
@@ -753,7 +766,7 @@ def wrap_nnx_adapters(
             }
         )
         layer.lora_names = names
-        layer.lora_scales = scales
+        layer.lora_scales = {k: c.scale_for(path) for k, c in configs.items()}  # alpha_pattern
         layer.lora_active = names[:1]
         layer.lora_path = path
         object.__setattr__(layer, "__class__", _MULTI_NNX[type(layer)])

@@ -208,7 +208,8 @@ def _magnitude(module, geom, a, b, cfg: LoraConfig, path: str) -> jax.Array:
 
     def init():
         box = module.get_variable("params", "kernel")
-        m = dora.init_magnitude(nn.meta.unbox(box), a, b, cfg.scale, cfg.param_dtype)
+        kernel = quant.dequantize(nn.meta.unbox(box))  # a quantized base: its dequantized values
+        m = dora.init_magnitude(kernel, a, b, cfg.scale, cfg.param_dtype)
         names = getattr(box, "names", None)  # partitioned as the kernel's lead and out axes
         if (
             isinstance(box, nn.meta.AxisMetadata)
@@ -226,7 +227,7 @@ def _dora(module, y, x, drop, a, b, m, geom, cfg: LoraConfig):
     """DoRA's output for a Dense-family call; with dropout running, the base part is the
     layer's own matmul of the dropped-out input (as PEFT), without its bias."""
     params = module.variables["params"]
-    kernel = nn.meta.unbox(params["kernel"])
+    kernel = quant.dequantize(nn.meta.unbox(params["kernel"]))  # QLoRA + DoRA: dequantized
     bias = nn.meta.unbox(params["bias"]) if "bias" in params else None
     x_base = None if drop is None else dora.base_matmul(x, kernel, geom, module.precision)
     return dora.apply(y, bias, x, x_base, kernel, a, b, m, geom, cfg.scale, module.precision)

@@ -173,7 +173,10 @@ def merge(variables: Any, config: Any = None, *args: Any, **kwargs: Any) -> Any:
 
     Returns:
       A new params tree with the same structure and partitioning boxes; ``variables`` is not
-      modified. Merging twice adds the update twice (see the module docstring).
+      modified. Merging twice adds the update twice (see the module docstring). A quantized
+      base (`jax_lora.quantize`) comes back dense: adapted kernels as dequantized + ΔW, the
+      others dequantized, in their compute dtype; ``jax_lora.quantize(merged, qtype)``
+      re-quantizes.
 
     For an NNX model (``merge(model)``): a new plain model with merged kernels, no factors.
 
@@ -193,7 +196,9 @@ def merge(variables: Any, config: Any = None, *args: Any, **kwargs: Any) -> Any:
 
         return merge_nnx(variables)
     cfg, known = _target(config, args, kwargs, variables)
-    return _apply(variables, cfg, 1.0, known)
+    # a quantized base (QLoRA) merges into a plain model: every QArray, adapted or not, comes
+    # back dense in its compute dtype (re-quantize with `jax_lora.quantize(merged, qtype)`)
+    return quant.dequantize(_apply(variables, cfg, 1.0, known))
 
 
 def unmerge(variables: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
