@@ -307,7 +307,9 @@ class MultiLoraWrapped(nn.Module):
     enabled: bool = True
 
     def setup(self) -> None:
-        nn.share_scope(self, self.base)
+        from .linen import share_scope
+
+        share_scope(self, self.base)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -512,6 +512,26 @@ def _heads(outputs: list[tuple[str, Any]], out: Any) -> frozenset[str]:
     return frozenset(heads) if len({p for p, _ in outputs}) > len(heads) else frozenset()
 
 
+def share_scope(wrapper: nn.Module, base: nn.Module) -> None:
+    """``nn.share_scope(wrapper, base)``, then the module paths of ``base``'s existing children
+    corrected: flax re-parents their scopes but keeps the old ``path`` (an ``nn.Sequential``'s
+    layers, bound with it, kept ``('base', 'layers_0')`` while their params sit at
+    ``layers_0``), and `targets` are matched against these paths."""
+    nn.share_scope(wrapper, base)
+
+    def fix(module: nn.Module) -> None:
+        for child in module._state.children.values():
+            scope = getattr(child, "scope", None)
+            if not isinstance(child, nn.Module) or scope is None or scope.parent is None:
+                continue
+            want = (*scope.parent.path, scope.name)
+            if tuple(scope.path) != want:
+                scope.path = want
+            fix(child)
+
+    fix(base)
+
+
 class LoraWrapped(nn.Module):
     """A linen module computing ``base`` with LoRA on the layers that ``config`` targets.
 
@@ -541,7 +561,7 @@ class LoraWrapped(nn.Module):
     deterministic: bool | None = None
 
     def setup(self) -> None:
-        nn.share_scope(self, self.base)
+        share_scope(self, self.base)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._keyed(kwargs):

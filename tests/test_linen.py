@@ -502,3 +502,20 @@ def test_other_methods_of_the_base_via_call_method():
         x @ v["params"]["enc"]["kernel"] + v["params"]["enc"]["bias"][None],
         1e-6,
     )
+
+
+def test_sequential_layers_are_targeted_by_their_own_paths():
+    """nn.Sequential binds its layers with the model; their module paths must be `layers_0`
+    (where their params are), not the wrapper's `base/layers_0` (flax keeps the stale path)."""
+    seq = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+    cfg = jax_lora.LoraConfig(rank=2, alpha=4.0, targets="layers_0")
+    model = jax_lora.wrap(seq, cfg)
+    x = jax.random.normal(jax.random.key(1), (3, 8))
+    v = model.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v["lora"]) == {"layers_0": {"a": (8, 2), "b": (2, 8)}}
+    b = jax.random.normal(jax.random.key(2), (2, 8))
+    v = {"params": v["params"], "lora": {"layers_0": {"a": v["lora"]["layers_0"]["a"], "b": b}}}
+    p, lo = v["params"], v["lora"]["layers_0"]
+    h = x @ p["layers_0"]["kernel"] + p["layers_0"]["bias"][None] + 2.0 * (x @ lo["a"]) @ lo["b"]
+    want = jax.nn.relu(h) @ p["layers_2"]["kernel"] + p["layers_2"]["bias"][None]
+    np.testing.assert_allclose(model.apply(v, x), want, rtol=1e-5, atol=1e-6)
