@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from _check import assert_close
-from _models import MLP
+from _models import MLP, Encoder
 from flax import nnx
 
 import jax_lora
@@ -125,6 +125,36 @@ def test_nnx_mixed_ranks_shapes_forward_and_merge():
     assert_close(model(x), _mlp_by_hand(params, lora, x), 1e-5)
     assert_close(jax_lora.merge(model)(x), _mlp_by_hand(params, lora, x), 1e-5)
     assert jax_lora.param_report(model).trainable == 8 * 4 + 4 * 16 + 16 * 2 * 2 + 16 + 4
+
+
+def test_multi_axis_layers_with_per_layer_ranks_forward_equals_merge():
+    """DenseGeneral heads and Einsum kernels: each layer's rank from rank_pattern; the forward
+    (branch) and merge (delta-W) agree, so each layer uses its own scale in both."""
+    cfg = LoraConfig(
+        rank=2,
+        alpha=4,
+        targets=[r".*/attn/(query|value)", r".*/up"],
+        rank_pattern={"up": 3, "layer_1/attn/query": 5},
+        alpha_pattern={"value": 1.0},
+    )
+    wrapped, x = jax_lora.wrap(Encoder(), cfg), jax.random.normal(jax.random.key(0), (1, 4, 16))
+    v = wrapped.init(jax.random.key(1), x)
+    shapes = jax.tree.map(np.shape, v["lora"])
+    for i, (rq, rv) in enumerate([(2, 2), (5, 2)]):
+        layer = shapes[f"layer_{i}"]
+        assert layer["attn"]["query"] == {"a": (16, rq), "b": (rq, 2, 8)}
+        assert layer["attn"]["value"] == {"a": (16, rv), "b": (rv, 2, 8)}
+        assert layer["up"] == {"a": (16, 3), "b": (3, 2, 16)}
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    lora = jax.tree.map(
+        lambda s: 0.3 * jax.random.normal(next(keys), s),
+        shapes,
+        is_leaf=lambda t: isinstance(t, tuple),
+    )
+    got = wrapped.apply({"params": v["params"], "lora": lora}, x)
+    merged = jax_lora.merge({"params": v["params"], "lora": lora}, cfg)
+    assert_close(got, Encoder().apply({"params": merged}, x), 1e-5)
+    assert not np.allclose(got, Encoder().apply({"params": v["params"]}, x), atol=1e-3)
 
 
 class _EmbedMLP(nn.Module):
