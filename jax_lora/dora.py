@@ -34,6 +34,13 @@ def weight_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
     form `weight_norm_factored` with the same peak temporary memory (XLA fuses the product
     into the reduction), and it has no cancellation. Nothing of it is kept for the backward:
     its inputs are ``stop_gradient``'ed.
+
+    >>> import jax.numpy as jnp
+    >>> from jax_lora import dora
+    >>> w = jnp.array([[3.0, 0.0], [4.0, 1.0]])  # (in 2, out 2)
+    >>> a, b = jnp.ones((2, 1)), jnp.array([[0.0, 1.0]])  # a @ b = [[0, 1], [0, 1]]
+    >>> dora.weight_norm(w, a, b, 2.0)  # columns (3, 4) and (0 + 2, 1 + 2)
+    Array([5.      , 3.6055512], dtype=float32)
     """
     kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
     n_lead, n_in = _split(kernel.ndim, a, b)
