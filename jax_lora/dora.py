@@ -8,8 +8,6 @@ in PEFT (paper §4.3), a constant in backprop.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,6 +34,13 @@ def weight_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
     form `weight_norm_factored` with the same peak temporary memory (XLA fuses the product
     into the reduction), and it has no cancellation. Nothing of it is kept for the backward:
     its inputs are ``stop_gradient``'ed.
+
+    >>> import jax.numpy as jnp
+    >>> from jax_lora import dora
+    >>> w = jnp.array([[3.0, 0.0], [4.0, 1.0]])  # (in 2, out 2)
+    >>> a, b = jnp.ones((2, 1)), jnp.array([[0.0, 1.0]])  # a @ b = [[0, 1], [0, 1]]
+    >>> dora.weight_norm(w, a, b, 2.0)  # columns (3, 4) and (0 + 2, 1 + 2)
+    Array([5.      , 3.6055512], dtype=float32)
     """
     kernel, a, b = (lax.stop_gradient(t) for t in (kernel, a, b))
     n_lead, n_in = _split(kernel.ndim, a, b)
@@ -145,7 +150,8 @@ def base_matmul(x: Array, kernel: Array, geom: factors.Geometry, precision=None)
     return lax.dot_general(x, kernel, dims, precision=precision)
 
 
-def _kernel_factor(f: Array, kernel_ndim: int, n_lead: int, n_in: int) -> Array:
+def _kernel_factor(f: Array, n_lead: int, n_in: int) -> Array:
+    """A per-output factor ``(lead..., out...)`` shaped to broadcast against the kernel."""
     return f.reshape(f.shape[:n_lead] + (1,) * n_in + f.shape[n_lead:])
 
 
@@ -153,8 +159,8 @@ def merge_kernel(kernel: Array, a: Array, b: Array, m: Array, scale: float) -> A
     """``m / ‖W + s·a@b‖ · (W + s·a@b)`` computed in fp32, cast to the kernel's dtype."""
     n_lead, n_in = _split(kernel.ndim, a, b)
     full = kernel.astype(jnp.float32) + factors.delta_kernel(a, b, scale, kernel.ndim)
-    norm = weight_norm(kernel, a, b, scale)
-    f = _kernel_factor(m.astype(jnp.float32) / norm, kernel.ndim, n_lead, n_in)
+    norm = jnp.sqrt(jnp.sum(jnp.square(full), axis=tuple(range(n_lead, n_lead + n_in))))
+    f = _kernel_factor(m.astype(jnp.float32) / norm, n_lead, n_in)
     return (f * full).astype(kernel.dtype)
 
 
@@ -163,7 +169,7 @@ def unmerge_kernel(merged: Array, a: Array, b: Array, m: Array, norm: Array, sca
     `weight_norm` of the *unmerged* kernel: merged weights alone do not determine it (every
     column's scale is free), so PEFT caches it; here it comes from the unmerged model."""
     n_lead, n_in = _split(merged.ndim, a, b)
-    f = _kernel_factor(norm / m.astype(jnp.float32), merged.ndim, n_lead, n_in)
+    f = _kernel_factor(norm / m.astype(jnp.float32), n_lead, n_in)
     d = factors.delta_kernel(a, b, scale, merged.ndim)
     return (merged.astype(jnp.float32) * f - d).astype(merged.dtype)
 
@@ -186,10 +192,6 @@ def fold(kernel: Array, node, scale: float, generic: bool, where: str) -> Array:
 def magnitude_shape(geom: factors.Geometry) -> tuple[int, ...]:
     """``(lead..., out...)``: one magnitude per output feature (per stacked layer)."""
     return geom.lead_shape + geom.out_shape
-
-
-def magnitude_size(geom: factors.Geometry) -> int:
-    return math.prod(magnitude_shape(geom))
 
 
 def unsupported(kind: str, path: str) -> str:

@@ -534,3 +534,15 @@ def test_nnx_scanned_stack():
         want = want + np.tanh(want @ (m / np.linalg.norm(full, axis=0) * full) + bias[i])
     assert_close(model(x), want, rel=1e-5)
     assert_close(jax_lora.merge(model)(x), want, rel=1e-5)
+
+
+def test_einsum_with_permuted_output_axes():
+    """Kernel out axes (n, f) appear in the output as (f, n): m and the bias follow the output."""
+    base = nn.Einsum((16, 2, 8), "btd,dnf->bfnt", bias_init=nn.initializers.normal(1.0))
+    cfg = LoraConfig(rank=2, alpha=3.0, use_dora=True)
+    wrapped, x = jax_lora.wrap(base, cfg), _x()
+    v = wrapped.init(KEY, x)
+    assert v["lora"]["m"].shape == (2, 8) and v["params"]["bias"].shape == (8, 2)
+    v = {"params": v["params"], "lora": _randomize(v["lora"])}
+    want = base.apply({"params": _np_merge(v["params"], v["lora"], cfg.scale)}, x)
+    assert_close(wrapped.apply(v, x), want, rel=1e-5)
