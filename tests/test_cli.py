@@ -613,3 +613,17 @@ def test_generate_chat_wraps_the_prompt_in_the_template(trained, capsys, monkeyp
     tok = _lm.tokenizer()
     assert seen == [tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")]
     assert text.startswith("hi")
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "gpt2.gguf")
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"gpt2.gguf: GGUF architecture 'gpt2' is not supported"):
+        models.load(path)

@@ -4,6 +4,7 @@ packaged SmolLM2), with its tokenizer; write weights back as an HF folder (``fus
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -77,8 +78,20 @@ def resolve(model: str) -> str:
 
 
 def load(model: str) -> Loaded:
-    """Load ``model`` (see `resolve`) as fp32 Flax params with its tokenizer."""
+    """Load ``model`` (see `resolve`) as fp32 Flax params with its tokenizer. The last model
+    loaded is kept while its files are unchanged (``eval`` then ``export`` in one process, or
+    the tests, dequantize a GGUF once)."""
     path = resolve(model)
+    files = (
+        [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    )
+    stamp = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+    return _load_cached(path, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cached(path: str, stamp: tuple) -> Loaded:
+    del stamp  # part of the cache key only
     if os.path.isdir(path):
         return _load_hf(path)
     return _load_gguf(path)
