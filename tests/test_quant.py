@@ -231,20 +231,20 @@ def test_qlora_step_keeps_one_kernel_alive():
     assert mem.argument_size_in_bytes < 0.35 * fp32_kernels  # codes + scales + factors
 
 
-def test_qlora_merge_dequantizes_adapted_kernels():
+def test_qlora_merge_gives_a_plain_dense_model():
     x, net, wrapped, qparams, lora = _qlora_setup("nf4")
     cfg = wrapped.config
     merged = jax_lora.merge({"params": qparams, "lora": lora}, cfg)
-    assert not quant.is_quantized(merged["fc0"]["kernel"])
-    assert quant.is_quantized(merged["head"]["kernel"])  # not adapted: stays quantized
+    assert not quant.has_quantized(merged)  # adapted and not adapted (the head): dense
     want = jax_lora.merge({"params": quant.dequantize(qparams), "lora": lora}, cfg)
     assert_close(merged["fc0"]["kernel"], want["fc0"]["kernel"], 0)
+    assert_close(merged["head"]["kernel"], quant.dequantize(qparams)["head"]["kernel"], 0)
     assert_close(
-        net.apply({"params": quant.dequantize(merged)}, x),
+        net.apply({"params": merged}, x),  # the unwrapped module runs it as it is
         wrapped.apply({"params": qparams, "lora": lora}, x),
         1e-5,
     )
-    requant = quant.quantize(quant.dequantize(merged), "nf4")  # re-quantized on request
+    requant = quant.quantize(merged, "nf4")  # re-quantized on request
     assert quant.is_quantized(requant["fc0"]["kernel"])
 
 
