@@ -58,6 +58,12 @@ def parse_args(argv=None):
         choices=["float32", "bfloat16"],
         help="base model dtype (LoRA factors stay fp32)",
     )
+    p.add_argument(
+        "--attention",
+        default=d.attention,
+        choices=["einsum", "xla"],
+        help="the JAX models' attention (xla: jax.nn.dot_product_attention)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10 for the report)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
@@ -98,7 +104,7 @@ def parse_args(argv=None):
 
 
 def _cfg(a) -> GPTConfig:
-    return GPTConfig(a.vocab, a.d_model, a.heads, a.d_ff, a.layers, a.seq, a.dtype)
+    return GPTConfig(a.vocab, a.d_model, a.heads, a.d_ff, a.layers, a.seq, a.dtype, a.attention)
 
 
 def _ce(logits, labels):
@@ -473,7 +479,18 @@ def peak_rss_mib(name: str, a) -> float:
     """Peak RSS of a fresh process that builds ``name`` and runs three steps (one step of
     SmolLM2-135M for the `SMOLLM2` names, counted from after loading)."""
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
-    for k in ("vocab", "d_model", "heads", "d_ff", "layers", "seq", "batch", "rank", "dtype"):
+    for k in (
+        "vocab",
+        "d_model",
+        "heads",
+        "d_ff",
+        "layers",
+        "seq",
+        "batch",
+        "rank",
+        "dtype",
+        "attention",
+    ):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
