@@ -1,12 +1,14 @@
-"""LoRA step cost vs the frozen model's floor, full fine-tuning, Flax's nnx.LoRA and PEFT.
+"""LoRA step cost vs the frozen model's floor, full fine-tuning, Flax's nnx.LoRA, qwix and PEFT.
 
 Every configuration is built once, warmed up, then timed in interleaved rounds (one step of
 each per round, so machine noise hits all alike); medians are reported with compile time
 separately, and ratios of medians measured side by side in this one process. Peak RSS of
-`full` and `lora_all` come from separate processes.
+`full` and `lora_all`, and of one SmolLM2-135M step (full, LoRA q,v, LoRA all-linear), come
+from separate processes.
 
     python benchmarks/run.py                 # defaults of the issue: d 768, 2 layers, fp32
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
+    python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10 min idle)
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
