@@ -8,7 +8,7 @@ from separate processes.
 
     python benchmarks/run.py                 # defaults of the issue: d 768, 2 layers, fp32
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
-    python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10 min idle)
+    python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10-15 min idle)
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
