@@ -1,12 +1,14 @@
-"""LoRA step cost vs the frozen model's floor, full fine-tuning, Flax's nnx.LoRA and PEFT.
+"""LoRA step cost vs the frozen model's floor, full fine-tuning, Flax's nnx.LoRA, qwix and PEFT.
 
 Every configuration is built once, warmed up, then timed in interleaved rounds (one step of
 each per round, so machine noise hits all alike); medians are reported with compile time
 separately, and ratios of medians measured side by side in this one process. Peak RSS of
-`full` and `lora_all` come from separate processes.
+`full` and `lora_all`, and of one SmolLM2-135M step (full, LoRA q,v, LoRA all-linear), come
+from separate processes.
 
     python benchmarks/run.py                 # defaults of the issue: d 768, 2 layers, fp32
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
+    python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10-15 min idle)
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
@@ -58,6 +60,12 @@ def parse_args(argv=None):
         choices=["float32", "bfloat16"],
         help="base model dtype (LoRA factors stay fp32)",
     )
+    p.add_argument(
+        "--attention",
+        default=d.attention,
+        choices=["einsum", "xla"],
+        help="the JAX models' attention (xla: jax.nn.dot_product_attention)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10 for the report)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
@@ -98,7 +106,7 @@ def parse_args(argv=None):
 
 
 def _cfg(a) -> GPTConfig:
-    return GPTConfig(a.vocab, a.d_model, a.heads, a.d_ff, a.layers, a.seq, a.dtype)
+    return GPTConfig(a.vocab, a.d_model, a.heads, a.d_ff, a.layers, a.seq, a.dtype, a.attention)
 
 
 def _ce(logits, labels):
@@ -475,7 +483,18 @@ def peak_rss_mib(name: str, a) -> float:
     """Peak RSS of a fresh process that builds ``name`` and runs three steps (one step of
     SmolLM2-135M for the `SMOLLM2` names, counted from after loading)."""
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
-    for k in ("vocab", "d_model", "heads", "d_ff", "layers", "seq", "batch", "rank", "dtype"):
+    for k in (
+        "vocab",
+        "d_model",
+        "heads",
+        "d_ff",
+        "layers",
+        "seq",
+        "batch",
+        "rank",
+        "dtype",
+        "attention",
+    ):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -404,6 +404,13 @@ def _dot_branch(eqn, invals, pos: int, tag: _Tag, ad: Adapter, y: jax.Array) -> 
             x_spec[d] = next(fresh)
     w_free = [d for d in range(len(tag.axes)) if d not in w_contract and d not in w_batch]
     x_free = [d for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+    if not x_batch and len(x_free) > 1 and x_free == list(range(x_free[0], x_free[-1] + 1)):
+        # x's free axes (batch, sequence) as one: 2-D matmuls, as in `factors.branch` (XLA:CPU
+        # runs the gradient `x.T @ dh` over a 3-D x several times slower)
+        f0, nf = x_free[0], len(x_free)
+        x = x.reshape(x.shape[:f0] + (math.prod(x.shape[f0 : f0 + nf]),) + x.shape[f0 + nf :])
+        x_spec = x_spec[: f0 + 1] + x_spec[f0 + nf :]
+        x_free = [f0]
     batch = [x_spec[d] for d in x_batch]
     w_out = [w_letter[tag.axes[d]] for d in w_free]
     x_out = [x_spec[d] for d in x_free]
@@ -426,7 +433,7 @@ def _dot_branch(eqn, invals, pos: int, tag: _Tag, ad: Adapter, y: jax.Array) -> 
     out = jnp.einsum(
         f"{''.join(h_spec)},{''.join(s_spec)}->{''.join(out_spec)}", h, s_val, precision=prec
     )
-    return out.astype(y.dtype)
+    return out.reshape(y.shape).astype(y.dtype)
 
 
 def delta(geom: WeightGeometry, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

@@ -843,3 +843,21 @@ def test_unmatched_pattern_error_names_pattern_and_weight_paths():
     wrapped = jax_lora.wrap(model, LoraConfig(rank=2, targets="c_"))
     with pytest.raises(ValueError, match=r"(?s)pattern 'c_' matches no.*c_fc/kernel"):
         wrapped.init(KEY, x)
+
+
+def test_gpt2_conv1d_branch_is_2d_matmuls():
+    """The any-weight branch (GPT-2 Conv1D, x: (3, 5, 8)) and its gradients are 2-D matmuls over
+    flattened tokens: XLA:CPU runs `x.T @ dh` over a 3-D `x` several times slower."""
+    model, x = GPT2MLP(), _np_normal((3, 5, 8), 3)
+    params = model.init(KEY, x)["params"]
+    wrapped = jax_lora.wrap(model, LoraConfig(rank=4, targets=("c_fc", "c_proj")))
+    lora = _randomize(jax_lora.init_lora(wrapped, KEY, {"params": params}, x))
+
+    def loss(lora):
+        return (wrapped.apply({"params": params, "lora": lora}, x) ** 2).sum()
+
+    eqns = jax.make_jaxpr(jax.grad(loss))(lora).jaxpr.eqns
+    shapes = [[v.aval.shape for v in e.invars] for e in eqns if e.primitive.name == "dot_general"]
+    branch = [s for s in shapes if any(4 in shape for shape in s)]  # rank 4: only the branch
+    assert len(branch) == 11, shapes  # 2 forward + 3 backward (dh, da, db) per layer, + c_proj dx
+    assert all(len(shape) == 2 for s in branch for shape in s), branch
