@@ -320,9 +320,17 @@ def write_hf_dir(
         raise
 
 
-def write_gguf_model(path: str, cfg: llama.LlamaConfig, tensors: dict, tokenizer: Tokenizer):
+def write_gguf_model(
+    path: str,
+    cfg: llama.LlamaConfig,
+    tensors: dict,
+    tokenizer: Tokenizer,
+    *,
+    qtype: str | None = None,
+):
     """A fp32 GGUF of an HF-layout Llama (llama.cpp's names and q/k permutation) with its
-    byte-level BPE tokenizer: the layout `llama.read_gguf` reads (tests build models with it)."""
+    byte-level BPE tokenizer: the layout `llama.read_gguf` reads (tests build models with it).
+    ``qtype`` (``"q8_0"``, ``"q4_0"``, ``"q4_1"``): its matrices stored in that GGML type."""
     import gguf
 
     w = gguf.GGUFWriter(path, "llama")
@@ -357,7 +365,12 @@ def write_gguf_model(path: str, cfg: llama.LlamaConfig, tensors: dict, tokenizer
             t = llama.gguf_permute(t, cfg.num_attention_heads)
         elif short.endswith("attn_k"):
             t = llama.gguf_permute(t, cfg.num_key_value_heads)
-        w.add_tensor(f"{short}.{kind}", np.ascontiguousarray(t, np.float32))
+        t = np.ascontiguousarray(t, np.float32)
+        if qtype is not None and t.ndim == 2:
+            gtype = gguf.GGMLQuantizationType[qtype.upper()]
+            w.add_tensor(f"{short}.{kind}", gguf.quants.quantize(t, gtype), raw_dtype=gtype)
+        else:
+            w.add_tensor(f"{short}.{kind}", t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
