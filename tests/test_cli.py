@@ -599,6 +599,17 @@ def test_quant_nf4_trains_on_a_quantized_base_and_eval_uses_it(files, qtrained, 
     base, adapted = _eval_losses(out, capsys)
     assert adapted < base - 0.2  # the loss fell
     assert abs(adapted - logged) <= 6e-4  # eval on the quantized base == training's val loss
+    # generate: the quantized base + adapter, KV-cached greedy == recomputation
+    status, text, err = _run(
+        ["generate", "--adapter", out, "--prompt", "the cat", "--max-tokens", "6"], capsys
+    )
+    assert status == 0, err
+    prompt = ad.loaded.tokenizer.encode("the cat")
+    variables = {"params": ad.loaded.params, "lora": ad.lora}
+    ref = gen.greedy_uncached(jax.jit(lambda ids: ad.wrapped.apply(variables, ids)), prompt, 6)
+    if ad.loaded.tokenizer.eos_id in ref:
+        ref = ref[: ref.index(ad.loaded.tokenizer.eos_id)]
+    assert text.rstrip("\n") == "the cat" + ad.loaded.tokenizer.decode(ref)
 
 
 def test_quant_fuse_writes_dequantized_plus_delta(qtrained, tmp_path, capsys):
@@ -644,6 +655,12 @@ def test_variant_resume_is_bit_exact_and_a_changed_setting_is_refused(
 
 
 def test_quant_gguf_keeps_the_files_blocks_and_refuses_a_float_file(files, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("quant: nf3\n")
+    status, _, err = _run(
+        ["train", "-c", str(cfg), "--model", files["hf"], "--data", files["data"]], capsys
+    )
+    assert status == 2 and "--quant 'nf3': expected one of nf4, nf4_dq, int4, int8, gguf" in err
     status, _, err = _run(
         _train_argv(files, str(tmp_path / "r"), *TRAIN, "--quant", "gguf"), capsys
     )
