@@ -39,12 +39,17 @@ TRAIN_HELP = {
     "overwrite": "replace the run in --out",
     "mesh": "data-parallel over this many devices (the batch is split; weights replicated)",
     "simulate_devices": "CPU only: pretend to have this many devices (XLA host platform)",
-    "quant": "quantize the frozen base (nf4): not yet, it needs the QLoRA work (jax_lora.quant)",
+    "quant": "QLoRA: keep the frozen base kernels quantized: nf4, nf4_dq (double-quantized "
+    "scales), int4, int8, or gguf (a GGUF model file's own Q4_0/Q4_1/Q8_0 blocks)",
+    "fine_tune_type": "lora, or dora (a trained magnitude per output: jax_lora use_dora)",
 }
 
 
 def _train_parser(sub) -> None:
-    from .lm.train import TrainArgs
+    from .lm.models import QUANTS
+    from .lm.train import FINE_TUNE_TYPES, TrainArgs
+
+    choices = {"quant": QUANTS, "fine_tune_type": FINE_TUNE_TYPES}
 
     p = sub.add_parser("train", help="train a LoRA adapter", argument_default=argparse.SUPPRESS)
     p.add_argument("-c", "--config", help="YAML file of these options (flags override it)")
@@ -56,7 +61,7 @@ def _train_parser(sub) -> None:
             p.add_argument(flag, action="store_true", help=help_)
         else:
             kind = {"alpha": float, "data": str, "quant": str}.get(f.name, type(default))
-            p.add_argument(flag, type=kind, help=help_)
+            p.add_argument(flag, type=kind, choices=choices.get(f.name), help=help_)
 
 
 def _train_args(ns: argparse.Namespace):
@@ -139,10 +144,13 @@ def _eval(ns) -> None:
         stream = data_lib.load_split(data, ns.split, ad.loaded.tokenizer)
     data_lib.check_length(stream, seq, ns.split)
     params = ad.loaded.params
-    loss_fn = jax.jit(lambda lo, ids, m: nll(ad.wrapped, params, lo, ids, m))
-    zero = jax.tree.map(lambda x: x * 0, ad.lora)  # b = 0: the base model
-    for name, lora in (("base", zero), (f"adapter (step {ad.step})", ad.lora)):
-        loss, ppl = evaluate(loss_fn, lora, stream, count=ns.batches * batch, batch=batch, seq=seq)
+    # the base model: the adapter switched off (zeroing a DoRA magnitude would zero W)
+    plain = ad.wrapped.clone(enabled=False)
+    for name, model in (("base", plain), (f"adapter (step {ad.step})", ad.wrapped)):
+        loss_fn = jax.jit(lambda lo, ids, m, model=model: nll(model, params, lo, ids, m))
+        loss, ppl = evaluate(
+            loss_fn, ad.lora, stream, count=ns.batches * batch, batch=batch, seq=seq
+        )
         print(f"{name}: {ns.split} loss {loss:.4f}  perplexity {ppl:.3f}")
 
 
@@ -217,6 +225,12 @@ def _export(ns) -> None:
         )
         print(f"PEFT adapter ({len(names)} modules): {ns.out}")
     else:
+        if ad.config.use_dora:
+            raise UserError(
+                f"--format gguf: {ns.adapter} is a DoRA adapter (--fine-tune-type dora); a "
+                "llama.cpp LoRA adapter cannot carry its magnitude vector: export --format peft, "
+                "or merge it into the weights with `jax-lora fuse`"
+            )
         if os.path.exists(ns.out) and not ns.overwrite:
             raise UserError(f"--out {ns.out} exists: pass --overwrite to replace it")
         names = write_gguf_adapter(ns.out, ad.lora, ad.config, ad.loaded.cfg)

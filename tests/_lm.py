@@ -71,8 +71,9 @@ def write_hf(directory: str, seed: int = 0, *, chat: bool = True, **cfg_changes)
     return directory
 
 
-def write_gguf(path: str, seed: int = 0) -> str:
-    models.write_gguf_model(path, CFG, tensors(seed), tokenizer())
+def write_gguf(path: str, seed: int = 0, *, qtype: str | None = None) -> str:
+    """``qtype`` (``"q8_0"``, ...): the matrices in that GGML type (the embedding too)."""
+    models.write_gguf_model(path, CFG, tensors(seed), tokenizer(), qtype=qtype)
     return path
 
 

@@ -549,11 +549,200 @@ def test_smollm2_shakespeare_train_eval_export_fuse(tmp_path, capsys):
         assert max_rel_err(pm(x).logits.numpy(), ours) <= 1e-4
 
 
-def test_quant_is_not_yet_and_says_so(files, capsys):
-    status, _, err = _run(
-        ["train", "--model", files["hf"], "--data", files["data"], "--quant", "nf4"], capsys
+# --- QLoRA (--quant) and DoRA (--fine-tune-type dora) ---------------------------------------
+
+VARIANT = ["--iters", "20", "--seq", "32", "--batch", "4", "--lr", "0.03", "--targets", "all"]
+VARIANT += ["--val-every", "20", "--val-batches", "1", "--report-every", "20", "--save-every", "20"]
+
+
+def _variant_run(files, tmp_path_factory, *flags):
+    out = str(tmp_path_factory.mktemp("variant") / "run")
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        assert cli.main(_train_argv(files, out, *VARIANT, *flags)) == 0
+    val = float(re.search(r"iter 20/20  val loss ([\d.]+)", buf.getvalue()).group(1))
+    return out, val
+
+
+@pytest.fixture(scope="module")
+def qtrained(files, tmp_path_factory):
+    """20 iterations on an nf4 base (all seven projections); (folder, logged val loss)."""
+    return _variant_run(files, tmp_path_factory, "--quant", "nf4")
+
+
+@pytest.fixture(scope="module")
+def dtrained(files, tmp_path_factory):
+    """20 iterations of DoRA (all seven projections); (folder, logged val loss)."""
+    return _variant_run(files, tmp_path_factory, "--fine-tune-type", "dora")
+
+
+def _eval_losses(out, capsys):
+    status, text, err = _run(["eval", "--adapter", out, "--batches", "1"], capsys)
+    assert status == 0, err
+    return [float(x) for x in re.findall(r"valid loss ([\d.]+)", text)]
+
+
+def test_quant_nf4_trains_on_a_quantized_base_and_eval_uses_it(files, qtrained, capsys):
+    out, logged = qtrained
+    assert _json(os.path.join(out, "run.json"))["quant"] == "nf4"
+    ad = load_adapter(out)
+    q = ad.loaded.params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    assert isinstance(q, jax_lora.QArray) and q.qtype == "nf4" and q.shape == (32, 64)
+    assert q.block == 32  # 64 does not divide the tiny model's hidden size 32
+    # the base really is nf4: 4-bit rounding, not the fp32 kernel
+    w = models.load(files["hf"]).params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    err = float(jnp.abs(jax_lora.dequantize(q) - w).max())
+    assert 1e-4 < err < 0.3 * float(jnp.abs(w).max())
+    base, adapted = _eval_losses(out, capsys)
+    assert adapted < base - 0.2  # the loss fell
+    assert abs(adapted - logged) <= 6e-4  # eval on the quantized base == training's val loss
+    # generate: the quantized base + adapter, KV-cached greedy == recomputation
+    status, text, err = _run(
+        ["generate", "--adapter", out, "--prompt", "the cat", "--max-tokens", "6"], capsys
     )
-    assert status == 2 and "--quant nf4: not yet" in err
+    assert status == 0, err
+    prompt = ad.loaded.tokenizer.encode("the cat")
+    variables = {"params": ad.loaded.params, "lora": ad.lora}
+    ref = gen.greedy_uncached(jax.jit(lambda ids: ad.wrapped.apply(variables, ids)), prompt, 6)
+    if ad.loaded.tokenizer.eos_id in ref:
+        ref = ref[: ref.index(ad.loaded.tokenizer.eos_id)]
+    assert text.rstrip("\n") == "the cat" + ad.loaded.tokenizer.decode(ref)
+
+
+def test_quant_fuse_writes_dequantized_plus_delta(qtrained, tmp_path, capsys):
+    out = str(tmp_path / "fused")
+    status, _, err = _run(["fuse", "--adapter", qtrained[0], "--out", out], capsys)
+    assert status == 0, err
+    fused = models.load(out)
+    ad = load_adapter(qtrained[0])
+    ours = _ours(ad, IDS)
+    theirs = llama.Llama(fused.cfg).apply({"params": fused.params}, IDS)
+    assert max_rel_err(theirs, ours) <= 1e-4
+    # export --format peft: the same adapter as for a float base (a, b transposed)
+    peft_dir = str(tmp_path / "peft")
+    status, _, err = _run(
+        ["export", "--adapter", qtrained[0], "--format", "peft", "--out", peft_dir], capsys
+    )
+    assert status == 0, err
+    from safetensors.numpy import load_file
+
+    t = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    a = ad.lora["model"]["layers_1"]["mlp"]["down_proj"]["a"]
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    np.testing.assert_array_equal(t[key], np.asarray(a).T)
+
+
+@pytest.mark.parametrize("flags", [["--quant", "nf4"], ["--fine-tune-type", "dora"]])
+def test_variant_resume_is_bit_exact_and_a_changed_setting_is_refused(
+    files, tmp_path, capsys, flags
+):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main(_train_argv(files, b, *TRAIN, *flags)) == 0
+    assert cli.main(_train_argv(files, a, *TRAIN, *flags, "--iters", "2")) == 0
+    other = ["--quant", "int8"] if flags[0] == "--quant" else []
+    status, _, err = _run(_train_argv(files, a, *TRAIN, *other, "--resume"), capsys)
+    assert status == 2
+    want = "quant: 'nf4' there, 'int8' now" if other else "fine_tune_type: 'dora' there, 'lora'"
+    assert want in err, err
+    assert cli.main(_train_argv(files, a, *TRAIN, *flags, "--resume")) == 0
+    (sa, la), (sb, lb) = _factors(a), _factors(b)
+    assert sa == sb == 4
+    for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_quant_gguf_keeps_the_files_blocks_and_refuses_a_float_file(files, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("quant: nf3\n")
+    status, _, err = _run(
+        ["train", "-c", str(cfg), "--model", files["hf"], "--data", files["data"]], capsys
+    )
+    assert status == 2 and "--quant 'nf3': expected one of nf4, nf4_dq, int4, int8, gguf" in err
+    status, _, err = _run(
+        _train_argv(files, str(tmp_path / "r"), *TRAIN, "--quant", "gguf"), capsys
+    )
+    assert status == 2 and "HF folder" in err
+    argv = ["train", "--model", files["gguf"], "--data", files["data"], "--out"]
+    status, _, err = _run([*argv, str(tmp_path / "r"), *TRAIN, "--quant", "gguf"], capsys)
+    assert status == 2 and "no Q4_0/Q4_1/Q8_0 matrices" in err and "F32" in err
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        cli.main([*argv, str(tmp_path / "r"), *TRAIN, "--quant", "nf5"])
+    assert e.value.code == 2 and "invalid choice: 'nf5'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_quant_gguf_trains_on_the_files_own_q8_0_blocks(files, tmp_path, capsys):
+    q8 = _lm.write_gguf(str(tmp_path / "q8.gguf"), qtype="q8_0")
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", q8, "--data", files["data"], "--out", out, *TRAIN]
+    assert cli.main([*argv, "--quant", "gguf"]) == 0
+    ad = load_adapter(out)
+    params, dense = ad.loaded.params, models.load(q8).params  # dense: the file dequantized
+    k = params["model"]["layers_1"]["self_attn"]["k_proj"]["kernel"]
+    assert isinstance(k, jax_lora.QArray) and k.qtype == "q8_0" and k.shape == (32, 16)
+    np.testing.assert_array_equal(
+        jax_lora.dequantize(k), dense["model"]["layers_1"]["self_attn"]["k_proj"]["kernel"]
+    )
+    emb = params["model"]["embed_tokens"]["embedding"]  # kept too (tied: also the lm head)
+    assert isinstance(emb, jax_lora.QArray) and emb.qtype == "q8_0" and emb.shape == (260, 32)
+    base, adapted = _eval_losses(out, capsys)
+    assert adapted < base  # 4 iterations at lr 0.01: a small, real drop
+    status, _, err = _run(["fuse", "--adapter", out, "--out", str(tmp_path / "fused")], capsys)
+    assert status == 0, err
+    fused = models.load(str(tmp_path / "fused"))
+    theirs = llama.Llama(fused.cfg).apply({"params": fused.params}, IDS)
+    assert max_rel_err(theirs, _ours(ad, IDS)) <= 1e-4
+
+
+def test_dora_trains_a_magnitude_and_exports_to_peft(files, dtrained, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    out, logged = dtrained
+    assert _json(os.path.join(out, "run.json"))["fine_tune_type"] == "dora"
+    ad = load_adapter(out)
+    assert ad.config.use_dora
+    node = ad.lora["model"]["layers_0"]["self_attn"]["k_proj"]
+    assert node["m"].shape == (16,) and node["a"].shape == (32, 8)
+    base, adapted = _eval_losses(out, capsys)
+    assert adapted < base - 0.2 and abs(adapted - logged) <= 6e-4
+    # eval's base line is the model without the adapter (zeroing a magnitude would zero W)
+    from jax_lora.lm.train import nll
+
+    stream = data_lib.load_split(files["data"], "valid", ad.loaded.tokenizer)
+    ids, mask = data_lib.eval_windows(stream, count=4, seq=32)
+    plain, _ = nll(llama.Llama(ad.loaded.cfg), ad.loaded.params, {}, ids, mask)
+    assert abs(float(plain) - base) <= 6e-4
+    peft_dir = str(tmp_path / "peft")
+    status, _, err = _run(
+        ["export", "--adapter", out, "--format", "peft", "--out", peft_dir], capsys
+    )
+    assert status == 0, err
+    assert _json(os.path.join(peft_dir, "adapter_config.json"))["use_dora"] is True
+    hf = transformers.LlamaForCausalLM.from_pretrained(files["hf"], dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, peft_dir).eval()
+    with torch.no_grad():
+        theirs = pm(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
+    assert max_rel_err(theirs, _ours(ad, IDS)) <= 1e-4
+    gg = str(tmp_path / "a.gguf")
+    status, _, err = _run(["export", "--adapter", out, "--format", "gguf", "--out", gg], capsys)
+    assert status == 2 and "DoRA adapter" in err and "--format peft" in err
+    assert not os.path.exists(gg)
+
+
+def test_dora_fuse_matches_the_adapter(dtrained, tmp_path, capsys):
+    out = str(tmp_path / "fused")
+    status, _, err = _run(["fuse", "--adapter", dtrained[0], "--out", out], capsys)
+    assert status == 0, err
+    fused = models.load(out)
+    ad = load_adapter(dtrained[0])
+    theirs = llama.Llama(fused.cfg).apply({"params": fused.params}, IDS)
+    assert max_rel_err(theirs, _ours(ad, IDS)) <= 1e-4
+    base = llama.Llama(ad.loaded.cfg).apply({"params": ad.loaded.params}, IDS)
+    assert max_rel_err(base, theirs) > 1e-3
 
 
 def test_eval_on_a_file_uses_all_of_it(trained, tmp_path, capsys):

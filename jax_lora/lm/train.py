@@ -25,6 +25,10 @@ from . import llama, models
 ALL_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 #: settings that define a run: resuming with a different value is refused
 IDENTITY = ("model", "data", "rank", "alpha", "targets", "dropout", "seq", "batch", "lr", "seed")
+IDENTITY += ("quant", "fine_tune_type")
+#: what a run.json written before a setting existed means by its absence
+_ABSENT = {"quant": None, "fine_tune_type": "lora"}
+FINE_TUNE_TYPES = ("lora", "dora")
 
 
 class UserError(Exception):
@@ -40,6 +44,7 @@ class TrainArgs:
     rank: int = 8
     alpha: float | None = None  # default 2 * rank
     targets: str = "q_proj|v_proj"
+    fine_tune_type: str = "lora"
     dropout: float = 0.0
     lr: float = 1e-3
     batch: int = 4
@@ -64,6 +69,7 @@ def lora_config(run: dict) -> LoraConfig:
         alpha=run["alpha"],
         targets=rf".*/self_attn/({t})|.*/mlp/({t})",
         dropout=run["dropout"],
+        use_dora=run.get("fine_tune_type", "lora") == "dora",
     )
 
 
@@ -93,7 +99,8 @@ def _check_out(out: str, run: dict, a: TrainArgs) -> None:
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
         os.remove(run_file)
         return
-    diff = {k: (old.get(k), run[k]) for k in IDENTITY if old.get(k) != run[k]}
+    diff = {k: (old.get(k, _ABSENT.get(k)), run[k]) for k in IDENTITY}
+    diff = {k: (o, n) for k, (o, n) in diff.items() if o != n}
     if diff:
         text = "; ".join(f"{k}: {o!r} there, {n!r} now" for k, (o, n) in diff.items())
         raise UserError(
@@ -179,15 +186,17 @@ def train(a: TrainArgs, log=print) -> int:
     for k in ("iters", "rank", "batch", "seq", "val_every", "save_every", "report_every", "keep"):
         if getattr(a, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
-    if a.quant is not None:
+    if a.quant is not None and a.quant not in models.QUANTS:
+        raise UserError(f"--quant {a.quant!r}: expected one of {', '.join(models.QUANTS)}")
+    if a.fine_tune_type not in FINE_TUNE_TYPES:
         raise UserError(
-            f"--quant {a.quant}: not yet; QLoRA (a quantized frozen base) lands with jax_lora.quant"
+            f"--fine-tune-type {a.fine_tune_type!r}: expected one of {', '.join(FINE_TUNE_TYPES)}"
         )
     out = os.path.abspath(a.out)
     run = identity(a)
     _check_out(out, run, a)
 
-    loaded = models.load(a.model)
+    loaded = models.load(a.model, quant=a.quant)
     if a.seq > loaded.context:
         raise UserError(
             f"--seq {a.seq} is beyond the model's context ({loaded.context} positions, "
@@ -200,7 +209,8 @@ def train(a: TrainArgs, log=print) -> int:
     data_lib.check_length(valid_data, a.seq, "validation")
     log(
         f"model {loaded.source}: {loaded.cfg.num_hidden_layers} layers, hidden "
-        f"{loaded.cfg.hidden_size}; train {len(train_data):,} tokens, valid {len(valid_data):,}"
+        f"{loaded.cfg.hidden_size}, base {a.quant or 'fp32'}; train {len(train_data):,} tokens, "
+        f"valid {len(valid_data):,}"
     )
 
     config = lora_config(run)
@@ -338,7 +348,7 @@ def load_adapter(directory: str, model: str | None = None) -> Adapter:
         raise UserError(f"--adapter {directory}: no run.json; pass a `jax-lora train --out` folder")
     with open(run_file) as f:
         run = json.load(f)
-    loaded = models.load(model or run["model"])
+    loaded = models.load(model or run["model"], quant=run.get("quant"))
     config = lora_config(run)
     wrapped = wrap(llama.Llama(loaded.cfg), config)
     like = jax.eval_shape(
