@@ -479,13 +479,16 @@ def combine_adapters(
         weighted sum); ``"cat"``: ``a = [w_i s_i a_i]``, ``b = [b_i]`` concatenated along the
         rank (rank = sum of ranks; exact); ``"svd"``: the best rank-``rank`` approximation of
         ``sum_i w_i s_i a_i b_i`` (default ``rank``: the largest rank), ``a = U``,
-        ``b = diag(S) V^T``. ``s_i`` is each adapter's scale.
-      rank: the svd rank.
+        ``b = diag(S) V^T``. ``s_i`` is each adapter's scale at that layer (``alpha_pattern``
+        and ``rank_pattern`` count).
+      rank: the svd rank (default: the largest of the adapters' ranks at each layer).
 
     Returns:
       ``(tree, config)``: the new adapter's factors on every layer any of them adapts, and its
       config: rank as above, ``alpha = rank`` (scale 1, as PEFT), ``targets`` naming exactly
-      those layers (paths escaped, as `import_peft` does).
+      those layers (paths escaped, as `import_peft` does); layers whose rank differs from the
+      largest (``rank_pattern`` in the inputs) get pinned ``rank_pattern``/``alpha_pattern``
+      entries.
     """
     if combination not in COMBINATIONS:
         raise ValueError(f"`combination` must be one of {COMBINATIONS}, got {combination!r}")
@@ -496,53 +499,82 @@ def combine_adapters(
         if k not in lora or k not in configs:
             where = "lora" if k not in lora else "configs"
             raise KeyError(f"no adapter {k!r} in `{where}`; adapters: {_names_line(list(lora))}")
-    ranks = [configs[k].rank for k in names]
+    for k in names:
+        w = weights[k]
+        try:
+            ok = not isinstance(w, bool) and np.ndim(w) == 0 and math.isfinite(float(w))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"`weights`[{k!r}] must be a finite number, got {w!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"`rank` must be an int >= 1 or None, got {rank!r}")
     if len(names) == 1:
         combination = "linear"
-    if combination == "linear" and len(set(ranks)) != 1:
-        raise ValueError(
-            f"`linear` needs adapters of one rank, got ranks {dict(zip(names, ranks, strict=True))}"
-            "; use 'cat' or 'svd'"
-        )
-    new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": rank or max(ranks)}[combination]
     by_path: dict[tuple[str, ...], dict[str, Mapping[str, Any]]] = {}
     for k in names:
         for p, node in factor_nodes(nn.meta.unbox(lora[k])):
             by_path.setdefault(tuple(p), {})[k] = node
     out: dict[str, Any] = {}
+    new_ranks: dict[str, int] = {}
     for p, nodes in by_path.items():
         path = path_str(p)
         here = [k for k in names if k in nodes]
-        ws = [float(weights[k]) * configs[k].scale for k in here]
+        # each layer's own scale and rank (alpha_pattern / rank_pattern), not the config's default
+        ws = [float(weights[k]) * configs[k].scale_for(path) for k in here]
         n_lead = _rank_axis([nodes[k] for k in here], path)
         a_s = [jnp.asarray(nodes[k]["a"]) for k in here]
         b_s = [jnp.asarray(nodes[k]["b"]) for k in here]
         dtype = a_s[0].dtype
         if combination == "linear":
+            got = {k: int(t.shape[-1]) for k, t in zip(here, a_s, strict=True)}
+            if len(set(got.values())) != 1:
+                raise ValueError(
+                    f"`linear` needs adapters of one rank, but at '{path}' the ranks are {got}; "
+                    "use 'cat' or 'svd'"
+                )
+            new_rank = a_s[0].shape[-1]
             wa = [math.copysign(math.sqrt(abs(w)), w) for w in ws]
             wb = [math.sqrt(abs(w)) for w in ws]
             a = sum(jnp.asarray(w, t.dtype) * t for w, t in zip(wa, a_s, strict=True))
             b = sum(jnp.asarray(w, t.dtype) * t for w, t in zip(wb, b_s, strict=True))
         elif combination == "cat":
+            # adapters absent here leave zeros at the end (as PEFT): every layer gets the rank
+            # sum of all the combined adapters' ranks there
+            new_rank = sum(configs[k].rank_for(path) for k in names)
             a = jnp.concatenate(
                 [jnp.asarray(w, t.dtype) * t for w, t in zip(ws, a_s, strict=True)], axis=-1
             )
             b = jnp.concatenate(b_s, axis=n_lead)
-            pad = new_rank - a.shape[-1]  # adapters absent here leave zeros at the end (as PEFT)
+            pad = new_rank - a.shape[-1]
+            if pad < 0:
+                raise ValueError(
+                    f"the factors at '{path}' have rank {a.shape[-1]} in all, more than the "
+                    f"configs' ranks there ({new_rank}): were they made with other configs?"
+                )
             a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
             b = jnp.pad(b, [(0, 0)] * n_lead + [(0, pad)] + [(0, 0)] * (b.ndim - n_lead - 1))
         else:
+            new_rank = rank or max(configs[k].rank_for(path) for k in names)
             a, b = _svd(a_s, b_s, ws, n_lead, new_rank, path)
+        new_ranks[path] = int(new_rank)
         node = out
         for part in p:
             node = node.setdefault(part, {})
         node.update(a=a.astype(dtype), b=b.astype(dtype))
+    if not new_ranks:
+        raise ValueError(f"the adapters {_names_line(names)} have no factors to combine")
     first = configs[names[0]]
+    top = max(new_ranks.values())
+    # layers whose rank differs get a pinned rank_pattern entry (alpha = rank: scale 1 everywhere)
+    odd = {"^" + re.escape(p): r for p, r in new_ranks.items() if r != top}
     config = LoraConfig(
-        rank=new_rank,
-        alpha=new_rank,
-        targets=sorted(re.escape(path_str(p)) for p in by_path),
+        rank=top,
+        alpha=top,
+        targets=sorted(re.escape(p) for p in new_ranks),
         param_dtype=first.param_dtype,
+        rank_pattern=odd,
+        alpha_pattern={k: float(r) for k, r in odd.items()},
     )
     return out, config
 

@@ -448,3 +448,51 @@ def test_nnx_bad_input_leaves_model_unchanged():
     assert type(fresh.fc1) is nnx.Linear and not hasattr(fresh.fc1, "lora_adapters")
     with pytest.raises(ValueError, match="no named adapters"):
         jax_lora.adapters_state(fresh)
+
+
+# --- adversarial cases (H-ADV) ----------------------------------------------------------------
+
+
+def test_combine_uses_each_layers_alpha_and_rank_pattern():
+    # bug: combine_adapters scaled every layer by `config.scale`, ignoring alpha_pattern (silently
+    # wrong) and read the rank from `config.rank`, ignoring rank_pattern (crash / bad shapes)
+    cfgs = {
+        "p": jax_lora.LoraConfig(rank=2, alpha_pattern={"fc1": 8.0}),
+        "q": jax_lora.LoraConfig(rank=2, rank_pattern={"fc1": 5}, alpha=3.0),
+    }
+    model, _, v, x = _setup(configs=cfgs)
+    want = {
+        layer: 0.5 * _delta(v["lora"]["p"][layer], cfgs["p"].scale_for(layer))
+        - 2.0 * _delta(v["lora"]["q"][layer], cfgs["q"].scale_for(layer))
+        for layer in ("fc1", "fc2")
+    }
+    weights = {"p": 0.5, "q": -2.0}
+    for comb, rank in (("cat", None), ("svd", 7)):
+        tree, cfg = jax_lora.combine_adapters(v["lora"], cfgs, weights, combination=comb, rank=rank)
+        for layer, d in want.items():
+            r = tree[layer]["a"].shape[-1]
+            assert cfg.rank_for(layer) == r and cfg.scale_for(layer) == 1.0, (comb, layer)
+            np.testing.assert_allclose(_delta(tree[layer], 1.0), d, rtol=1e-4, atol=1e-5)
+        assert tree["fc1"]["a"].shape == (8, 7) and tree["fc2"]["a"].shape[-1] == (
+            4 if comb == "cat" else 7
+        )
+        y = jax_lora.wrap(model, cfg).apply({"params": v["params"], "lora": tree}, x)
+        assert y.shape == (6, 4)
+    # one adapter alone ("linear" then) must reproduce that adapter's own output
+    tree, cfg = jax_lora.combine_adapters(v["lora"], cfgs, {"q": 1.0})
+    alone = _single(model, cfgs["q"], v["params"], v["lora"]["q"], x)
+    combined = jax_lora.wrap(model, cfg).apply({"params": v["params"], "lora": tree}, x)
+    assert _rel(combined, alone) <= 1e-5
+    with pytest.raises(ValueError, match="'fc1'.*ranks"):
+        jax_lora.combine_adapters(v["lora"], cfgs, weights, combination="linear")
+
+
+def test_combine_rejects_nan_weights_and_bad_rank():
+    # bug: a NaN weight gave NaN factors silently; rank=0 silently meant the default rank
+    _, _, v, _ = _setup()
+    with pytest.raises(ValueError, match=r"`weights`\['de'\] must be a finite number"):
+        jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": 1.0, "de": float("nan")})
+    with pytest.raises(ValueError, match="`rank` must be an int >= 1"):
+        jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": 1.0, "de": 1.0}, rank=0)
+    tree, _ = jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": jnp.float32(0.5), "de": 1})
+    assert np.isfinite(np.asarray(tree["fc1"]["a"])).all()
