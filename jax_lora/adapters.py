@@ -36,8 +36,13 @@ COMBINATIONS = ("linear", "cat", "svd")
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"an adapter name must be a non-empty str without '/', got {name!r}")
+    # each name is also a folder name (`export_peft_adapters`) and a torch ModuleDict key in
+    # PEFT, which forbids '.': so no '.', path separators or NUL (no '..', no hidden folders)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\.\x00"):
+        raise ValueError(
+            "an adapter name must be a non-empty str without '/', '\\', '.' or NUL (it names a "
+            f"folder and a PEFT module key), got {name!r}"
+        )
     return name
 
 

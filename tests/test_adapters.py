@@ -496,3 +496,23 @@ def test_combine_rejects_nan_weights_and_bad_rank():
         jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": 1.0, "de": 1.0}, rank=0)
     tree, _ = jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": jnp.float32(0.5), "de": 1})
     assert np.isfinite(np.asarray(tree["fc1"]["a"])).all()
+
+
+@pytest.mark.parametrize("bad", ["..", ".", ".hidden", "a.b", "a\\b", "a\x00b"])
+def test_names_that_are_not_safe_folder_names_are_refused(tmp_path, bad):
+    # bug: export_peft_adapters wrote adapter '..' into the PARENT folder and then replaced the
+    # whole parent with it (the user's other files there were deleted); '.' silently overwrote
+    # 'default'; '.hidden' exported but import_peft_adapters skipped it (PEFT itself forbids
+    # '.' in adapter names: torch ModuleDict keys)
+    with pytest.raises(ValueError, match="adapter name"):
+        jax_lora.wrap(MLP(), {"default": CONFIGS["fr"], bad: CONFIGS["fr"]})
+    _, _, v, _ = _setup(configs={"default": CONFIGS["fr"]})
+    with pytest.raises(ValueError, match="adapter name"):
+        jax_lora.add_adapter(v, bad, v["lora"]["default"])
+    (tmp_path / "precious.txt").write_text("keep me")
+    lora = {"default": v["lora"]["default"], bad: v["lora"]["default"]}
+    configs = {"default": CONFIGS["fr"], bad: CONFIGS["fr"]}
+    with pytest.raises(ValueError, match="adapter name"):
+        jax_lora.export_peft_adapters(tmp_path / "out", lora, configs)
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
