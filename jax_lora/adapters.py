@@ -20,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -702,12 +703,37 @@ def adapter_ids(ids: Any) -> Iterator[None]:
     """NNX: inside this block, layers with named adapters route row ``i`` of their input to
     adapter ``ids[i]`` (an int array ``(batch,)``, index into the declared names, ``-1``: base
     only). Read when the model is called (or traced): enter it inside your jitted function,
-    ``with jax_lora.adapter_ids(ids): y = model(x)``. (linen: the ``adapter_ids=`` keyword.)"""
-    token = _IDS.set(ids)
+    ``with jax_lora.adapter_ids(ids): y = model(x)`` (concrete ids entered outside a ``jit`` that
+    calls the model raise: the compiled function would keep them). (linen: the ``adapter_ids=``
+    keyword.)"""
+    token = _IDS.set((ids, _under_jit()))
     try:
         yield
     finally:
         _IDS.reset(token)
+
+
+def _under_jit() -> bool:
+    check = getattr(jax.extend.core, "unsafe_am_i_under_a_jit_DO_NOT_USE", None)
+    return bool(check()) if check is not None else False
+
+
+def _ids_in_call() -> Any:
+    """The ids of the enclosing `adapter_ids` block, refusing concrete ids entered outside the
+    ``jit`` now tracing: they would be baked into the compiled function, and its cache would
+    serve them for every later call whatever ids the block then holds."""
+    got = _IDS.get()
+    if got is None:
+        return None
+    ids, entered_under_jit = got
+    if not entered_under_jit and not isinstance(ids, jax.core.Tracer) and _under_jit():
+        raise ValueError(
+            "`jax_lora.adapter_ids(ids)` was entered outside the jitted function that calls the "
+            "model: its ids would be compiled in as a constant and reused for other ids. Pass "
+            "the ids as an argument and enter the block inside the jitted function: "
+            "`with jax_lora.adapter_ids(ids): y = model(x)`"
+        )
+    return ids
 
 
 class _MultiNnx(nnx.Module):
@@ -725,7 +751,7 @@ class _MultiNnx(nnx.Module):
         geom = _call_geometry(self, inputs, args, kwargs)  # type: ignore[arg-type]
         nodes = {k: {"a": v["a"][...], "b": v["b"][...]} for k, v in self.lora_adapters.items()}
         x = inputs.astype(y.dtype)
-        ids = _IDS.get()
+        ids = _ids_in_call()
         precision = getattr(self, "precision", None)
         if ids is None:
             for k in self.lora_active:

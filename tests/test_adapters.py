@@ -516,3 +516,26 @@ def test_names_that_are_not_safe_folder_names_are_refused(tmp_path, bad):
         jax_lora.export_peft_adapters(tmp_path / "out", lora, configs)
     assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_nnx_ids_set_outside_jit_are_refused_not_baked_in():
+    # bug: `with adapter_ids(ids): jitted(model, x)` baked the first ids into the compiled
+    # function, and the cache served every later call: other ids silently gave the first ids'
+    # output
+    base, model, x = _nnx_setup()
+    serve = nnx.jit(lambda model, x: model(x))
+    ids = jax_lora.adapter_ids(jnp.zeros((6,), jnp.int32))
+    with ids, pytest.raises(ValueError, match="inside the jitted function"):
+        serve(model, x)
+    # ids entered inside the jitted function (traced or constant) and eager grads still work
+    state = jax_lora.adapters_state(model)
+
+    @nnx.jit
+    def const(model, x):
+        with jax_lora.adapter_ids(np.full((6,), 1, np.int32)):
+            return model(x)
+
+    assert _rel(const(model, x), _nnx_single(base, "de", state["de"])(x)) <= 1e-6
+    with jax_lora.adapter_ids(jnp.full((6,), 2, jnp.int32)):
+        g = nnx.grad(lambda m: jnp.sum(m(x)), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert np.abs(np.asarray(nnx.to_pure_dict(g)["fc1"]["lora_adapters"]["it"]["a"])).max() > 0
