@@ -47,6 +47,12 @@ def _check_name(name: Any) -> str:
     return name
 
 
+def _check_once(active: tuple[str, ...]) -> None:
+    for k in active:
+        if active.count(k) > 1:
+            raise ValueError(f"`active` lists adapter {k!r} twice (its branch would add twice)")
+
+
 def _names_line(names: Sequence[str]) -> str:
     return ", ".join(repr(n) for n in names) or "none"
 
@@ -331,6 +337,7 @@ class MultiLoraWrapped(nn.Module):
                 raise ValueError(
                     f"unknown adapter {k!r} in `active`; adapters: {_names_line(self.names)}"
                 )
+        _check_once(active)
         return active
 
     def __call__(self, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
@@ -851,6 +858,7 @@ def set_active_adapters(model: nnx.Module, active: str | Sequence[str]) -> nnx.M
     """NNX: the adapter(s) whose branches run outside `adapter_ids` (several add up; ``()`` is
     the base), in place; returns ``model``. (linen: ``wrapped.clone(active=...)``.)"""
     active = (active,) if isinstance(active, str) else tuple(active)
+    _check_once(active)
     for _, layer in _multi_layers(model):
         for k in active:
             if k not in layer.lora_names:

@@ -539,3 +539,15 @@ def test_nnx_ids_set_outside_jit_are_refused_not_baked_in():
     with jax_lora.adapter_ids(jnp.full((6,), 2, jnp.int32)):
         g = nnx.grad(lambda m: jnp.sum(m(x)), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
     assert np.abs(np.asarray(nnx.to_pure_dict(g)["fc1"]["lora_adapters"]["it"]["a"])).max() > 0
+
+
+def test_active_lists_an_adapter_once():
+    # bug: active=("fr", "fr") silently added the "fr" branch twice (linen and NNX)
+    _, wrapped, v, x = _setup()
+    with pytest.raises(ValueError, match="'fr' twice"):
+        wrapped.clone(active=("fr", "fr")).apply(v, x)
+    y = wrapped.clone(active=["fr", "it"]).apply(v, x)  # a list is fine
+    assert _rel(y, wrapped.clone(active=("fr", "it")).apply(v, x)) == 0.0
+    _, model, _ = _nnx_setup()
+    with pytest.raises(ValueError, match="'it' twice"):
+        jax_lora.set_active_adapters(model, ["it", "de", "it"])
