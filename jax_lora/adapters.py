@@ -682,14 +682,34 @@ def import_peft_adapters(
     Returns ``({name: tree}, {name: LoraConfig})``; ``names`` picks (and orders) adapters.
     ``kwargs`` go to every `import_peft` call (``flax_path``, ``like`` (one adapter's tree)...).
     """
-    from .peft import CONFIG, import_peft
+    from .peft import CONFIG, WEIGHTS, import_peft
 
     directory = os.fspath(directory)
     found = {"default": directory} if os.path.isfile(os.path.join(directory, CONFIG)) else {}
+    broken = []  # weights without a config: a half-written or damaged adapter folder
     for entry in sorted(os.listdir(directory)):
         sub = os.path.join(directory, entry)
-        if os.path.isfile(os.path.join(sub, CONFIG)) and not entry.startswith("."):
-            found.setdefault(entry, sub)
+        if entry.startswith("."):
+            continue
+        if os.path.isfile(os.path.join(sub, CONFIG)):
+            if entry in found:
+                raise ValueError(
+                    f"two adapters named {entry!r} in {directory}: the folder itself and its "
+                    f"subfolder {entry!r}; move one of them"
+                )
+            found[entry] = sub
+        elif os.path.isfile(os.path.join(sub, WEIGHTS)):
+            broken.append(entry)
+    if not found and not broken:
+        raise FileNotFoundError(
+            f"no PEFT adapter in {directory}: neither it nor a subfolder holds {CONFIG}"
+        )
+    if names is None and broken:
+        raise ValueError(
+            f"adapter folder(s) {_names_line(broken)} in {directory} hold {WEIGHTS} but no "
+            f"{CONFIG} (an incomplete export?); restore the config, or pick the other adapters "
+            "with `names=`"
+        )
     pick = list(found) if names is None else list(names)
     for k in pick:
         if k not in found:

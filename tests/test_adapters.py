@@ -551,3 +551,34 @@ def test_active_lists_an_adapter_once():
     _, model, _ = _nnx_setup()
     with pytest.raises(ValueError, match="'it' twice"):
         jax_lora.set_active_adapters(model, ["it", "de", "it"])
+
+
+def test_import_adapters_refuses_empty_and_half_written_folders(tmp_path):
+    # bugs: a folder with no adapter at all imported as ({}, {}) (a wrong path silently gave no
+    # adapters); a subfolder with the weights but no adapter_config.json was skipped silently
+    pytest.importorskip("safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
+        jax_lora.import_peft_adapters(tmp_path / "empty")
+    configs = {"default": CONFIGS["fr"], "it": CONFIGS["it"]}
+    _, _, v, _ = _setup(configs=configs)
+    out = tmp_path / "out"
+    jax_lora.export_peft_adapters(out, v["lora"], configs)
+    os.remove(out / "it" / "adapter_config.json")
+    with pytest.raises(ValueError, match=r"'it'.*adapter_model\.safetensors.*no adapter_config"):
+        jax_lora.import_peft_adapters(out)
+    trees, _ = jax_lora.import_peft_adapters(out, names=["default"])  # picking around it is fine
+    np.testing.assert_array_equal(trees["default"]["fc1"]["a"], v["lora"]["default"]["fc1"]["a"])
+
+
+def test_import_adapters_refuses_two_defaults(tmp_path):
+    # bug: a root adapter and a subfolder named 'default' were both "default": the subfolder was
+    # silently ignored
+    pytest.importorskip("safetensors")
+    configs = {"default": CONFIGS["fr"], "it": CONFIGS["it"]}
+    _, _, v, _ = _setup(configs=configs)
+    out = tmp_path / "out"
+    jax_lora.export_peft_adapters(out, v["lora"], configs)
+    os.rename(out / "it", out / "default")
+    with pytest.raises(ValueError, match="two adapters named 'default'"):
+        jax_lora.import_peft_adapters(out)
