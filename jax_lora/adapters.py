@@ -278,6 +278,18 @@ def _batched_einsum(geom: factors.Geometry, path: str) -> tuple[str, str]:
 def _check_node(name: str, path: str, node: Mapping[str, Any], geom: factors.Geometry) -> None:
     a, b = tuple(np.shape(node["a"])), tuple(np.shape(node["b"]))
     r = a[-1] if a else None
+    extra = len(a) - len(geom.a_shape) - 1
+    if (
+        extra > 0
+        and a[extra:] == (*geom.a_shape, r)
+        and b == (*a[:extra], *geom.lead_shape, r, *geom.out_shape)
+    ):
+        raise ValueError(
+            f"adapter {name!r} at '{path}': its factors are stacked {a[:extra]} (a layer inside "
+            "nn.scan / nn.vmap), but named adapters read each layer's own factors, unstacked. "
+            "Unroll the stack, or use a single-adapter `jax_lora.wrap(model, config)` per "
+            "adapter"
+        )
     if a != (*geom.a_shape, r) or b != (*geom.lead_shape, r, *geom.out_shape):
         raise ValueError(
             f"adapter {name!r} at '{path}': a {a}, b {b} do not fit the layer (input axes "
@@ -309,8 +321,8 @@ class MultiLoraWrapped(nn.Module):
     under ``jit`` they give the base output for that row.
 
     Only the ``Dense``/``DenseGeneral``/``Einsum`` layers are adapted (no LoRA dropout, no
-    generic weights), and the targets of each config are matched against paths inside the
-    wrapped model (as a top-level `wrap`).
+    generic weights, not inside ``nn.scan``/``nn.vmap`` stacks), and the targets of each config
+    are matched against paths inside the wrapped model (as a top-level `wrap`).
     """
 
     base: nn.Module

@@ -582,3 +582,27 @@ def test_import_adapters_refuses_two_defaults(tmp_path):
     os.rename(out / "it", out / "default")
     with pytest.raises(ValueError, match="two adapters named 'default'"):
         jax_lora.import_peft_adapters(out)
+
+
+def test_scanned_stacks_get_a_clear_error():
+    # bug: on an nn.scan stack the factors are stacked (L, in, r) but each scanned call sees one
+    # layer: apply failed with "Was this adapter made for another base model?" (misleading)
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(8, name="fc")(x), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(
+                Layer, variable_axes={"params": 0, "lora": 0}, length=3, split_rngs={"params": True}
+            )
+            return scan(name="blocks")(x, None)[0]
+
+    x = jnp.ones((2, 8))
+    wrapped = jax_lora.wrap(Stack(), {"p": CONFIGS["fr"]})
+    v = wrapped.init(jax.random.key(0), x)
+    assert v["lora"]["p"]["blocks"]["fc"]["a"].shape == (3, 8, 2)
+    with pytest.raises(ValueError, match=r"'blocks/fc'.*stacked.*\(3,\).*nn\.scan"):
+        wrapped.apply(v, x)
