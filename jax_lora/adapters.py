@@ -183,6 +183,13 @@ class _Multi:
         for k, node in nodes.items():
             self.used.add((k, rel))
             _check_node(k, path, node, geom)
+            want = self.configs[k].rank_for(path_str(rel))
+            if node["a"].shape[-1] != want:
+                raise ValueError(
+                    f"adapter {k!r} at '{path}' has factors of rank {node['a'].shape[-1]}, but "
+                    f"its config says rank {want} there (the scale alpha / rank would be "
+                    "wrong). Declare it with the config it was made with."
+                )
         x = _input(args, kwargs).astype(y.dtype)
         if self.ids is None:
             for k in self.active:

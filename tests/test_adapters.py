@@ -606,3 +606,20 @@ def test_scanned_stacks_get_a_clear_error():
     assert v["lora"]["p"]["blocks"]["fc"]["a"].shape == (3, 8, 2)
     with pytest.raises(ValueError, match=r"'blocks/fc'.*stacked.*\(3,\).*nn\.scan"):
         wrapped.apply(v, x)
+
+
+def test_factors_of_another_rank_than_the_config_are_refused():
+    # bug: a tree of rank 2 declared with a rank-4 config ran at the rank-4 scale (alpha / 4)
+    # silently; the single-adapter wrap refuses such factors
+    _, wrapped, v, x = _setup()
+    w2 = wrapped.with_adapter("xx", jax_lora.LoraConfig(rank=4, alpha=8.0))
+    v2 = jax_lora.add_adapter(v, "xx", v["lora"]["fr"])  # rank 2 factors
+    with pytest.raises(ValueError, match=r"adapter 'xx' at 'fc1'.*rank 2.*config.*rank 4"):
+        w2.apply(v2, x, adapter_ids=jnp.full((6,), 3))
+    with pytest.raises(ValueError, match=r"adapter 'xx' at 'fc1'.*rank 2.*config.*rank 4"):
+        w2.clone(active="xx").apply(v2, x)
+    ok = wrapped.with_adapter("xx", jax_lora.LoraConfig(rank=2, alpha=4.0))
+    np.testing.assert_array_equal(
+        ok.apply(v2, x, adapter_ids=jnp.full((6,), 3)),
+        wrapped.apply(v, x, adapter_ids=jnp.zeros((6,), jnp.int32)),
+    )
