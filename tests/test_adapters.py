@@ -623,3 +623,20 @@ def test_factors_of_another_rank_than_the_config_are_refused():
         ok.apply(v2, x, adapter_ids=jnp.full((6,), 3)),
         wrapped.apply(v, x, adapter_ids=jnp.zeros((6,), jnp.int32)),
     )
+
+
+def test_merge_and_pissa_of_named_adapters_say_pick_one():
+    # bug: merge(v, named_wrapper, x) said "example inputs are only used with a wrapped model"
+    # (it is one); with a config, "`lora` has factors at 'fr/fc1' but `params` has no layer"
+    _, wrapped, v, x = _setup()
+    for fn in (jax_lora.merge, jax_lora.init_from_weights):
+        with pytest.raises(TypeError, match=r"named adapters 'fr', 'de', 'it'.*\['lora'\]\[name\]"):
+            fn(v, wrapped, x)
+        with pytest.raises(ValueError, match=r"'(fr|de|it)/fc1'.*one adapter's tree"):
+            fn(v, CONFIGS["fr"])
+    merged = jax_lora.merge({"params": v["params"], "lora": v["lora"]["fr"]}, CONFIGS["fr"])
+    want = (
+        v["params"]["fc1"]["kernel"]
+        + 2.0 * v["lora"]["fr"]["fc1"]["a"] @ v["lora"]["fr"]["fc1"]["b"]
+    )
+    np.testing.assert_allclose(merged["fc1"]["kernel"], want, rtol=1e-5, atol=1e-6)
