@@ -640,3 +640,18 @@ def test_merge_and_pissa_of_named_adapters_say_pick_one():
         + 2.0 * v["lora"]["fr"]["fc1"]["a"] @ v["lora"]["fr"]["fc1"]["b"]
     )
     np.testing.assert_allclose(merged["fc1"]["kernel"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_named_adapters_and_step_passed_as_like(tmp_path):
+    # bug: `ckpt.restore(1)` (the step passed positionally, where `like` goes) failed with "the
+    # checkpoint at step 1 has no factor '' that the model needs (shape ())"
+    cfg = jax_lora.LoraConfig(rank=2, rank_pattern={"fc1": 3}, alpha_pattern={"fc2": 5.0})
+    _, _, v, _ = _setup(configs={"p": cfg, "q": CONFIGS["it"]})
+    with jax.numpy_dtype_promotion("standard"), jax_lora.AdapterCheckpointer(tmp_path) as ck:
+        ck.save(1, v["lora"], cfg)
+        ck.wait()
+        with pytest.raises(TypeError, match=r"`like`.*got int.*restore\(like, step=1\)"):
+            ck.restore(1)
+        r = ck.restore(v["lora"], step=1)
+    assert r.config == cfg and r.config.rank_for("fc1") == 3
+    jax.tree.map(np.testing.assert_array_equal, r.lora, v["lora"])
