@@ -485,7 +485,9 @@ def _check_configs(configs: Mapping[str, LoraConfig]) -> list[tuple[str, LoraCon
 def _rank_axis(nodes: Sequence[Mapping[str, Any]], path: str) -> int:
     """The position of the rank axis in ``b`` (= number of lead axes) that fits all nodes."""
     shapes = [(tuple(np.shape(n["a"])), tuple(np.shape(n["b"]))) for n in nodes]
-    for k in range(min(len(b) for _, b in shapes)):
+    # a has >= 1 input axis and b >= 1 output axis besides the k lead axes; the most lead axes
+    # that fit wins (a stack of L layers at rank L reads as a stack, as `variants._n_lead`)
+    for k in reversed(range(min(min(len(a), len(b)) for a, b in shapes) - 1)):
         if all(b[k] == a[-1] and a[:k] == b[:k] for a, b in shapes):
             return k
     raise ValueError(f"the factors at '{path}' are not a (lead..., in..., r), b (lead..., r, ...)")

@@ -655,3 +655,37 @@ def test_checkpoint_of_named_adapters_and_step_passed_as_like(tmp_path):
         r = ck.restore(v["lora"], step=1)
     assert r.config == cfg and r.config.rank_for("fc1") == 3
     jax.tree.map(np.testing.assert_array_equal, r.lora, v["lora"])
+
+
+def test_combine_stacked_factors_whose_depth_equals_the_rank():
+    # bug: for scanned stacks a (L, in, r), b (L, r, out) with L == r the rank axis of b was
+    # taken to be axis 0 (the layer axis): silently wrong combined factors
+    rng = np.random.default_rng(0)
+    layers, r = 3, 3
+    lora = {
+        k: {
+            "blocks": {
+                "fc": {
+                    "a": rng.normal(size=(layers, 5, r)).astype(np.float32),
+                    "b": rng.normal(size=(layers, r, 6)).astype(np.float32),
+                }
+            }
+        }
+        for k in ("p", "q")
+    }
+    configs = {"p": jax_lora.LoraConfig(rank=r), "q": jax_lora.LoraConfig(rank=r, alpha=6.0)}
+    for comb in ("cat", "svd"):
+        tree, _ = jax_lora.combine_adapters(
+            lora, configs, {"p": 1.0, "q": -0.5}, combination=comb, rank=5
+        )
+        node = tree["blocks"]["fc"]
+        for i in range(layers):
+            want = sum(
+                w
+                * configs[k].scale
+                * lora[k]["blocks"]["fc"]["a"][i].astype(np.float64)
+                @ lora[k]["blocks"]["fc"]["b"][i]
+                for k, w in (("p", 1.0), ("q", -0.5))
+            )
+            got = np.asarray(node["a"][i], np.float64) @ np.asarray(node["b"][i], np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{comb} {i}")

@@ -554,3 +554,19 @@ def test_nnx_init_from_weights_in_place(method):
     e = jax.tree.map(lambda t: np.asarray(t, np.float64), lora["emb"]["embedding"])
     if method == "pissa":
         assert_close(3.0 * e["a"] @ e["b"], _top(before["emb"]["embedding"], 2), 1e-5)
+
+
+def test_convert_to_lora_square_layer_at_full_rank():
+    # bug: a (4, 4), b (4, 4) (a 4x4 kernel at rank 4) read as a stack of 4 layers: b's rank
+    # axis was taken to be axis 1, so the converted b was concatenated along the output axis
+    cfg = LoraConfig(rank=4, alpha=4)
+    wrapped = jax_lora.wrap(nn.Dense(4), cfg)
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    v = wrapped.init(jax.random.key(1), x)
+    lora0, residual = jax_lora.init_from_weights(v, cfg, method="olora")
+    trained = jax.tree.map(lambda t: t + 0.1, lora0)
+    want = wrapped.apply({"params": residual, "lora": trained}, x)
+    lora, cfg2 = jax_lora.convert_to_lora(trained, lora0, cfg)
+    assert lora["a"].shape == (4, 8) and lora["b"].shape == (8, 4)
+    got = jax_lora.wrap(nn.Dense(4), cfg2).apply({"params": v["params"], "lora": lora}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
