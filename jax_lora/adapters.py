@@ -663,6 +663,8 @@ def export_peft_adapters(
     from .peft import _fsync, _swap, export_peft
 
     names = list(lora)
+    if not names:
+        raise ValueError("no adapters to export: `lora` is empty ({name: tree} expected)")
     for k in names:
         _check_name(k)
         if k not in configs:

@@ -689,3 +689,16 @@ def test_combine_stacked_factors_whose_depth_equals_the_rank():
             )
             got = np.asarray(node["a"][i], np.float64) @ np.asarray(node["b"][i], np.float64)
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{comb} {i}")
+
+
+def test_export_of_no_adapters_is_refused(tmp_path):
+    # bug: export_peft_adapters(d, {}, {}) wrote an empty folder (and replaced a non-empty one
+    # with overwrite=True) without a word
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="no adapters to export"):
+        jax_lora.export_peft_adapters(tmp_path / "old", {}, {}, overwrite=True)
+    assert (tmp_path / "old" / "keep.txt").read_text() == "x"
+    with pytest.raises(ValueError, match="no adapters to export"):
+        jax_lora.export_peft_adapters(tmp_path / "new", {}, {})
+    assert not (tmp_path / "new").exists()
