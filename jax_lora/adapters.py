@@ -778,10 +778,10 @@ def _ids_in_call() -> Any:
     ids, entered_under_jit = got
     if not entered_under_jit and not isinstance(ids, jax.core.Tracer) and _under_jit():
         raise ValueError(
-            "`jax_lora.adapter_ids(ids)` was entered outside the jitted function that calls the "
-            "model: its ids would be compiled in as a constant and reused for other ids. Pass "
-            "the ids as an argument and enter the block inside the jitted function: "
-            "`with jax_lora.adapter_ids(ids): y = model(x)`"
+            "`jax_lora.adapter_ids(ids)` was entered outside the traced function (jit, or scan, "
+            "remat, eval_shape) that calls the model: a jit would compile its concrete ids in "
+            "and reuse them for other ids. Pass the ids as an argument and enter the block "
+            "inside the jitted function: `with jax_lora.adapter_ids(ids): y = model(x)`"
         )
     return ids
 
