@@ -20,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,9 +37,20 @@ COMBINATIONS = ("linear", "cat", "svd")
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"an adapter name must be a non-empty str without '/', got {name!r}")
+    # each name is also a folder name (`export_peft_adapters`) and a torch ModuleDict key in
+    # PEFT, which forbids '.': so no '.', path separators or NUL (no '..', no hidden folders)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\.\x00"):
+        raise ValueError(
+            "an adapter name must be a non-empty str without '/', '\\', '.' or NUL (it names a "
+            f"folder and a PEFT module key), got {name!r}"
+        )
     return name
+
+
+def _check_once(active: tuple[str, ...]) -> None:
+    for k in active:
+        if active.count(k) > 1:
+            raise ValueError(f"`active` lists adapter {k!r} twice (its branch would add twice)")
 
 
 def _names_line(names: Sequence[str]) -> str:
@@ -171,6 +183,13 @@ class _Multi:
         for k, node in nodes.items():
             self.used.add((k, rel))
             _check_node(k, path, node, geom)
+            want = self.configs[k].rank_for(path_str(rel))
+            if node["a"].shape[-1] != want:
+                raise ValueError(
+                    f"adapter {k!r} at '{path}' has factors of rank {node['a'].shape[-1]}, but "
+                    f"its config says rank {want} there (the scale alpha / rank would be "
+                    "wrong). Declare it with the config it was made with."
+                )
         x = _input(args, kwargs).astype(y.dtype)
         if self.ids is None:
             for k in self.active:
@@ -266,6 +285,18 @@ def _batched_einsum(geom: factors.Geometry, path: str) -> tuple[str, str]:
 def _check_node(name: str, path: str, node: Mapping[str, Any], geom: factors.Geometry) -> None:
     a, b = tuple(np.shape(node["a"])), tuple(np.shape(node["b"]))
     r = a[-1] if a else None
+    extra = len(a) - len(geom.a_shape) - 1
+    if (
+        extra > 0
+        and a[extra:] == (*geom.a_shape, r)
+        and b == (*a[:extra], *geom.lead_shape, r, *geom.out_shape)
+    ):
+        raise ValueError(
+            f"adapter {name!r} at '{path}': its factors are stacked {a[:extra]} (a layer inside "
+            "nn.scan / nn.vmap), but named adapters read each layer's own factors, unstacked. "
+            "Unroll the stack, or use a single-adapter `jax_lora.wrap(model, config)` per "
+            "adapter"
+        )
     if a != (*geom.a_shape, r) or b != (*geom.lead_shape, r, *geom.out_shape):
         raise ValueError(
             f"adapter {name!r} at '{path}': a {a}, b {b} do not fit the layer (input axes "
@@ -297,8 +328,8 @@ class MultiLoraWrapped(nn.Module):
     under ``jit`` they give the base output for that row.
 
     Only the ``Dense``/``DenseGeneral``/``Einsum`` layers are adapted (no LoRA dropout, no
-    generic weights), and the targets of each config are matched against paths inside the
-    wrapped model (as a top-level `wrap`).
+    generic weights, not inside ``nn.scan``/``nn.vmap`` stacks), and the targets of each config
+    are matched against paths inside the wrapped model (as a top-level `wrap`).
     """
 
     base: nn.Module
@@ -325,6 +356,7 @@ class MultiLoraWrapped(nn.Module):
                 raise ValueError(
                     f"unknown adapter {k!r} in `active`; adapters: {_names_line(self.names)}"
                 )
+        _check_once(active)
         return active
 
     def __call__(self, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
@@ -453,7 +485,9 @@ def _check_configs(configs: Mapping[str, LoraConfig]) -> list[tuple[str, LoraCon
 def _rank_axis(nodes: Sequence[Mapping[str, Any]], path: str) -> int:
     """The position of the rank axis in ``b`` (= number of lead axes) that fits all nodes."""
     shapes = [(tuple(np.shape(n["a"])), tuple(np.shape(n["b"]))) for n in nodes]
-    for k in range(min(len(b) for _, b in shapes)):
+    # a has >= 1 input axis and b >= 1 output axis besides the k lead axes; the most lead axes
+    # that fit wins (a stack of L layers at rank L reads as a stack, as `variants._n_lead`)
+    for k in reversed(range(min(min(len(a), len(b)) for a, b in shapes) - 1)):
         if all(b[k] == a[-1] and a[:k] == b[:k] for a, b in shapes):
             return k
     raise ValueError(f"the factors at '{path}' are not a (lead..., in..., r), b (lead..., r, ...)")
@@ -479,13 +513,16 @@ def combine_adapters(
         weighted sum); ``"cat"``: ``a = [w_i s_i a_i]``, ``b = [b_i]`` concatenated along the
         rank (rank = sum of ranks; exact); ``"svd"``: the best rank-``rank`` approximation of
         ``sum_i w_i s_i a_i b_i`` (default ``rank``: the largest rank), ``a = U``,
-        ``b = diag(S) V^T``. ``s_i`` is each adapter's scale.
-      rank: the svd rank.
+        ``b = diag(S) V^T``. ``s_i`` is each adapter's scale at that layer (``alpha_pattern``
+        and ``rank_pattern`` count).
+      rank: the svd rank (default: the largest of the adapters' ranks at each layer).
 
     Returns:
       ``(tree, config)``: the new adapter's factors on every layer any of them adapts, and its
       config: rank as above, ``alpha = rank`` (scale 1, as PEFT), ``targets`` naming exactly
-      those layers (paths escaped, as `import_peft` does).
+      those layers (paths escaped, as `import_peft` does); layers whose rank differs from the
+      largest (``rank_pattern`` in the inputs) get pinned ``rank_pattern``/``alpha_pattern``
+      entries.
     """
     if combination not in COMBINATIONS:
         raise ValueError(f"`combination` must be one of {COMBINATIONS}, got {combination!r}")
@@ -496,53 +533,82 @@ def combine_adapters(
         if k not in lora or k not in configs:
             where = "lora" if k not in lora else "configs"
             raise KeyError(f"no adapter {k!r} in `{where}`; adapters: {_names_line(list(lora))}")
-    ranks = [configs[k].rank for k in names]
+    for k in names:
+        w = weights[k]
+        try:
+            ok = not isinstance(w, bool) and np.ndim(w) == 0 and math.isfinite(float(w))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"`weights`[{k!r}] must be a finite number, got {w!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"`rank` must be an int >= 1 or None, got {rank!r}")
     if len(names) == 1:
         combination = "linear"
-    if combination == "linear" and len(set(ranks)) != 1:
-        raise ValueError(
-            f"`linear` needs adapters of one rank, got ranks {dict(zip(names, ranks, strict=True))}"
-            "; use 'cat' or 'svd'"
-        )
-    new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": rank or max(ranks)}[combination]
     by_path: dict[tuple[str, ...], dict[str, Mapping[str, Any]]] = {}
     for k in names:
         for p, node in factor_nodes(nn.meta.unbox(lora[k])):
             by_path.setdefault(tuple(p), {})[k] = node
     out: dict[str, Any] = {}
+    new_ranks: dict[str, int] = {}
     for p, nodes in by_path.items():
         path = path_str(p)
         here = [k for k in names if k in nodes]
-        ws = [float(weights[k]) * configs[k].scale for k in here]
+        # each layer's own scale and rank (alpha_pattern / rank_pattern), not the config's default
+        ws = [float(weights[k]) * configs[k].scale_for(path) for k in here]
         n_lead = _rank_axis([nodes[k] for k in here], path)
         a_s = [jnp.asarray(nodes[k]["a"]) for k in here]
         b_s = [jnp.asarray(nodes[k]["b"]) for k in here]
         dtype = a_s[0].dtype
         if combination == "linear":
+            got = {k: int(t.shape[-1]) for k, t in zip(here, a_s, strict=True)}
+            if len(set(got.values())) != 1:
+                raise ValueError(
+                    f"`linear` needs adapters of one rank, but at '{path}' the ranks are {got}; "
+                    "use 'cat' or 'svd'"
+                )
+            new_rank = a_s[0].shape[-1]
             wa = [math.copysign(math.sqrt(abs(w)), w) for w in ws]
             wb = [math.sqrt(abs(w)) for w in ws]
             a = sum(jnp.asarray(w, t.dtype) * t for w, t in zip(wa, a_s, strict=True))
             b = sum(jnp.asarray(w, t.dtype) * t for w, t in zip(wb, b_s, strict=True))
         elif combination == "cat":
+            # adapters absent here leave zeros at the end (as PEFT): every layer gets the rank
+            # sum of all the combined adapters' ranks there
+            new_rank = sum(configs[k].rank_for(path) for k in names)
             a = jnp.concatenate(
                 [jnp.asarray(w, t.dtype) * t for w, t in zip(ws, a_s, strict=True)], axis=-1
             )
             b = jnp.concatenate(b_s, axis=n_lead)
-            pad = new_rank - a.shape[-1]  # adapters absent here leave zeros at the end (as PEFT)
+            pad = new_rank - a.shape[-1]
+            if pad < 0:
+                raise ValueError(
+                    f"the factors at '{path}' have rank {a.shape[-1]} in all, more than the "
+                    f"configs' ranks there ({new_rank}): were they made with other configs?"
+                )
             a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
             b = jnp.pad(b, [(0, 0)] * n_lead + [(0, pad)] + [(0, 0)] * (b.ndim - n_lead - 1))
         else:
+            new_rank = rank or max(configs[k].rank_for(path) for k in names)
             a, b = _svd(a_s, b_s, ws, n_lead, new_rank, path)
+        new_ranks[path] = int(new_rank)
         node = out
         for part in p:
             node = node.setdefault(part, {})
         node.update(a=a.astype(dtype), b=b.astype(dtype))
+    if not new_ranks:
+        raise ValueError(f"the adapters {_names_line(names)} have no factors to combine")
     first = configs[names[0]]
+    top = max(new_ranks.values())
+    # layers whose rank differs get a pinned rank_pattern entry (alpha = rank: scale 1 everywhere)
+    odd = {"^" + re.escape(p): r for p, r in new_ranks.items() if r != top}
     config = LoraConfig(
-        rank=new_rank,
-        alpha=new_rank,
-        targets=sorted(re.escape(path_str(p)) for p in by_path),
+        rank=top,
+        alpha=top,
+        targets=sorted(re.escape(p) for p in new_ranks),
         param_dtype=first.param_dtype,
+        rank_pattern=odd,
+        alpha_pattern={k: float(r) for k, r in odd.items()},
     )
     return out, config
 
@@ -597,6 +663,8 @@ def export_peft_adapters(
     from .peft import _fsync, _swap, export_peft
 
     names = list(lora)
+    if not names:
+        raise ValueError("no adapters to export: `lora` is empty ({name: tree} expected)")
     for k in names:
         _check_name(k)
         if k not in configs:
@@ -637,14 +705,34 @@ def import_peft_adapters(
     Returns ``({name: tree}, {name: LoraConfig})``; ``names`` picks (and orders) adapters.
     ``kwargs`` go to every `import_peft` call (``flax_path``, ``like`` (one adapter's tree)...).
     """
-    from .peft import CONFIG, import_peft
+    from .peft import CONFIG, WEIGHTS, import_peft
 
     directory = os.fspath(directory)
     found = {"default": directory} if os.path.isfile(os.path.join(directory, CONFIG)) else {}
+    broken = []  # weights without a config: a half-written or damaged adapter folder
     for entry in sorted(os.listdir(directory)):
         sub = os.path.join(directory, entry)
-        if os.path.isfile(os.path.join(sub, CONFIG)) and not entry.startswith("."):
-            found.setdefault(entry, sub)
+        if entry.startswith("."):
+            continue
+        if os.path.isfile(os.path.join(sub, CONFIG)):
+            if entry in found:
+                raise ValueError(
+                    f"two adapters named {entry!r} in {directory}: the folder itself and its "
+                    f"subfolder {entry!r}; move one of them"
+                )
+            found[entry] = sub
+        elif os.path.isfile(os.path.join(sub, WEIGHTS)):
+            broken.append(entry)
+    if not found and not broken:
+        raise FileNotFoundError(
+            f"no PEFT adapter in {directory}: neither it nor a subfolder holds {CONFIG}"
+        )
+    if names is None and broken:
+        raise ValueError(
+            f"adapter folder(s) {_names_line(broken)} in {directory} hold {WEIGHTS} but no "
+            f"{CONFIG} (an incomplete export?); restore the config, or pick the other adapters "
+            "with `names=`"
+        )
     pick = list(found) if names is None else list(names)
     for k in pick:
         if k not in found:
@@ -665,12 +753,37 @@ def adapter_ids(ids: Any) -> Iterator[None]:
     """NNX: inside this block, layers with named adapters route row ``i`` of their input to
     adapter ``ids[i]`` (an int array ``(batch,)``, index into the declared names, ``-1``: base
     only). Read when the model is called (or traced): enter it inside your jitted function,
-    ``with jax_lora.adapter_ids(ids): y = model(x)``. (linen: the ``adapter_ids=`` keyword.)"""
-    token = _IDS.set(ids)
+    ``with jax_lora.adapter_ids(ids): y = model(x)`` (concrete ids entered outside a ``jit`` that
+    calls the model raise: the compiled function would keep them). (linen: the ``adapter_ids=``
+    keyword.)"""
+    token = _IDS.set((ids, _under_jit()))
     try:
         yield
     finally:
         _IDS.reset(token)
+
+
+def _under_jit() -> bool:
+    check = getattr(jax.extend.core, "unsafe_am_i_under_a_jit_DO_NOT_USE", None)
+    return bool(check()) if check is not None else False
+
+
+def _ids_in_call() -> Any:
+    """The ids of the enclosing `adapter_ids` block, refusing concrete ids entered outside the
+    ``jit`` now tracing: they would be baked into the compiled function, and its cache would
+    serve them for every later call whatever ids the block then holds."""
+    got = _IDS.get()
+    if got is None:
+        return None
+    ids, entered_under_jit = got
+    if not entered_under_jit and not isinstance(ids, jax.core.Tracer) and _under_jit():
+        raise ValueError(
+            "`jax_lora.adapter_ids(ids)` was entered outside the traced function (jit, or scan, "
+            "remat, eval_shape) that calls the model: a jit would compile its concrete ids in "
+            "and reuse them for other ids. Pass the ids as an argument and enter the block "
+            "inside the jitted function: `with jax_lora.adapter_ids(ids): y = model(x)`"
+        )
+    return ids
 
 
 class _MultiNnx(nnx.Module):
@@ -688,7 +801,7 @@ class _MultiNnx(nnx.Module):
         geom = _call_geometry(self, inputs, args, kwargs)  # type: ignore[arg-type]
         nodes = {k: {"a": v["a"][...], "b": v["b"][...]} for k, v in self.lora_adapters.items()}
         x = inputs.astype(y.dtype)
-        ids = _IDS.get()
+        ids = _ids_in_call()
         precision = getattr(self, "precision", None)
         if ids is None:
             for k in self.lora_active:
@@ -788,6 +901,7 @@ def set_active_adapters(model: nnx.Module, active: str | Sequence[str]) -> nnx.M
     """NNX: the adapter(s) whose branches run outside `adapter_ids` (several add up; ``()`` is
     the base), in place; returns ``model``. (linen: ``wrapped.clone(active=...)``.)"""
     active = (active,) if isinstance(active, str) else tuple(active)
+    _check_once(active)
     for _, layer in _multi_layers(model):
         for k in active:
             if k not in layer.lora_names:

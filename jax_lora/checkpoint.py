@@ -506,6 +506,11 @@ class AdapterCheckpointer:
           FileNotFoundError: no such step. ValueError: the layout differs from ``like``, or a
           file of the step is corrupt, incomplete or changed (checked against its sha256).
         """
+        if like is not None and jax.tree_util.treedef_is_leaf(jax.tree.structure(like)):
+            raise TypeError(
+                f"`like` must be the model's lora tree, got {type(like).__name__} "
+                f"{like!r}; the step is keyword-only: restore(like, step={like!r})"
+            )
         self.wait()
         steps = self._steps()
         if step is None:

@@ -42,7 +42,10 @@ def _layer(params: Any, path: tuple[str, ...], where: str) -> tuple[Any, str, bo
     node = params
     for i, k in enumerate(path):
         if not isinstance(node, Mapping) or k not in node:
-            raise ValueError(f"`lora` has factors at '{where}' but `params` has no layer there.")
+            raise ValueError(
+                f"`lora` has factors at '{where}' but `params` has no layer there"
+                + (" (named adapters {name: tree}? pass one adapter's tree)" if i == 0 else ".")
+            )
         if i == len(path) - 1 and not isinstance(node[k], Mapping):
             return node, k, True
         node = node[k]
@@ -154,6 +157,13 @@ def _target(config_or_wrapped: Any, args: tuple, kwargs: dict, variables: Any):
     if isinstance(config_or_wrapped, LoraWrapped):
         known = weight_geometries(config_or_wrapped, variables, *args, **kwargs) if args else None
         return config_or_wrapped.config, known
+    names = getattr(config_or_wrapped, "names", None)  # a MultiLoraWrapped (named adapters)
+    if isinstance(names, tuple) and hasattr(config_or_wrapped, "adapters"):
+        raise TypeError(
+            f"this wrapper holds named adapters {', '.join(map(repr, names))}: use one at a time, "
+            "{'params': v['params'], 'lora': v['lora'][name]} with its config "
+            "dict(wrapped.adapters)[name]"
+        )
     if args or kwargs:
         raise TypeError("example inputs are only used with a wrapped model: merge(v, wrapped, x)")
     return config_or_wrapped, None

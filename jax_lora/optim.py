@@ -140,6 +140,13 @@ def _plain_factor_groups(state: nnx.State) -> Any:
     return jax.tree_util.tree_map_with_path(group, state)
 
 
+def _positive(x: Any) -> bool:
+    """``x`` is a real scalar (Python or numpy), finite and > 0."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        return False
+    return bool(np.isfinite(x) and x > 0)
+
+
 def _loraplus(
     make: Callable[..., optax.GradientTransformation],
     lr: Any,
@@ -155,8 +162,14 @@ def _loraplus(
         )
     if lr is None:
         raise TypeError("`loraplus_lr_ratio` needs `learning_rate` (the learning rate of `a`)")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-        raise ValueError(f"`loraplus_lr_ratio` must be a number > 0 (PEFT: >= 1), got {ratio!r}")
+    if not _positive(ratio):
+        raise ValueError(
+            f"`loraplus_lr_ratio` must be a number > 0 and finite (PEFT: >= 1), got {ratio!r}"
+        )
+    if not callable(lr) and not _positive(lr):
+        raise ValueError(
+            f"`learning_rate` must be a finite number > 0 or an optax schedule, got {lr!r}"
+        )
     b_lr = (lambda step: lr(step) * ratio) if callable(lr) else lr * ratio
 
     def labels(tree):

@@ -306,7 +306,8 @@ def _n_lead(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
     longest shared prefix followed by the rank in ``b`` (a stack of ``L == r`` layers reads
     right; only a non-stacked ``b (r, r, ...)`` with ``a (r, ...)`` would read as a stack)."""
     r = a_shape[-1]
-    for i in reversed(range(min(len(a_shape), len(b_shape)))):
+    # i lead axes leave a >= 1 input axis and b >= 1 output axis (a (4, 4), b (4, 4) is no stack)
+    for i in reversed(range(min(len(a_shape), len(b_shape)) - 1)):
         if b_shape[i] == r and a_shape[:i] == b_shape[:i]:
             return i
     raise ValueError(f"factors a {a_shape}, b {b_shape} have no shared rank axis")

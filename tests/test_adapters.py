@@ -448,3 +448,257 @@ def test_nnx_bad_input_leaves_model_unchanged():
     assert type(fresh.fc1) is nnx.Linear and not hasattr(fresh.fc1, "lora_adapters")
     with pytest.raises(ValueError, match="no named adapters"):
         jax_lora.adapters_state(fresh)
+
+
+# --- adversarial cases (H-ADV) ----------------------------------------------------------------
+
+
+def test_combine_uses_each_layers_alpha_and_rank_pattern():
+    # bug: combine_adapters scaled every layer by `config.scale`, ignoring alpha_pattern (silently
+    # wrong) and read the rank from `config.rank`, ignoring rank_pattern (crash / bad shapes)
+    cfgs = {
+        "p": jax_lora.LoraConfig(rank=2, alpha_pattern={"fc1": 8.0}),
+        "q": jax_lora.LoraConfig(rank=2, rank_pattern={"fc1": 5}, alpha=3.0),
+    }
+    model, _, v, x = _setup(configs=cfgs)
+    want = {
+        layer: 0.5 * _delta(v["lora"]["p"][layer], cfgs["p"].scale_for(layer))
+        - 2.0 * _delta(v["lora"]["q"][layer], cfgs["q"].scale_for(layer))
+        for layer in ("fc1", "fc2")
+    }
+    weights = {"p": 0.5, "q": -2.0}
+    for comb, rank in (("cat", None), ("svd", 7)):
+        tree, cfg = jax_lora.combine_adapters(v["lora"], cfgs, weights, combination=comb, rank=rank)
+        for layer, d in want.items():
+            r = tree[layer]["a"].shape[-1]
+            assert cfg.rank_for(layer) == r and cfg.scale_for(layer) == 1.0, (comb, layer)
+            np.testing.assert_allclose(_delta(tree[layer], 1.0), d, rtol=1e-4, atol=1e-5)
+        assert tree["fc1"]["a"].shape == (8, 7) and tree["fc2"]["a"].shape[-1] == (
+            4 if comb == "cat" else 7
+        )
+        y = jax_lora.wrap(model, cfg).apply({"params": v["params"], "lora": tree}, x)
+        assert y.shape == (6, 4)
+    # one adapter alone ("linear" then) must reproduce that adapter's own output
+    tree, cfg = jax_lora.combine_adapters(v["lora"], cfgs, {"q": 1.0})
+    alone = _single(model, cfgs["q"], v["params"], v["lora"]["q"], x)
+    combined = jax_lora.wrap(model, cfg).apply({"params": v["params"], "lora": tree}, x)
+    assert _rel(combined, alone) <= 1e-5
+    with pytest.raises(ValueError, match="'fc1'.*ranks"):
+        jax_lora.combine_adapters(v["lora"], cfgs, weights, combination="linear")
+
+
+def test_combine_rejects_nan_weights_and_bad_rank():
+    # bug: a NaN weight gave NaN factors silently; rank=0 silently meant the default rank
+    _, _, v, _ = _setup()
+    with pytest.raises(ValueError, match=r"`weights`\['de'\] must be a finite number"):
+        jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": 1.0, "de": float("nan")})
+    with pytest.raises(ValueError, match="`rank` must be an int >= 1"):
+        jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": 1.0, "de": 1.0}, rank=0)
+    tree, _ = jax_lora.combine_adapters(v["lora"], CONFIGS, {"fr": jnp.float32(0.5), "de": 1})
+    assert np.isfinite(np.asarray(tree["fc1"]["a"])).all()
+
+
+@pytest.mark.parametrize("bad", ["..", ".", ".hidden", "a.b", "a\\b", "a\x00b"])
+def test_names_that_are_not_safe_folder_names_are_refused(tmp_path, bad):
+    # bug: export_peft_adapters wrote adapter '..' into the PARENT folder and then replaced the
+    # whole parent with it (the user's other files there were deleted); '.' silently overwrote
+    # 'default'; '.hidden' exported but import_peft_adapters skipped it (PEFT itself forbids
+    # '.' in adapter names: torch ModuleDict keys)
+    with pytest.raises(ValueError, match="adapter name"):
+        jax_lora.wrap(MLP(), {"default": CONFIGS["fr"], bad: CONFIGS["fr"]})
+    _, _, v, _ = _setup(configs={"default": CONFIGS["fr"]})
+    with pytest.raises(ValueError, match="adapter name"):
+        jax_lora.add_adapter(v, bad, v["lora"]["default"])
+    (tmp_path / "precious.txt").write_text("keep me")
+    lora = {"default": v["lora"]["default"], bad: v["lora"]["default"]}
+    configs = {"default": CONFIGS["fr"], bad: CONFIGS["fr"]}
+    with pytest.raises(ValueError, match="adapter name"):
+        jax_lora.export_peft_adapters(tmp_path / "out", lora, configs)
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_nnx_ids_set_outside_jit_are_refused_not_baked_in():
+    # bug: `with adapter_ids(ids): jitted(model, x)` baked the first ids into the compiled
+    # function, and the cache served every later call: other ids silently gave the first ids'
+    # output
+    base, model, x = _nnx_setup()
+    serve = nnx.jit(lambda model, x: model(x))
+    ids = jax_lora.adapter_ids(jnp.zeros((6,), jnp.int32))
+    with ids, pytest.raises(ValueError, match="inside the jitted function"):
+        serve(model, x)
+    # ids entered inside the jitted function (traced or constant) and eager grads still work
+    state = jax_lora.adapters_state(model)
+
+    @nnx.jit
+    def const(model, x):
+        with jax_lora.adapter_ids(np.full((6,), 1, np.int32)):
+            return model(x)
+
+    assert _rel(const(model, x), _nnx_single(base, "de", state["de"])(x)) <= 1e-6
+    with jax_lora.adapter_ids(jnp.full((6,), 2, jnp.int32)):
+        g = nnx.grad(lambda m: jnp.sum(m(x)), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert np.abs(np.asarray(nnx.to_pure_dict(g)["fc1"]["lora_adapters"]["it"]["a"])).max() > 0
+
+
+def test_active_lists_an_adapter_once():
+    # bug: active=("fr", "fr") silently added the "fr" branch twice (linen and NNX)
+    _, wrapped, v, x = _setup()
+    with pytest.raises(ValueError, match="'fr' twice"):
+        wrapped.clone(active=("fr", "fr")).apply(v, x)
+    y = wrapped.clone(active=["fr", "it"]).apply(v, x)  # a list is fine
+    assert _rel(y, wrapped.clone(active=("fr", "it")).apply(v, x)) == 0.0
+    _, model, _ = _nnx_setup()
+    with pytest.raises(ValueError, match="'it' twice"):
+        jax_lora.set_active_adapters(model, ["it", "de", "it"])
+
+
+def test_import_adapters_refuses_empty_and_half_written_folders(tmp_path):
+    # bugs: a folder with no adapter at all imported as ({}, {}) (a wrong path silently gave no
+    # adapters); a subfolder with the weights but no adapter_config.json was skipped silently
+    pytest.importorskip("safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
+        jax_lora.import_peft_adapters(tmp_path / "empty")
+    configs = {"default": CONFIGS["fr"], "it": CONFIGS["it"]}
+    _, _, v, _ = _setup(configs=configs)
+    out = tmp_path / "out"
+    jax_lora.export_peft_adapters(out, v["lora"], configs)
+    os.remove(out / "it" / "adapter_config.json")
+    with pytest.raises(ValueError, match=r"'it'.*adapter_model\.safetensors.*no adapter_config"):
+        jax_lora.import_peft_adapters(out)
+    trees, _ = jax_lora.import_peft_adapters(out, names=["default"])  # picking around it is fine
+    np.testing.assert_array_equal(trees["default"]["fc1"]["a"], v["lora"]["default"]["fc1"]["a"])
+
+
+def test_import_adapters_refuses_two_defaults(tmp_path):
+    # bug: a root adapter and a subfolder named 'default' were both "default": the subfolder was
+    # silently ignored
+    pytest.importorskip("safetensors")
+    configs = {"default": CONFIGS["fr"], "it": CONFIGS["it"]}
+    _, _, v, _ = _setup(configs=configs)
+    out = tmp_path / "out"
+    jax_lora.export_peft_adapters(out, v["lora"], configs)
+    os.rename(out / "it", out / "default")
+    with pytest.raises(ValueError, match="two adapters named 'default'"):
+        jax_lora.import_peft_adapters(out)
+
+
+def test_scanned_stacks_get_a_clear_error():
+    # bug: on an nn.scan stack the factors are stacked (L, in, r) but each scanned call sees one
+    # layer: apply failed with "Was this adapter made for another base model?" (misleading)
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(8, name="fc")(x), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(
+                Layer, variable_axes={"params": 0, "lora": 0}, length=3, split_rngs={"params": True}
+            )
+            return scan(name="blocks")(x, None)[0]
+
+    x = jnp.ones((2, 8))
+    wrapped = jax_lora.wrap(Stack(), {"p": CONFIGS["fr"]})
+    v = wrapped.init(jax.random.key(0), x)
+    assert v["lora"]["p"]["blocks"]["fc"]["a"].shape == (3, 8, 2)
+    with pytest.raises(ValueError, match=r"'blocks/fc'.*stacked.*\(3,\).*nn\.scan"):
+        wrapped.apply(v, x)
+
+
+def test_factors_of_another_rank_than_the_config_are_refused():
+    # bug: a tree of rank 2 declared with a rank-4 config ran at the rank-4 scale (alpha / 4)
+    # silently; the single-adapter wrap refuses such factors
+    _, wrapped, v, x = _setup()
+    w2 = wrapped.with_adapter("xx", jax_lora.LoraConfig(rank=4, alpha=8.0))
+    v2 = jax_lora.add_adapter(v, "xx", v["lora"]["fr"])  # rank 2 factors
+    with pytest.raises(ValueError, match=r"adapter 'xx' at 'fc1'.*rank 2.*config.*rank 4"):
+        w2.apply(v2, x, adapter_ids=jnp.full((6,), 3))
+    with pytest.raises(ValueError, match=r"adapter 'xx' at 'fc1'.*rank 2.*config.*rank 4"):
+        w2.clone(active="xx").apply(v2, x)
+    ok = wrapped.with_adapter("xx", jax_lora.LoraConfig(rank=2, alpha=4.0))
+    np.testing.assert_array_equal(
+        ok.apply(v2, x, adapter_ids=jnp.full((6,), 3)),
+        wrapped.apply(v, x, adapter_ids=jnp.zeros((6,), jnp.int32)),
+    )
+
+
+def test_merge_and_pissa_of_named_adapters_say_pick_one():
+    # bug: merge(v, named_wrapper, x) said "example inputs are only used with a wrapped model"
+    # (it is one); with a config, "`lora` has factors at 'fr/fc1' but `params` has no layer"
+    _, wrapped, v, x = _setup()
+    for fn in (jax_lora.merge, jax_lora.init_from_weights):
+        with pytest.raises(TypeError, match=r"named adapters 'fr', 'de', 'it'.*\['lora'\]\[name\]"):
+            fn(v, wrapped, x)
+        with pytest.raises(ValueError, match=r"'(fr|de|it)/fc1'.*one adapter's tree"):
+            fn(v, CONFIGS["fr"])
+    merged = jax_lora.merge({"params": v["params"], "lora": v["lora"]["fr"]}, CONFIGS["fr"])
+    want = (
+        v["params"]["fc1"]["kernel"]
+        + 2.0 * v["lora"]["fr"]["fc1"]["a"] @ v["lora"]["fr"]["fc1"]["b"]
+    )
+    np.testing.assert_allclose(merged["fc1"]["kernel"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_named_adapters_and_step_passed_as_like(tmp_path):
+    # bug: `ckpt.restore(1)` (the step passed positionally, where `like` goes) failed with "the
+    # checkpoint at step 1 has no factor '' that the model needs (shape ())"
+    cfg = jax_lora.LoraConfig(rank=2, rank_pattern={"fc1": 3}, alpha_pattern={"fc2": 5.0})
+    _, _, v, _ = _setup(configs={"p": cfg, "q": CONFIGS["it"]})
+    with jax.numpy_dtype_promotion("standard"), jax_lora.AdapterCheckpointer(tmp_path) as ck:
+        ck.save(1, v["lora"], cfg)
+        ck.wait()
+        with pytest.raises(TypeError, match=r"`like`.*got int.*restore\(like, step=1\)"):
+            ck.restore(1)
+        r = ck.restore(v["lora"], step=1)
+    assert r.config == cfg and r.config.rank_for("fc1") == 3
+    jax.tree.map(np.testing.assert_array_equal, r.lora, v["lora"])
+
+
+def test_combine_stacked_factors_whose_depth_equals_the_rank():
+    # bug: for scanned stacks a (L, in, r), b (L, r, out) with L == r the rank axis of b was
+    # taken to be axis 0 (the layer axis): silently wrong combined factors
+    rng = np.random.default_rng(0)
+    layers, r = 3, 3
+    lora = {
+        k: {
+            "blocks": {
+                "fc": {
+                    "a": rng.normal(size=(layers, 5, r)).astype(np.float32),
+                    "b": rng.normal(size=(layers, r, 6)).astype(np.float32),
+                }
+            }
+        }
+        for k in ("p", "q")
+    }
+    configs = {"p": jax_lora.LoraConfig(rank=r), "q": jax_lora.LoraConfig(rank=r, alpha=6.0)}
+    for comb in ("cat", "svd"):
+        tree, _ = jax_lora.combine_adapters(
+            lora, configs, {"p": 1.0, "q": -0.5}, combination=comb, rank=5
+        )
+        node = tree["blocks"]["fc"]
+        for i in range(layers):
+            want = sum(
+                w
+                * configs[k].scale
+                * lora[k]["blocks"]["fc"]["a"][i].astype(np.float64)
+                @ lora[k]["blocks"]["fc"]["b"][i]
+                for k, w in (("p", 1.0), ("q", -0.5))
+            )
+            got = np.asarray(node["a"][i], np.float64) @ np.asarray(node["b"][i], np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{comb} {i}")
+
+
+def test_export_of_no_adapters_is_refused(tmp_path):
+    # bug: export_peft_adapters(d, {}, {}) wrote an empty folder (and replaced a non-empty one
+    # with overwrite=True) without a word
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="no adapters to export"):
+        jax_lora.export_peft_adapters(tmp_path / "old", {}, {}, overwrite=True)
+    assert (tmp_path / "old" / "keep.txt").read_text() == "x"
+    with pytest.raises(ValueError, match="no adapters to export"):
+        jax_lora.export_peft_adapters(tmp_path / "new", {}, {})
+    assert not (tmp_path / "new").exists()

@@ -390,6 +390,25 @@ def test_loraplus_bad_arguments():
         jax_lora.optimizer(optax.adam(1e-3), learning_rate=1e-3)
 
 
+def test_loraplus_ratio_and_learning_rate_values():
+    # bugs: a numpy ratio (np.float32(16), e.g. read from a config array) was refused as "not a
+    # number > 0"; ratio inf and learning_rate NaN / <= 0 were accepted silently (inf/NaN
+    # updates, or gradient ascent for a negative rate)
+    for bad in (float("inf"), float("nan"), 0.0, -2.0):
+        with pytest.raises(ValueError, match="`loraplus_lr_ratio` must be a number > 0 and finite"):
+            jax_lora.optimizer(optax.sgd, loraplus_lr_ratio=bad, learning_rate=0.1)
+    for bad in (float("nan"), float("inf"), 0.0, -0.1):
+        with pytest.raises(ValueError, match="`learning_rate` must be a finite number > 0"):
+            jax_lora.optimizer(optax.sgd, loraplus_lr_ratio=4.0, learning_rate=bad)
+    cfg = LoraConfig(rank=2, targets="fc")
+    v = jax_lora.wrap(_EmbedMLP(), cfg).init(jax.random.key(0), jnp.array([[1, 2]]))
+    grads = jax.tree.map(lambda t: jnp.full(t.shape, 2.0, t.dtype), v)
+    tx = jax_lora.optimizer(optax.sgd, loraplus_lr_ratio=np.float32(16), learning_rate=0.1)
+    u = _sgd_update(tx, v, grads)
+    np.testing.assert_allclose(u["lora"]["fc"]["a"], -0.2, rtol=1e-6)
+    np.testing.assert_allclose(u["lora"]["fc"]["b"], -3.2, rtol=1e-6)
+
+
 # --- PiSSA / OLoRA -------------------------------------------------------------------------
 
 PLAIN = LoraConfig(rank=3, alpha=6, targets=["fc1", "fc2", "head"])
@@ -535,3 +554,19 @@ def test_nnx_init_from_weights_in_place(method):
     e = jax.tree.map(lambda t: np.asarray(t, np.float64), lora["emb"]["embedding"])
     if method == "pissa":
         assert_close(3.0 * e["a"] @ e["b"], _top(before["emb"]["embedding"], 2), 1e-5)
+
+
+def test_convert_to_lora_square_layer_at_full_rank():
+    # bug: a (4, 4), b (4, 4) (a 4x4 kernel at rank 4) read as a stack of 4 layers: b's rank
+    # axis was taken to be axis 1, so the converted b was concatenated along the output axis
+    cfg = LoraConfig(rank=4, alpha=4)
+    wrapped = jax_lora.wrap(nn.Dense(4), cfg)
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    v = wrapped.init(jax.random.key(1), x)
+    lora0, residual = jax_lora.init_from_weights(v, cfg, method="olora")
+    trained = jax.tree.map(lambda t: t + 0.1, lora0)
+    want = wrapped.apply({"params": residual, "lora": trained}, x)
+    lora, cfg2 = jax_lora.convert_to_lora(trained, lora0, cfg)
+    assert lora["a"].shape == (4, 8) and lora["b"].shape == (8, 4)
+    got = jax_lora.wrap(nn.Dense(4), cfg2).apply({"params": v["params"], "lora": lora}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
