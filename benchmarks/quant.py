@@ -1,5 +1,7 @@
 """QLoRA benchmark: LoRA (rank 8, all linear layers) on SmolLM2-135M with its frozen base kept
-as fp32, bf16, int8, nf4, nf4 + double quantization, or the GGUF's own Q4_1 blocks.
+as fp32, bf16, int8, nf4, nf4 + double quantization, or the GGUF's own Q4_1 blocks; and qwix
+0.1.8's own nf4 QLoRA (``qwix_nf4``: `LoraRule(weight_qtype="nf4", tile_size=64)`) on the same
+model, for ``vs_qwix_qlora_rss`` / ``vs_qwix_qlora_step`` (ours over qwix's).
 
     python benchmarks/quant.py            # the real model: 30 layers, seq 256, batch 4
     python benchmarks/quant.py --quick    # 2 layers, seq 64, batch 2: < 3 min on 2 cores
@@ -9,6 +11,8 @@ Each configuration's peak RSS comes from a fresh process (load + base + 2 steps)
 are measured interleaved in one process (median over rounds); perplexity on a held-out play
 (never trained on) before fine-tuning (the quantization error) and after ``--steps`` steps.
 Every base is built from the GGUF one tensor at a time, so no process holds a second copy.
+``--remat`` (default; ``--no-remat`` to turn off) rematerialises each decoder layer in every
+configuration alike; ``step_memory_mib`` is the compiled step's ``memory_analysis()``.
 """
 
 from __future__ import annotations
