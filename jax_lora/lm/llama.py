@@ -121,6 +121,7 @@ class Layer(nn.Module):
 
 class Model(nn.Module):
     cfg: LlamaConfig
+    remat: bool = False
 
     @nn.compact
     def __call__(self, ids, cache_index=None, cache_len=None):
@@ -134,8 +135,10 @@ class Model(nn.Module):
         else:  # ids sit at cache_index, ...; they attend to cache positions <= their own
             positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
             mask = (jnp.arange(cache_len)[None, :] <= positions[0][:, None])[None, None]
+        # remat: each layer's activations are recomputed in the backward pass instead of kept
+        layer = nn.remat(Layer) if self.remat and cache_index is None else Layer
         for i in range(c.num_hidden_layers):
-            x = Layer(c, name=f"layers_{i}")(x, positions, mask, cache_index)
+            x = layer(c, name=f"layers_{i}")(x, positions, mask, cache_index)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
         if c.tie_word_embeddings:
             return embed.attend(x)
@@ -147,13 +150,18 @@ class Llama(nn.Module):
 
     With ``cache_index`` (and a static ``cache_len``), ``ids`` are positions ``cache_index ...``
     of a sequence whose keys and values are kept in the ``"cache"`` collection
-    (``(batch, cache_len, kv_heads, head_dim)`` per layer): apply with ``mutable=["cache"]``."""
+    (``(batch, cache_len, kv_heads, head_dim)`` per layer): apply with ``mutable=["cache"]``.
+
+    ``remat=True`` rematerialises each decoder layer (``nn.remat``): the backward pass recomputes
+    a layer's activations instead of keeping them, for less memory at about one more forward;
+    same parameters, same outputs (not used with ``cache_index``)."""
 
     cfg: LlamaConfig
+    remat: bool = False
 
     @nn.compact
     def __call__(self, ids, cache_index=None, cache_len=None):
-        return Model(self.cfg, name="model")(ids, cache_index, cache_len)
+        return Model(self.cfg, self.remat, name="model")(ids, cache_index, cache_len)
 
 
 # --- names ----------------------------------------------------------------------------------
