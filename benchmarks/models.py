@@ -40,6 +40,19 @@ class GPTConfig:
         return 2.0 * tokens * self.matmul_params() + attn
 
 
+def add_size_args(parser, *, batch: int) -> None:
+    """The model-size flags both benchmarks take (defaults: `GPTConfig`'s)."""
+    d = GPTConfig()
+    parser.add_argument("--vocab", type=int, default=d.vocab)
+    parser.add_argument("--d-model", type=int, default=d.d_model)
+    parser.add_argument("--heads", type=int, default=d.heads)
+    parser.add_argument("--d-ff", type=int, default=d.d_ff)
+    parser.add_argument("--layers", type=int, default=d.layers)
+    parser.add_argument("--seq", type=int, default=d.seq)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--rank", type=int, default=8)
+
+
 def causal_attention(q, k, v, impl: str = "xla"):
     """``q, k, v: (batch, seq, heads, head_dim)`` -> the same shape; softmax in fp32."""
     if impl == "xla":

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jax_lora
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/models.py
-from models import TARGETS, GPTConfig, LinenGPT, torch_gpt
+from models import TARGETS, GPTConfig, LinenGPT, add_size_args, torch_gpt
 
 import jax_lora
 
@@ -51,15 +51,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    d = GPTConfig()
-    p.add_argument("--vocab", type=int, default=d.vocab)
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--d-ff", type=int, default=d.d_ff)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--rank", type=int, default=8)
+    add_size_args(p, batch=64)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds")
     p.add_argument(
         "--quick", action="store_true", help="small model, 3 rounds: < 2 min on 2 idle cores"

@@ -34,7 +34,7 @@ import optax
 # this checkout's jax_lora (not an installed one) and the benchmark models
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, torch_gpt
+from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, add_size_args, torch_gpt
 
 import jax_lora
 
@@ -45,15 +45,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    d = GPTConfig()
-    p.add_argument("--vocab", type=int, default=d.vocab)
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--d-ff", type=int, default=d.d_ff)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8)
+    add_size_args(p, batch=4)
     p.add_argument(
         "--dtype",
         default="float32",
@@ -62,7 +54,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--attention",
-        default=d.attention,
+        default=GPTConfig().attention,
         choices=["einsum", "xla"],
         help="the JAX models' attention (xla: jax.nn.dot_product_attention)",
     )
@@ -115,6 +107,25 @@ def _ce(logits, labels):
     ).mean()
 
 
+def _full_step(model, params, tx, tokens, labels):
+    """A full fine-tune step (every param trained, ``tx`` state) as a no-argument callable;
+    ``params`` are donated, so pass a copy if the caller keeps them."""
+    state = {"p": params, "o": tx.init(params)}
+
+    def full(p, o):
+        loss, g = jax.value_and_grad(lambda p: _ce(model.apply({"params": p}, tokens), labels))(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    full = jax.jit(full, donate_argnums=(0, 1))
+
+    def run_full():
+        state["p"], state["o"], loss = full(state["p"], state["o"])
+        loss.block_until_ready()
+
+    return run_full
+
+
 def build(a, names: list[str]) -> dict:
     """``{name: step()}``: each call runs one step on device and blocks until it is done."""
     cfg = _cfg(a)
@@ -128,24 +139,7 @@ def build(a, names: list[str]) -> dict:
     # build only what `names` asks for: the peak-RSS processes build one configuration each
 
     if "full" in names:
-        state = {"p": jax.tree.map(jnp.copy, params)}
-        state["o"] = tx.init(state["p"])
-
-        @jax.jit
-        def full(p, o):
-            loss, g = jax.value_and_grad(lambda p: _ce(model.apply({"params": p}, tokens), labels))(
-                p
-            )
-            u, o = tx.update(g, o, p)
-            return optax.apply_updates(p, u), o, loss
-
-        full = jax.jit(full, donate_argnums=(0, 1))
-
-        def run_full():
-            state["p"], state["o"], loss = full(state["p"], state["o"])
-            loss.block_until_ready()
-
-        steps["full"] = run_full
+        steps["full"] = _full_step(model, jax.tree.map(jnp.copy, params), tx, tokens, labels)
 
     def floor_step(model, params):
         """One step that trains a single scalar (the input scale): the frozen model's cost."""
@@ -342,22 +336,7 @@ def _smollm2_step(name: str):
     tx = optax.adam(1e-4)
     targets = SMOLLM2[name]
     if targets is None:
-        st = {"p": params, "o": tx.init(params)}
-
-        def full(p, o):
-            loss, g = jax.value_and_grad(lambda p: _ce(model.apply({"params": p}, tokens), labels))(
-                p
-            )
-            u, o = tx.update(g, o, p)
-            return optax.apply_updates(p, u), o, loss
-
-        fn = jax.jit(full, donate_argnums=(0, 1))
-
-        def run_full():
-            st["p"], st["o"], loss = fn(st["p"], st["o"])
-            loss.block_until_ready()
-
-        return run_full
+        return _full_step(model, params, tx, tokens, labels)
     config = jax_lora.LoraConfig(rank=8, alpha=16, targets=rf".*/({targets})")
     wrapped = jax_lora.wrap(model, config)
     lora = jax.jit(
