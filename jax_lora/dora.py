@@ -174,11 +174,10 @@ def unmerge_kernel(merged: Array, a: Array, b: Array, m: Array, norm: Array, sca
     return (merged.astype(jnp.float32) * f - d).astype(merged.dtype)
 
 
-def fold(kernel: Array, node, scale: float, generic: bool, where: str) -> Array:
-    """`merge`'s DoRA case for the factor node ``{"a", "b", "m"}`` at ``where``; a negative
-    ``scale`` (unmerge) raises: the merged kernel alone does not determine ``‖W + s·a@b‖``."""
-    if generic:
-        raise ValueError(unsupported("a weight of a non-Dense layer", where))
+def fold(kernel: Array, node, scale: float, geom, where: str) -> Array:
+    """`merge`'s DoRA case for the factor node ``{"a", "b", "m"}`` at ``where`` (``geom``: the
+    weight's roles, `weights.WeightGeometry`); a negative ``scale`` (unmerge) raises: the merged
+    kernel alone does not determine ``‖W + s·a@b‖``."""
     if scale < 0:
         raise ValueError(
             f"the `lora` node at '{where}' is DoRA (has a magnitude 'm'): its merge "
@@ -186,7 +185,13 @@ def fold(kernel: Array, node, scale: float, generic: bool, where: str) -> Array:
             "output column's norm is lost). Keep the unmerged params (merge from them for export), "
             "or use `jax_lora.dora.unmerge_kernel` with the norm of the unmerged kernel."
         )
-    return merge_kernel(kernel, node["a"], node["b"], node[MAGNITUDE], scale)
+    want = tuple(geom.shape[i] for i in geom.lead + geom.outs)
+    if tuple(jnp.shape(node[MAGNITUDE])) != want:
+        raise ValueError(
+            f"the DoRA magnitude 'm' at '{where}' has shape {tuple(jnp.shape(node[MAGNITUDE]))}, "
+            f"but the weight {geom.describe()} needs (lead..., out...) = {want}"
+        )
+    return merge_stored(kernel, node["a"], node["b"], node[MAGNITUDE], scale, geom)
 
 
 def magnitude_shape(geom: factors.Geometry) -> tuple[int, ...]:
@@ -216,3 +221,86 @@ def check_agrees(has_m: bool, use_dora: bool, path: str) -> None:
             "`use_dora=True`: these factors are plain LoRA (use `use_dora=False`), or create "
             "DoRA ones with `init` / `jax_lora.init_lora`"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Any weight (`jax_lora.weights`): Conv, Embed, a (out, in) / (in, out) matmul weight, ...
+#
+# A weight ``W`` stored in any axis order, with roles ``geom`` (`weights.WeightGeometry`:
+# ``lead``/``ins``/``outs`` stored-axis indices), factors ``a: (lead..., in..., r)``,
+# ``b: (lead..., r, out...)`` and ``m: (lead..., out...)`` (each group in stored order). PEFT's
+# kinds are all this one rule: Conv (``‖·‖`` over all but the out-channel axis, `_DoraConvNdLayer`),
+# Embedding (per embedding dim over the vocabulary, `DoraEmbeddingLayer`, fan_in_fan_out=True)
+# and GPT-2's Conv1D (`DoraLinearLayer` with fan_in_fan_out): the norm over the ``in`` axes.
+
+
+def _standard(kernel: Array, geom) -> Array:
+    """A stored weight as ``(lead..., in..., out...)``."""
+    return jnp.transpose(kernel, geom.lead + geom.ins + geom.outs)
+
+
+def weight_norm_stored(kernel: Array, a: Array, b: Array, scale: float, geom) -> Array:
+    """`weight_norm` of a weight stored in any order (roles ``geom``): ``(lead..., out...)``.
+
+    >>> import jax.numpy as jnp
+    >>> from jax_lora import dora, weights
+    >>> g = weights.WeightGeometry((2, 2), lead=(), ins=(1,), outs=(0,))  # (out, in)
+    >>> w = jnp.array([[3.0, 4.0], [0.0, 1.0]])
+    >>> dora.weight_norm_stored(w, jnp.zeros((2, 1)), jnp.zeros((1, 2)), 1.0, g)
+    Array([5., 1.], dtype=float32)
+    """
+    return weight_norm(_standard(kernel, geom), a, b, scale)
+
+
+def merge_stored(kernel: Array, a: Array, b: Array, m: Array, scale: float, geom) -> Array:
+    """`merge_kernel` of a weight stored in any order: ``m/‖W + s·a@b‖ · (W + s·a@b)``."""
+    return geom.to_stored(merge_kernel(_standard(kernel, geom), a, b, m, scale))
+
+
+def check_uses(geom, uses, path: str) -> None:
+    """Raise unless each use of a weight keeps its ``out`` (and ``lead``) axes in the output, so
+    that DoRA's per-output factor ``m/‖·‖`` scales that output. ``nn.Embed.attend`` (a tied
+    output head) contracts the embedding's feature axis: DoRA does not cover it (nor does PEFT,
+    whose tied head is a separate Linear)."""
+    for u in uses:
+        if not set(geom.outs) <= set(u.free) or not set(geom.lead) <= set(u.free + u.batch):
+            raise ValueError(
+                f"DoRA is not supported for the weight at '{path}' where it is used with its "
+                f"output axes contracted ({u.kind}, roles {geom.describe()}; e.g. `Embed.attend`, "
+                "a tied output head): DoRA's magnitude scales a layer's outputs. Leave this call "
+                "out (untie the head), or use plain LoRA (`use_dora=False`)."
+            )
+
+
+def use_output(
+    y: Array,
+    base: Array,
+    lora: Array,
+    kernel: Array,
+    a: Array,
+    b: Array,
+    m: Array,
+    scale: float,
+    geom,
+    out_axes: tuple[int, ...],
+) -> Array:
+    """DoRA at one use of a weight, as PEFT's Conv/Embedding/Linear variants:
+    ``y + (m/n - 1)·base + (m/n)·lora``.
+
+    Args:
+      y: the use's output ``op(x, W)`` (no bias: the bias is a later op in the trace).
+      base: ``op(dropout(x), W)`` while LoRA dropout runs (PEFT's conv/linear dropout case), else
+        ``y`` itself; for a lookup ``y`` (PEFT's Embedding: ``(m/n)·(E[ids] + lora)``).
+      lora: ``scale·(x @ a) @ b`` at this use (on the dropped-out input).
+      kernel: ``W`` in its stored layout (a view with stored axis order); ``m: (lead..., out...)``.
+      out_axes: for each of ``geom.lead + geom.outs``, its axis in ``y``.
+    """
+    norm = weight_norm_stored(kernel, a, b, scale, geom)
+    mn = (m.astype(norm.dtype) / norm).astype(y.dtype)  # (lead..., out...)
+    order = sorted(range(len(out_axes)), key=lambda k: out_axes[k])
+    mn = jnp.transpose(mn, order)
+    shape = [1] * y.ndim
+    for k in order:
+        shape[out_axes[k]] = y.shape[out_axes[k]]
+    mn = mn.reshape(shape)
+    return y + (mn - jnp.ones((), y.dtype)) * base + mn * lora

@@ -181,7 +181,13 @@ def _geometry_of_factors(node, shape, uses, derived, wpath: str, rank: int):
     """The roles that existing factors ``node`` imply for a weight of ``shape`` (the ones derived
     from this call's uses when several fit)."""
     a, b = (node.get("a"), node.get("b")) if isinstance(node, Mapping) else (None, None)
-    if a is None or b is None or np.ndim(a) < 2 or np.ndim(b) < 2 or set(node) != {"a", "b"}:
+    if (
+        a is None
+        or b is None
+        or np.ndim(a) < 2
+        or np.ndim(b) < 2
+        or set(node) - {"m"} != {"a", "b"}
+    ):
         raise ValueError(
             f"the `lora` entry at '{wpath}' must be {{'a': array, 'b': array}}, got "
             f"{jax.tree.map(np.shape, dict(node)) if isinstance(node, Mapping) else node!r}"
@@ -456,8 +462,6 @@ class _Interceptor:
             if why is not None:
                 self.skipped.append((wpath, why))
             return None
-        if cfg.use_dora:
-            raise ValueError(dora.unsupported(kind, wpath))
         scope = module.scope  # not `module.variable`: setup-style layers (Embed) work too
         node = None
         if scope.has_variable(COLLECTION, name):
@@ -493,7 +497,43 @@ class _Interceptor:
             )
             node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
         a, b = node["a"], node["b"]
-        return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module, wpath))
+        m = self._generic_magnitude(
+            scope, name, node, boxed, geom, uses, a, b, cfg, wpath, creating
+        )
+        return weights.Adapter(geom, a, b, cfg.scale, self._dropout(module, wpath), m)
+
+    def _generic_magnitude(self, scope, name, node, boxed, geom, uses, a, b, cfg, wpath, creating):
+        """DoRA's ``m: (lead..., out...)`` of a non-Dense weight (made as PEFT: ``‖W‖``), kept in
+        its factor node ``lora/<layer>/<weight>/m``; None for plain LoRA."""
+        if not creating or dora.MAGNITUDE in node:
+            dora.check_agrees(dora.MAGNITUDE in node, cfg.use_dora, wpath)
+        if not cfg.use_dora:
+            return None
+        dora.check_uses(geom, uses, wpath)
+        want = tuple(geom.shape[i] for i in geom.lead + geom.outs)
+        if dora.MAGNITUDE not in node:
+            w = quant.dequantize(nn.meta.unbox(boxed))
+            m = dora.weight_norm_stored(w, a, b, cfg.scale, geom).astype(cfg.param_dtype)
+            names = getattr(boxed, "names", None)  # partitioned as the weight's lead, out axes
+            if (
+                isinstance(boxed, nn.meta.AxisMetadata)
+                and names is not None
+                and len(names) == boxed.value.ndim
+            ):
+                m = dataclasses.replace(
+                    boxed, value=m, names=tuple(names[i] for i in geom.lead + geom.outs)
+                )
+            raw = dict(scope.get_variable(COLLECTION, name))
+            scope.put_variable(COLLECTION, name, {**raw, dora.MAGNITUDE: m})
+            node = nn.meta.unbox(scope.get_variable(COLLECTION, name))
+        m = node[dora.MAGNITUDE]
+        if tuple(np.shape(m)) != want:
+            raise ValueError(
+                f"the DoRA magnitude 'm' at '{wpath}' has shape {tuple(np.shape(m))}, but the "
+                f"weight {geom.describe()} needs (lead..., out...) = {want}. Were these factors "
+                "made for another model?"
+            )
+        return m
 
 
 _MISSING = object()  # `_adapter`: targets=None and no factors (the output head, if all is well)

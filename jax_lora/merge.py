@@ -138,7 +138,7 @@ def _apply(
         scale = sign * config.scale_for(path_str(path))
         dora.check_agrees(dora.MAGNITUDE in node, config.use_dora, where)
         if dora.MAGNITUDE in node:
-            holder[key] = _rebox(boxed, dora.fold(w, node, scale, generic, where))
+            holder[key] = _rebox(boxed, dora.fold(w, node, scale, geom, where))
             continue
         holder[key] = _rebox(boxed, _fold(w, a, b, scale, geom))
     return params

@@ -284,6 +284,7 @@ class Adapter:
     b: jax.Array  # (lead..., r, out...)
     scale: float
     dropout: Callable[[jax.Array], jax.Array] | None = None  # x -> dropped-out x
+    m: jax.Array | None = None  # DoRA's magnitude (lead..., out...), see `jax_lora.dora`
 
 
 def evaluate(closed: jcore.ClosedJaxpr, args: Sequence[Any], adapters: dict[int, Adapter]):
@@ -323,11 +324,54 @@ def _eval(jaxpr, consts, args, tags, adapters):
                 view = _view(eqn, tag) if len(eqn.outvars) == 1 else None
                 if view is not None:
                     tags[eqn.outvars[0]] = view
+                elif adapters[tag.wid].m is not None:
+                    outs = [_dora_use(eqn, invals, pos, tag, adapters[tag.wid], outs[0])]
                 else:
                     outs = [outs[0] + _branch(eqn, invals, pos, tag, adapters[tag.wid], outs[0])]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+
+def _dora_use(eqn, invals, pos: int, tag: _Tag, ad: Adapter, y: jax.Array) -> jax.Array:
+    """DoRA at one use (`jax_lora.dora.use_output`): the use's output scaled per output feature
+    by ``m/‖W + s·a@b‖``; while dropout runs, the base part is the op on the dropped-out input."""
+    from . import dora
+
+    geom, name = ad.geom, eqn.primitive.name
+    base = y
+    if ad.dropout is not None and name != "gather":  # PEFT's Embedding has no LoRA dropout
+        invals = list(invals)
+        invals[1 - pos] = ad.dropout(invals[1 - pos])
+        ad = dataclasses.replace(ad, dropout=None)
+        base = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    lora = _branch(eqn, invals, pos, tag, ad, y)
+    view_out = _output_axes(eqn, pos, tag)  # view axis of the weight -> axis of y
+    stored_out = {tag.axes[d]: o for d, o in view_out.items()}
+    out_axes = tuple(stored_out[i] for i in geom.lead + geom.outs)
+    kernel = jnp.transpose(invals[pos], tuple(int(i) for i in np.argsort(tag.axes)))
+    return dora.use_output(y, base, lora, kernel, ad.a, ad.b, ad.m, ad.scale, geom, out_axes)
+
+
+def _output_axes(eqn, pos: int, tag: _Tag) -> dict[int, int]:
+    """For the weight operand ``pos`` of a use: its (view) axes that reach the output, and where."""
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+        dn = eqn.params["dimension_numbers"]
+        return {dn.rhs_spec[0]: dn.out_spec[1]}
+    if name == "gather":
+        dn = eqn.params["dimension_numbers"]
+        rest = [d for d in range(len(tag.axes)) if d not in dn.collapsed_slice_dims]
+        return dict(zip(rest, dn.offset_dims, strict=True))
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    nd = [len(v.aval.shape) for v in eqn.invars[:2]]
+    free = [
+        [d for d in range(nd[i]) if d not in (lc, rc)[i] and d not in (lb, rb)[i]] for i in (0, 1)
+    ]
+    out = {d: k for k, d in enumerate((lb, rb)[pos])}
+    start = len(lb) + (0 if pos == 0 else len(free[0]))
+    out.update({d: start + k for k, d in enumerate(free[pos])})
+    return out
 
 
 def _letters(n: int, avoid: str = "") -> list[str]:

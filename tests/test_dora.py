@@ -176,17 +176,6 @@ def test_use_dora_must_be_bool():
     assert LoraConfig(rank=2).use_dora is False
 
 
-def test_unsupported_layer_kind_is_named():
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Conv(4, (3,), name="conv")(x)
-
-    cfg = LoraConfig(rank=2, targets=r"conv/kernel", use_dora=True)
-    with pytest.raises(ValueError, match=r"DoRA is not supported yet for \S*Conv at 'conv/kernel'"):
-        jax_lora.wrap(Net(), cfg).init(KEY, _x((2, 9, 3)))
-
-
 def test_merge_folds_magnitude_and_unmerge_explains():
     base, cfg = Encoder(), LoraConfig(rank=2, alpha=4.0, use_dora=True)
     wrapped, x = jax_lora.wrap(base, cfg), _x()
