@@ -236,7 +236,11 @@ def _run(layer: Any, method: str, args: tuple, kwargs: dict) -> Any:
             )
         a, b = getattr(layer, f"{n}_lora_a")[...], getattr(layer, f"{n}_lora_b")[...]
         scale = dict(layer.lora_scale)[n]
-        adapters[pos] = weights.Adapter(geoms[n], a, b, scale, _dropout_fn(layer))
+        m = getattr(layer, f"{n}_lora_m", None)  # DoRA
+        if m is not None:
+            dora.check_uses(geoms[n], u, wpath)
+            m = m[...]
+        adapters[pos] = weights.Adapter(geoms[n], a, b, scale, _dropout_fn(layer), m)
     outs = weights.evaluate(closed, [*lifted, *dyn_vals], adapters)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
@@ -607,10 +611,6 @@ def wrap_nnx(
         plans.append((path, layer, geom))
     wplans = []
     for path, (layer, geoms) in generic.items():
-        if config.use_dora:
-            raise ValueError(
-                dora.unsupported(class_name(layer), weight_path(path, next(iter(geoms))))
-            )
         fgs = {n: _flat_geometry(g) for n, g in geoms.items()}
         for n, fg in fgs.items():
             factors.check_rank(fg, config.rank_for(weight_path(path, n)), weight_path(path, n))
@@ -655,12 +655,31 @@ def wrap_nnx(
             setattr(layer, f"{n}_lora_a", nnx.LoRAParam(a, **meta_a))
             setattr(layer, f"{n}_lora_b", nnx.LoRAParam(factors.init_b(fgs[n], cfg), **meta_b))
             injected += [f"{n}_lora_a", f"{n}_lora_b"]
+            if config.use_dora:  # m: (lead..., out...) = ‖W‖ over the in axes (PEFT's init)
+                injected.append(_weight_magnitude(layer, n, geom, cfg, meta_b))
         layer.lora_geoms = tuple(geoms.items())
         injected += ["lora_geoms", *_common(layer, path, config, rngs, modes, ())]
         layer.lora_scale = tuple((n, config.scale_for(weight_path(path, n))) for n in geoms)
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer), by_weight=True))
     return model
+
+
+def _weight_magnitude(layer, n: str, geom: weights.WeightGeometry, cfg, meta_b: dict) -> str:
+    """Set DoRA's ``<n>_lora_m: (lead..., out...)`` of weight ``n``; returns its name."""
+    w, a, b = (
+        getattr(layer, n)[...],
+        getattr(layer, f"{n}_lora_a")[...],
+        getattr(layer, f"{n}_lora_b")[...],
+    )
+    m = dora.weight_norm_stored(w, a, b, cfg.scale, geom).astype(cfg.param_dtype)
+    nl = len(geom.lead)  # partitioned as b without its rank axis
+    meta_m = {
+        k: v[:nl] + v[nl + 1 :] if isinstance(v, tuple) and len(v) == m.ndim + 1 else v
+        for k, v in meta_b.items()
+    }
+    setattr(layer, f"{n}_lora_m", nnx.LoRAParam(m, **meta_m))
+    return f"{n}_lora_m"
 
 
 def _flat_geometry(g: weights.WeightGeometry) -> factors.Geometry:
@@ -730,8 +749,9 @@ def lora_state(model: nnx.Module) -> dict[str, Any]:
             for part in where.split("/") if where else []:
                 node = node.setdefault(part, {})
             node.update(a=getattr(layer, a)[...], b=getattr(layer, b)[...])
-            if hasattr(layer, "lora_m"):
-                node[dora.MAGNITUDE] = layer.lora_m[...]
+            m_name = a[: -len("a")] + "m"  # lora_m / <weight>_lora_m (DoRA)
+            if hasattr(layer, m_name):
+                node[dora.MAGNITUDE] = getattr(layer, m_name)[...]
     return out
 
 
@@ -746,8 +766,10 @@ def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
             va, vb = getattr(layer, a), getattr(layer, b)
             va[...] = jnp.asarray(flat[where]["a"], va[...].dtype)
             vb[...] = jnp.asarray(flat[where]["b"], vb[...].dtype)
-            if hasattr(layer, "lora_m"):
-                layer.lora_m[...] = jnp.asarray(flat[where]["m"], layer.lora_m[...].dtype)
+            m_name = a[: -len("a")] + "m"  # lora_m / <weight>_lora_m (DoRA)
+            if hasattr(layer, m_name):
+                vm = getattr(layer, m_name)
+                vm[...] = jnp.asarray(flat[where]["m"], vm[...].dtype)
 
 
 def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> nnx.Module:
@@ -760,6 +782,9 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
         if _by_weight(f):
             for n, geom in f.lora_geoms:
                 w = getattr(layer, n)
+                if hasattr(f, f"{n}_lora_m"):  # DoRA (unmerging: the adapted model's norm)
+                    w[...] = _fold_dora(w[...], f, n, geom, sign)
+                    continue
                 d = weights.delta(
                     geom,
                     getattr(f, f"{n}_lora_a")[...],
@@ -783,6 +808,17 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
                 delattr(layer, name)
             object.__setattr__(layer, "__class__", _BASES[type(layer)])
     return out
+
+
+def _fold_dora(w: jax.Array, f: Any, n: str, geom: weights.WeightGeometry, sign: float):
+    """Weight ``n`` merged with (``sign > 0``) or unmerged from DoRA's factors of layer ``f``."""
+    a, b, m = (getattr(f, f"{n}_lora_{k}")[...] for k in ("a", "b", "m"))
+    s = dict(f.lora_scale)[n]
+    if sign > 0:
+        return dora.merge_stored(w, a, b, m, s, geom)
+    norm = dora.weight_norm_stored(getattr(f, n)[...], a, b, s, geom)
+    std = jnp.transpose(w, geom.lead + geom.ins + geom.outs)
+    return geom.to_stored(dora.unmerge_kernel(std, a, b, m, norm, s))
 
 
 def merge_nnx(model: nnx.Module) -> nnx.Module:

@@ -354,22 +354,6 @@ def test_nnx_merge_unmerge_multi_axis():
         assert_close(getattr(back, n).kernel[...], k, rel=1e-5)
 
 
-def test_nnx_unsupported_layer_is_named():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.emb = nnx.Embed(10, 4, rngs=rngs)
-
-        def __call__(self, ids):
-            return self.emb(ids)
-
-    net = Net(nnx.Rngs(0))
-    with pytest.raises(
-        ValueError, match=r"DoRA is not supported yet for \S*Embed at 'emb/embedding'"
-    ):
-        jax_lora.wrap(net, LoraConfig(rank=2, targets=["emb/embedding"], use_dora=True))
-    assert type(net.emb) is nnx.Embed  # a refused wrap leaves the model as it was
-
-
 def test_backward_keeps_no_kernel_sized_residual(capsys):
     """The norm is a constant: the backward keeps its (out,) result, never W + s·a@b."""
     import jax.ad_checkpoint

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _check import assert_close
+from flax import nnx
 
 import jax_lora
 from jax_lora import LoraConfig
@@ -173,3 +174,93 @@ def test_linen_tied_head_refused():
     wrapped = jax_lora.wrap(Tied(), dataclasses.replace(CFG, targets=("emb",)))
     with pytest.raises(ValueError, match=r"DoRA .*'emb/embedding'.*attend"):
         wrapped.init(KEY, jnp.array([[1, 2]]))
+
+
+def _mask(x, rate, key):
+    """A fixed dropout mask (same in linen and NNX): every 4th element dropped."""
+    keep = (jnp.arange(x.size).reshape(x.shape) % 4 != 0).astype(x.dtype)
+    return x * keep / jnp.asarray(1 - rate, x.dtype)
+
+
+def test_linen_dropout_is_pefts(monkeypatch):
+    """With dropout: ``y + (m/n - 1)·(drop(x) @ W) + (m/n)·s·(drop(x) @ a) @ b`` (PEFT's
+    Linear/Conv dropout case), here for the (out, in) weight, in numpy."""
+    monkeypatch.setattr(jax_lora.factors, "dropout", _mask)
+    cfg = dataclasses.replace(CFG, targets=("w",), dropout=0.25)
+    wrapped, x = jax_lora.wrap(Conv1DLike(), cfg), _inputs()[2]
+    v = wrapped.init(KEY, x)
+    v = {"params": v["params"], "lora": _randomize(v["lora"])}
+    got = wrapped.apply(v, x, rngs={"dropout": jax.random.key(3)})
+    w, node = np.asarray(v["params"]["w"], np.float64), v["lora"]["w"]
+    a, b, m = (np.asarray(node[k], np.float64) for k in ("a", "b", "m"))
+    xd = np.asarray(_mask(x, 0.25, None), np.float64)
+    mn = m / np.sqrt(((w + SCALE * (a @ b).T) ** 2).sum(axis=1))
+    want = x @ w.T + 1.0 + (mn - 1) * (xd @ w.T) + mn * (SCALE * (xd @ a) @ b)
+    assert_close(got, want, 1e-5)
+
+
+class OwnNnx(nnx.Module):
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (6, 4)))
+
+    def __call__(self, x):
+        return jnp.einsum("bi,oi->bo", x, self.w[...]) + 1.0
+
+
+class NnxModel(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(11, 6, rngs=rngs)
+        self.conv = nnx.Conv(4, 5, (3, 3), rngs=rngs)
+        self.conv1d = nnx.Conv(4, 3, (2,), rngs=rngs)
+        self.own = OwnNnx(rngs)
+
+    def __call__(self, ids, img, x):
+        return self.emb(ids), self.conv(img), self.conv1d(img[:, 0]), self.own(x)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_nnx_equals_linen(dropout, monkeypatch):
+    monkeypatch.setattr(jax_lora.factors, "dropout", _mask)
+    cfg = dataclasses.replace(CFG, dropout=dropout)
+    wrapped = jax_lora.wrap(Model(), cfg)
+    v = wrapped.init(KEY, *_inputs())
+    net = NnxModel(nnx.Rngs(0))
+    for (layer, name), _ in INS.items():
+        getattr(getattr(net, layer), name)[...] = v["params"][layer][name]
+    net.conv.bias[...] = v["params"]["conv"]["bias"]
+    net.conv1d.bias[...] = v["params"]["conv1d"]["bias"]
+    model = jax_lora.wrap(net, cfg, example=_inputs())
+    assert type(model.conv).__name__ == "LoraConv" and model.conv.kernel_lora_m.shape == (5,)
+    state = jax_lora.lora_state(model)
+    assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, v["lora"])
+    for (layer, name), _ in INS.items():  # the same fresh magnitudes ‖W‖ (b = 0)
+        assert_close(state[layer][name]["m"], v["lora"][layer][name]["m"], 1e-6)
+    v["lora"] = _randomize(v["lora"])
+    jax_lora.load_lora(model, v["lora"])
+    kw = {"rngs": {"dropout": jax.random.key(1)}} if dropout else {}
+    if not dropout:
+        model = nnx.view(model, deterministic=True)
+    want = wrapped.apply(v, *_inputs(), **kw)
+    assert_close(model(*_inputs()), want, 1e-6)
+
+    def loss(m):
+        return sum(jnp.sum(jnp.sin(o)) for o in m(*_inputs()))
+
+    g_nnx = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    g_linen = jax.grad(
+        lambda lora: sum(
+            jnp.sum(jnp.sin(o)) for o in wrapped.apply({**v, "lora": lora}, *_inputs(), **kw)
+        )
+    )(v["lora"])
+    for (layer, name), _ in INS.items():
+        for k in ("a", "b", "m"):
+            got = g_nnx[layer][f"{name}_lora_{k}"][...]
+            assert_close(got, g_linen[layer][name][k], 1e-5)
+    if not dropout:
+        merged = jax_lora.merge(model)
+        want_w = jax_lora.merge(v, cfg)
+        for (layer, name), _ in INS.items():
+            assert_close(getattr(getattr(merged, layer), name)[...], want_w[layer][name], 1e-6)
+        back = jax_lora.unmerge(merged, model)
+        for (layer, name), _ in INS.items():
+            assert_close(getattr(getattr(back, layer), name)[...], v["params"][layer][name], 1e-5)
