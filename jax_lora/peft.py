@@ -369,10 +369,10 @@ def export_peft(
                 tensors[f"base_model.model.{name}.lora_A.weight"] = ta
                 tensors[f"base_model.model.{name}.lora_B.weight"] = tb
             if m is not None:
-                if kind != "linear":
-                    raise ValueError(f"DoRA is not supported yet for a {kind} layer at '{layer}'")
                 mi = m[i] if la.ndim < a.ndim else m  # a stack exports one module per layer
-                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = mi.reshape(-1)
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = mi.reshape(
+                    _magnitude_shape(kind, -1, ta.ndim)
+                )
     if not owner:
         raise ValueError("`lora` has no factors ({'a': ..., 'b': ...} nodes) to export")
     names = sorted(owner)
@@ -651,19 +651,24 @@ def _read_factors(
                 "(out, r), and refuses this adapter too"
             )
         if magnitude is not None:
-            _check_magnitude(where, name, kind, magnitude, b.shape[0])
+            _check_magnitude(where, name, kind, magnitude, b.shape[0], b.ndim)
             ab["M"] = magnitude
     return pairs
 
 
-def _check_magnitude(where: str, name: str, kind: str, m: np.ndarray, out: int) -> None:
+def _magnitude_shape(kind: str, out: int, ndim: int) -> tuple[int, ...]:
+    """PEFT's ``lora_magnitude_vector`` shape: ``(out,)`` for Linear and Embedding (per
+    embedding dim), ``(1, out, 1...)`` for a Conv (its norm is kept with ``keepdim``)."""
+    return (1, out, *([1] * (ndim - 2))) if kind == "conv" else (out,)
+
+
+def _check_magnitude(where: str, name: str, kind: str, m: np.ndarray, out: int, ndim: int) -> None:
     key = f"base_model.model.{name}.lora_magnitude_vector"
-    if kind != "linear":
-        raise ValueError(f"{where}: {key!r}: DoRA is not supported yet for a {kind} layer")
-    if m.shape != (out,) or not np.issubdtype(m.dtype, np.floating):
+    want = _magnitude_shape(kind, out, ndim)
+    if m.shape != want or not np.issubdtype(m.dtype, np.floating):
         raise ValueError(
-            f"{where}: {key!r} has shape {m.shape} and dtype {m.dtype}; DoRA needs one float "
-            f"per output feature, ({out},) like lora_B.weight's first axis"
+            f"{where}: {key!r} has shape {m.shape} and dtype {m.dtype}; DoRA on a {kind} layer "
+            f"needs one float per output feature, {want} (PEFT's layout)"
         )
 
 

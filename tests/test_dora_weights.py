@@ -264,3 +264,27 @@ def test_nnx_equals_linen(dropout, monkeypatch):
         back = jax_lora.unmerge(merged, model)
         for (layer, name), _ in INS.items():
             assert_close(getattr(getattr(back, layer), name)[...], v["params"][layer][name], 1e-5)
+
+
+def test_peft_format_magnitude_layouts(linen_setup, tmp_path):
+    """export_peft writes PEFT's lora_magnitude_vector shapes (a conv's ``(1, out, 1...)``,
+    an embedding's ``(embedding_dim,)``) and import_peft reads them back exactly."""
+    from safetensors.numpy import load_file, save_file
+
+    _, v, _ = linen_setup
+    lora = {k: v["lora"][k] for k in ("emb", "conv", "conv1d")}
+    jax_lora.export_peft(tmp_path / "ad", lora, CFG)
+    t = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert t["base_model.model.conv.lora_magnitude_vector"].shape == (1, 5, 1, 1)
+    assert t["base_model.model.conv1d.lora_magnitude_vector"].shape == (1, 3, 1)
+    assert t["base_model.model.emb.lora_magnitude_vector"].shape == (6,)
+    back, cfg = jax_lora.import_peft(tmp_path / "ad", like=lora)
+    assert cfg.use_dora
+    for k in lora:
+        name = "embedding" if k == "emb" else "kernel"
+        for f in ("a", "b", "m"):
+            np.testing.assert_array_equal(back[k][name][f], lora[k][name][f])
+    t["base_model.model.conv.lora_magnitude_vector"] = np.ones((5,), np.float32)
+    save_file(t, tmp_path / "ad" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"conv.lora_magnitude_vector.*\(5,\).*\(1, 5, 1, 1\)"):
+        jax_lora.import_peft(tmp_path / "ad", like=lora)

@@ -1698,3 +1698,6 @@ def peft_conv1d_conv3d_format() -> list[Row]:
 ALL["peft_conv1d_conv3d_format"] = peft_conv1d_conv3d_format
 # later features keep their comparisons in their own modules; importing one registers its rows
 from . import dora, multi_adapter, qlora, variants  # noqa: E402, F401
+
+# isort: split
+from . import dora_generic  # noqa: E402, F401  (registers its rows)
