@@ -27,6 +27,7 @@ from flax import nnx
 
 from . import dora, factors, weights
 from .config import LoraConfig
+from .optim import EMBEDDING_MARK
 from .switch import lora_enabled
 from .switch import set_enabled as set_enabled
 from .targets import (
@@ -650,6 +651,8 @@ def wrap_nnx(
         injected = []
         for n, geom in geoms.items():
             meta_a, meta_b = _weight_metadata(getattr(layer, n), geom)
+            if isinstance(layer, nnx.Embed):  # LoRA+ groups its factors as PEFT's Embedding
+                meta_a, meta_b = ({**m, EMBEDDING_MARK: True} for m in (meta_a, meta_b))
             cfg = config.for_path(weight_path(path, n))
             a = factors.init_a(rngs.params(), fgs[n], cfg)
             setattr(layer, f"{n}_lora_a", nnx.LoRAParam(a, **meta_a))

@@ -104,18 +104,50 @@ def trainable_mask(variables: Any, *, also_train: str | Sequence[str] | None = N
     return jax.tree_util.tree_map_with_path(label, dict(variables))
 
 
-def _loraplus_group(path: tuple, value: Any) -> str:
-    """PEFT's ``create_loraplus_optimizer`` groups: factors of an embedding (a weight named
-    ``embedding``), every other ``b`` and trainable 1-D param (biases), every other ``a``."""
+EMBEDDING_MARK = "lora_embedding"
+"""NNX: the metadata flag `wrap_nnx` sets on the factors of an ``nnx.Embed`` table."""
+
+
+def _embedding_nodes(tree: Mapping[str, Any]) -> set[tuple[str, ...]] | None:
+    """Linen: the ``lora`` node paths that adapt an embedding table: a node at a *weight* path
+    (``params`` holds an array there, not a layer's dict) named ``embedding``, as flax's
+    ``nn.Embed`` stores it. A Dense layer named ``embedding`` has its node at the layer path
+    (``params`` holds ``{"kernel", ...}`` there), so it is not one. None without ``params``."""
+    if "params" not in tree:
+        return None
+    found = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree[COLLECTION])[0]:
+        node = tuple(key_name(k) for k in path)[:-1]  # without the leaf name (a, b or m)
+        if not node or node[-1] != "embedding":
+            continue
+        p: Any = tree["params"]
+        for k in node:
+            p = p.get(k) if isinstance(p, Mapping) else None
+        if p is not None and not isinstance(p, Mapping):
+            found.add(node)
+    return found
+
+
+def _loraplus_group(path: tuple, value: Any, embeddings: set | None = None) -> str:
+    """PEFT's ``create_loraplus_optimizer`` groups: factors of an embedding table (PEFT's
+    ``isinstance(module, Embedding)``: linen, see `_embedding_nodes`; NNX, the factors of an
+    ``nnx.Embed``, marked at wrap time), every other ``b`` and trainable 1-D param (biases),
+    every other ``a``."""
     names = [key_name(k) for k in path]
     leaf = names[-1]
+    mark = None
     if isinstance(value, nnx.Variable):
+        mark = bool(value.get_metadata().get(EMBEDDING_MARK, False))
         value = value.get_value()
     if names[0] == COLLECTION:  # linen: lora/<layer or weight path>/(a|b)
-        if len(names) >= 3 and names[-2] == "embedding":
+        node = tuple(names[1:-1])
+        if (node in embeddings) if embeddings is not None else node[-1:] == ("embedding",):
             return GROUP_EMBEDDING
         return GROUP_B if leaf == "b" else GROUP_A
-    if leaf in ("embedding_lora_a", "embedding_lora_b"):  # NNX: <weight>_lora_(a|b)
+    if mark is not None and leaf.endswith(("lora_a", "lora_b")):  # NNX factors: by their mark
+        if mark:
+            return GROUP_EMBEDDING
+    elif leaf in ("embedding_lora_a", "embedding_lora_b"):  # plain arrays: by name
         return GROUP_EMBEDDING
     if leaf.endswith("lora_b") or np.ndim(value) == 1:
         return GROUP_B
@@ -178,8 +210,9 @@ def _loraplus(
         ):
             return _plain_factor_groups(tree)
         mask = trainable_mask(tree, also_train=also_train)
+        emb = None if isinstance(tree, nnx.State) else _embedding_nodes(tree)
         return jax.tree_util.tree_map_with_path(
-            lambda path, m, v: _loraplus_group(path, v) if m else FREEZE,
+            lambda path, m, v: _loraplus_group(path, v, emb) if m else FREEZE,
             mask,
             tree,
             is_leaf=lambda x: isinstance(x, bool),
