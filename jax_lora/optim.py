@@ -242,8 +242,10 @@ def optimizer(
     ``λ``, ``tx`` is a function of the learning rate (``optax.adam``, or
     ``functools.partial(optax.adamw, weight_decay=wd)``) and is built once per PEFT group: ``a``
     factors at ``learning_rate``, ``b`` factors (and trainable 1-D params such as biases from
-    ``also_train``) at ``λ * learning_rate``, both factors of an embedding table (a weight named
-    ``embedding``) at ``loraplus_lr_embedding`` (PEFT's default ``1e-6``). PEFT's
+    ``also_train``) at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
+    ``nn.Embed``-style weight path ``.../embedding``, told from a Dense layer named so by the
+    ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state:
+    ``embedding_lora_a``/``_b`` by name) at ``loraplus_lr_embedding`` (PEFT's default ``1e-6``). PEFT's
     ``loraplus_weight_decay`` is the ``weight_decay`` given to ``tx`` here (PEFT also drops it
     for biases, this does not). NNX: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
 
