@@ -3,7 +3,8 @@
 A kernel ``W: (lead..., in..., out...)`` with LoRA factors ``a: (lead..., in..., r)``,
 ``b: (lead..., r, out...)`` also gets a magnitude ``m: (lead..., out...)``; the layer computes
 ``y = m / ‖W + s·a@b‖ · (x @ W + s·(x @ a) @ b) + bias``, the norm over the input axes and, as
-in PEFT (paper §4.3), a constant in backprop.
+in PEFT (paper §4.3), a constant in backprop. Any other adapted weight (`jax_lora.weights`: Conv,
+Embed, a layer's own matmul weight) follows the same rule in its stored layout (see below).
 """
 
 from __future__ import annotations
@@ -197,15 +198,6 @@ def fold(kernel: Array, node, scale: float, geom, where: str) -> Array:
 def magnitude_shape(geom: factors.Geometry) -> tuple[int, ...]:
     """``(lead..., out...)``: one magnitude per output feature (per stacked layer)."""
     return geom.lead_shape + geom.out_shape
-
-
-def unsupported(kind: str, path: str) -> str:
-    """The error text for DoRA on a layer kind it does not cover yet."""
-    return (
-        f"DoRA is not supported yet for {kind} at '{path}' (only Dense/DenseGeneral/Einsum in "
-        "linen, Linear/LinearGeneral/Einsum in NNX). Leave this weight out of `targets` (or "
-        "add it to `exclude`), or use plain LoRA (`use_dora=False`)."
-    )
 
 
 def check_agrees(has_m: bool, use_dora: bool, path: str) -> None:

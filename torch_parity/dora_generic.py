@@ -321,3 +321,160 @@ def dora_embed() -> list[Row]:
 ALL["dora_conv2d"] = dora_conv2d
 ALL["dora_conv1d"] = dora_conv1d
 ALL["dora_embed"] = dora_embed
+
+
+# GPT-2's Conv1D: transformers' FlaxConv1D stores its kernel (out, in) (a layer's own weight,
+# `jax_lora.weights`); PEFT adapts torch's Conv1D (in, out) as a Linear with fan_in_fan_out.
+
+GPT2_LAYERS, GPT2_D, GPT2_VOCAB, GPT2_T = 2, 32, 64, 8
+
+
+def _gpt2_torch_state(params) -> dict:
+    """Flax GPT-2 params -> torch ``GPT2LMHeadModel`` state dict (FlaxConv1D kernel (out, in)
+    is torch Conv1D weight (in, out); the head is tied to ``wte``)."""
+    rename = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+    state = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]:
+        *module, leaf = [str(k.key) for k in path]
+        v = np.asarray(v)
+        state[".".join([*module, rename[leaf]])] = v.T if leaf == "kernel" else v
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+
+
+def dora_gpt2_conv1d() -> list[Row]:
+    """DoRA on a tiny random GPT-2's c_attn, c_proj, c_fc (FlaxConv1D, a layer's own weight) vs
+    PEFT ``LoraConfig(use_dora=True, fan_in_fan_out=True)`` on torch's GPT-2 with the same
+    weights: forward, A/B/magnitude gradients, merged weights, PEFT's format both ways."""
+    import tempfile
+
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    hf = lambda: jax.numpy_dtype_promotion("standard")  # noqa: E731  (transformers' Flax code)
+    cfg = transformers.GPT2Config(
+        n_layer=GPT2_LAYERS, n_embd=GPT2_D, n_head=4, vocab_size=GPT2_VOCAB, n_positions=32
+    )
+    with hf(), jax.numpy_rank_promotion("allow"):
+        fm = transformers.FlaxGPT2LMHeadModel(cfg, seed=0, dtype=jnp.float32)
+    params = jax.tree.map(jnp.asarray, fm.params)
+    torch.manual_seed(0)
+    base_t = transformers.GPT2LMHeadModel(cfg)
+    base_t.load_state_dict(_gpt2_torch_state(params), strict=True)
+    base_t.eval()
+    ids = np.random.default_rng(0).integers(0, GPT2_VOCAB, (2, GPT2_T)).astype(np.int32)
+    args = (
+        jnp.asarray(ids),
+        jnp.ones((2, GPT2_T), jnp.int32),
+        jnp.broadcast_to(jnp.arange(GPT2_T, dtype=jnp.int32), (2, GPT2_T)),
+    )
+    targets = [r".*/c_attn", r".*/c_proj", r".*/c_fc"]
+    config = jax_lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets, use_dora=True)
+    wrapped = jax_lora.wrap(fm.module, config)
+
+    def run(module, variables):
+        with hf(), jax.numpy_rank_promotion("allow"):
+            return module.apply(variables, *args, deterministic=True).logits
+
+    with hf(), jax.numpy_rank_promotion("allow"):
+        fresh = jax_lora.init_lora(
+            wrapped, jax.random.key(0), {"params": params}, *args, deterministic=True
+        )
+    g = np.random.default_rng(1)
+    nodes = {
+        "/".join(str(k.key) for k in path[:-1]): None
+        for path, _ in jax.tree_util.tree_flatten_with_path(fresh)[0]
+    }
+    lora = jax.tree.map(lambda t: t, fresh)
+    for p in nodes:
+        node = _at(lora, tuple(p.split("/")))
+        node["a"] = jnp.asarray(0.2 * g.normal(size=node["a"].shape), jnp.float32)
+        node["b"] = jnp.asarray(0.2 * g.normal(size=node["b"].shape), jnp.float32)
+        node["m"] = node["m"] * jnp.asarray(1 + 0.3 * g.random(node["m"].shape), jnp.float32)
+    pcfg = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        use_dora=True,
+    )
+    pm = get_peft_model(copy.deepcopy(base_t), pcfg).eval()
+    layers = {
+        p: pm.get_submodule("base_model.model." + p.removesuffix("/kernel").replace("/", "."))
+        for p in nodes
+    }
+    init_m = [_np(layers[p].lora_magnitude_vector["default"].weight).copy() for p in nodes]
+    with torch.no_grad():
+        for p, layer in layers.items():
+            node = _at(lora, tuple(p.split("/")))
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(node["a"]).T.copy()))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(node["b"]).T.copy()))
+            layer.lora_magnitude_vector["default"].weight.copy_(
+                torch.from_numpy(np.array(node["m"]))
+            )
+    probe = np.random.default_rng(2).normal(size=(2, GPT2_T, GPT2_VOCAB)).astype(np.float32)
+    ids_t, mask_t, pos_t = (torch.from_numpy(np.asarray(x, np.int64)) for x in args)
+
+    def torch_out(model):
+        return model(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t).logits
+
+    out_t = torch_out(pm)
+    (out_t * torch.from_numpy(probe)).sum().backward()
+    out_j = run(wrapped, {"params": params, "lora": lora})
+    grads = jax.grad(lambda lo: jnp.sum(run(wrapped, {"params": params, "lora": lo}) * probe))(lora)
+    ps = list(nodes)
+    label = "DoRA GPT-2 Conv1D vs PEFT fan_in_fan_out"
+    rows = [
+        row(f"{label}: magnitude init", [_at(fresh, tuple(p.split("/")))["m"] for p in ps], init_m),
+        row(f"{label}: forward", out_j, out_t),
+        row(
+            f"{label}: grad A, B, magnitude",
+            [_at(grads, tuple(p.split("/")))[k].T for p in ps for k in ("a", "b")]
+            + [_at(grads, tuple(p.split("/")))["m"] for p in ps],
+            [
+                t
+                for p in ps
+                for t in (
+                    layers[p].lora_A["default"].weight.grad,
+                    layers[p].lora_B["default"].weight.grad,
+                )
+            ]
+            + [layers[p].lora_magnitude_vector["default"].weight.grad for p in ps],
+        ),
+    ]
+    with hf(), jax.numpy_rank_promotion("allow"):
+        merged = jax_lora.merge(
+            {"params": params, "lora": lora}, wrapped, *args, deterministic=True
+        )
+    merged_t = copy.deepcopy(pm).merge_and_unload().eval()
+    rows.append(
+        row(
+            f"{label}: merged weights (torch Conv1D (in, out))",
+            [np.asarray(_at(merged, tuple(p.split("/")))).T for p in ps],
+            [
+                merged_t.get_submodule(p.removesuffix("/kernel").replace("/", ".")).weight
+                for p in ps
+            ],
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        jax_lora.export_peft(tmp, lora, config, fan_in_fan_out=True)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base_t), tmp).eval()
+        with torch.no_grad():
+            rows.append(
+                row(f"{label}: export_peft -> PeftModel.from_pretrained", out_j, torch_out(loaded))
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp)
+        back, _ = jax_lora.import_peft(tmp, like=lora)
+    rows.append(
+        row(
+            f"{label}: save_pretrained -> import_peft, forward",
+            run(wrapped, {"params": params, "lora": back}),
+            out_t,
+        )
+    )
+    return rows
+
+
+ALL["dora_gpt2_conv1d"] = dora_gpt2_conv1d
