@@ -288,3 +288,39 @@ def test_peft_format_magnitude_layouts(linen_setup, tmp_path):
     save_file(t, tmp_path / "ad" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"conv.lora_magnitude_vector.*\(5,\).*\(1, 5, 1, 1\)"):
         jax_lora.import_peft(tmp_path / "ad", like=lora)
+
+
+class _OneConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(7, (3, 3), name="conv")(x)
+
+
+class _OneEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Embed(13, 7, name="conv")(ids)  # named so that one target fits both
+
+
+@pytest.mark.parametrize(
+    "model, x, kernel",
+    [
+        (_OneConv(), jnp.ones((2, 6, 6, 4)), "f32[3,3,4,7]"),
+        (_OneEmbed(), jnp.array([[1, 2, 12]]), "f32[13,7]"),
+    ],
+)
+def test_backward_keeps_no_kernel_sized_residual(capsys, model, x, kernel):
+    """The norm is a constant: the backward keeps its (out,) result, never W + s·a@b."""
+    import jax.ad_checkpoint
+
+    wrapped = jax_lora.wrap(model, dataclasses.replace(CFG, targets=("conv",)))
+    v = wrapped.init(KEY, x)
+
+    def loss(lora):
+        return jnp.sum(wrapped.apply({"params": v["params"], "lora": lora}, x))
+
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, v["lora"])
+    saved = capsys.readouterr().out
+    assert "f32[7] output of sqrt" in saved  # the norm itself
+    assert kernel not in saved, saved
