@@ -324,3 +324,24 @@ def test_backward_keeps_no_kernel_sized_residual(capsys, model, x, kernel):
     saved = capsys.readouterr().out
     assert "f32[7] output of sqrt" in saved  # the norm itself
     assert kernel not in saved, saved
+
+
+def test_linen_magnitude_partitioned_as_the_weight_out_axes():
+    """``m`` takes the names of the weight's output axes, as ``b`` does (and as the Dense case)."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, ids, img):
+            init = nn.with_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
+            kinit = nn.with_partitioning(nn.initializers.lecun_normal(), (None, None, "in", "mlp"))
+            e = nn.Embed(11, 6, embedding_init=init, name="emb")(ids)
+            return e, nn.Conv(5, (3, 3), kernel_init=kinit, name="conv")(img)
+
+    cfg = dataclasses.replace(CFG, targets=("emb", "conv"))
+    ids, img, _ = _inputs()
+    lora = jax_lora.wrap(Net(), cfg).init(KEY, ids, img)["lora"]
+    m_emb, m_conv = lora["emb"]["embedding"]["m"], lora["conv"]["kernel"]["m"]
+    assert isinstance(m_emb, nn.Partitioned) and m_emb.names == ("embed",)
+    assert isinstance(m_conv, nn.Partitioned) and m_conv.names == ("mlp",)
+    assert lora["emb"]["embedding"]["b"].names == (None, "embed")
+    assert m_emb.value.shape == (6,) and m_conv.value.shape == (5,)
