@@ -487,7 +487,16 @@ def quantize(
     QArray(nf4, shape=(128, 8), block=64, axis=-2, dtype=float32)
     >>> q["fc"]["kernel"].codes.shape, q["fc"]["kernel"].scales.shape
     ((64, 8), (2, 8))
+
+    An NNX model (``nnx.Module``) is quantized in place and returned (`quant_nnx.quantize_nnx`).
     """
+    if _is_nnx_module(params):
+        from .quant_nnx import quantize_nnx
+
+        return quantize_nnx(
+            params, qtype, targets=targets, block=block, axis=axis, double_quant=double_quant,
+            dtype=dtype,
+        )  # fmt: skip
     if has_quantized(params):
         done = [keypath_str(kp) for kp, x in _flat(params) if is_quantized(x)]
         raise ValueError(
@@ -527,8 +536,19 @@ def quantize(
     return out
 
 
+def _is_nnx_module(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Module)
+
+
 def dequantize(tree: Any) -> Any:
-    """Every `QArray` of ``tree`` back to a dense array (``q.shape`` in ``q.dtype``)."""
+    """Every `QArray` of ``tree`` back to a dense array (``q.shape`` in ``q.dtype``); an NNX
+    model in place (its layers back to their classes without the quantized base)."""
+    if _is_nnx_module(tree):
+        from .quant_nnx import dequantize_nnx
+
+        return dequantize_nnx(tree)
     return jax.tree.map(
         lambda x: dequantize_array(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
     )
