@@ -10,6 +10,7 @@ that is (or later gets) LoRA factors runs the LoRA branch outside, on the same i
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from . import quant
 from .targets import path_str
@@ -254,3 +256,40 @@ def dequantize_nnx(model: nnx.Module) -> nnx.Module:
         if qs or type(module) in _QBASES or isinstance(module, _QuantLayer):
             object.__setattr__(module, "__class__", _plain_class(type(module)))
     return model
+
+
+def get_partition_spec(tree: Any, mesh: Any = None) -> Any:
+    """``nnx.get_partition_spec`` for a state (or model) with quantized weights: a Variable
+    holding a `QArray` gets a `QArray` of ``PartitionSpec``s, one per array, from the
+    Variable's sharding names by `quant.partition_names` (codes and block scales sharded like
+    the kernel; with ``mesh``, a name whose mesh axes do not divide an axis is dropped there).
+
+    >>> import jax, jax_lora
+    >>> from flax import nnx
+    >>> init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+    >>> with nnx.use_eager_sharding(False):
+    ...     layer = nnx.Linear(128, 8, kernel_init=init, rngs=nnx.Rngs(0))
+    >>> spec = get_partition_spec(nnx.state(jax_lora.quantize(layer, "nf4")))
+    >>> spec["kernel"].get_value()
+    QArray(nf4, codes=P('data', 'model'), scales=P('data', 'model'))
+    """
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    fits = None
+    if mesh is not None:
+        sizes = dict(mesh.shape)
+
+        def fits(name: Any, size: int) -> bool:
+            axes = (name,) if isinstance(name, str) else tuple(name)
+            return size % math.prod(sizes.get(a, 1) for a in axes) == 0
+
+    def one(x: Any) -> Any:
+        if isinstance(x, nnx.Variable) and quant.is_quantized(x.get_value()):
+            q = x.get_value()
+            names = tuple(nnx.get_partition_spec(x).get_value())
+            names = names + (None,) * (q.ndim - len(names))
+            per = quant.partition_names(q, names, fits)
+            return x.replace(q.replace(**{f: PartitionSpec(*n) for f, n in per.items()}))
+        return nnx.get_partition_spec(x)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
