@@ -298,3 +298,22 @@ def test_bad_input_errors():
     )
     with pytest.raises(ValueError, match="cannot quantize 'kernel'.*LoRA factors on its own"):
         jax_lora.quantize(conv, "int8")
+
+
+def test_param_report_counts_logical_weights_of_a_quantized_base():
+    _, params, qparams, _, lora = _setup("nf4", {})
+    n_base = sum(int(np.size(t)) for t in jax.tree.leaves(params))
+    n_lora = sum(int(np.size(t)) for t in jax.tree.leaves(lora))
+    float_rep = jax_lora.param_report({"params": params, "lora": lora})
+    assert (float_rep.trainable, float_rep.total) == (n_lora, n_base + n_lora)
+    assert float_rep.base_bytes == 4 * n_base
+    base_bytes = quant.nbytes(qparams)  # codes, scales and the float biases
+    assert base_bytes < 0.2 * 4 * n_base
+    rep = jax_lora.param_report({"params": qparams, "lora": lora})
+    assert (rep.trainable, rep.total, rep.base_bytes) == (n_lora, n_base + n_lora, base_bytes)
+    assert str(rep) == str(float_rep)  # the printed line: counts only, as before
+    model = jax_lora.wrap(jax_lora.quantize(_nnx_from(params), "nf4"), CFG)
+    nrep = jax_lora.param_report(model)
+    assert (nrep.trainable, nrep.total, nrep.base_bytes) == (n_lora, n_base + n_lora, base_bytes)
+    also = jax_lora.param_report(model, also_train="head/bias")
+    assert also.trainable == n_lora + 16 and also.base_bytes == base_bytes - 16 * 4
