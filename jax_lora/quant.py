@@ -369,6 +369,7 @@ def _block_scales(q: QArray) -> jax.Array:
 
 def dequantize_array(q: QArray) -> jax.Array:
     """The kernel a `QArray` stands for, ``q.shape`` in ``q.dtype`` (computed in fp32)."""
+    q = jax.tree.map(_unbox_leaf, q, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
     axis = q.axis
     if q.qtype in _PER_CHANNEL:
         return (q.codes.astype(jnp.float32) * q.scales).astype(q.dtype)
@@ -653,8 +654,17 @@ def dequantize(tree: Any) -> Any:
 
         return dequantize_nnx(tree)
     return jax.tree.map(
-        lambda x: dequantize_array(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
+        lambda x: rebox(x, dequantize_array(x)) if is_quantized(x) else x,
+        tree,
+        is_leaf=is_quantized,
     )
+
+
+def rebox(q: Any, value: Any) -> Any:
+    """``value`` in the partitioning box of the codes of ``q`` (a `QArray` of a boxed kernel,
+    see `quantize`), else ``value`` as it is: a dense kernel boxed like the codes."""
+    box = q.codes if is_quantized(q) else None
+    return box.replace_boxed(value) if isinstance(box, meta.AxisMetadata) else value
 
 
 def _is_box(x: Any) -> bool:

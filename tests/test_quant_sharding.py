@@ -44,6 +44,13 @@ def test_boxed_kernels_quantize_to_boxed_arrays_and_run():
         y = wrapped.apply({"params": q, "lora": lora}, x)  # boxed, as `init` gives them
         assert_close(y, wrapped.apply({"params": dense, "lora": lora}, x), 1e-6)
         assert_close(jax.jit(wrapped.apply)({"params": nn.unbox(q), "lora": lora}, x), y, 1e-6)
+    merged = jax_lora.merge({"params": q, "lora": lora}, wrapped.config)  # boxed like the codes
+    want = jax_lora.merge({"params": nn.unbox(q), "lora": lora}, wrapped.config)
+    assert type(merged["fc"]["kernel"]).__name__ == "Partitioned"
+    assert type(merged["up"]["kernel"]).__name__ == "LogicallyPartitioned"
+    assert nn.get_partition_spec(merged)["fc"]["kernel"] == P("data", "model")
+    assert_close(nn.unbox(merged), want, 0)
+    assert_close(nn.unbox(quant.dequantize(q)), quant.dequantize(nn.unbox(q)), 0)
     spec = nn.get_partition_spec(quant.quantize(v["params"], "nf4"))
     assert spec["fc"]["kernel"].codes == P("data", "model")  # (64, 128): the packed axis too
     assert spec["fc"]["kernel"].scales == P("data", "model")  # (2, 128): blocks along `data`
