@@ -317,3 +317,23 @@ def test_param_report_counts_logical_weights_of_a_quantized_base():
     assert (nrep.trainable, nrep.total, nrep.base_bytes) == (n_lora, n_base + n_lora, base_bytes)
     also = jax_lora.param_report(model, also_train="head/bias")
     assert also.trainable == n_lora + 16 and also.base_bytes == base_bytes - 16 * 4
+
+
+def test_dora_and_dropout_on_a_quantized_base():
+    _, params, qparams, _, _ = _setup("nf4", {})
+    x = jax.random.normal(jax.random.key(1), (4, D))
+    cfg = jax_lora.LoraConfig(rank=R, alpha=8, targets=TARGETS, use_dora=True, dropout=0.1)
+    model = jax_lora.wrap(jax_lora.quantize(_nnx_from(params), "nf4"), cfg, rngs=nnx.Rngs(5))
+    dense = jax_lora.wrap(_nnx_from(quant.dequantize(qparams)), cfg, rngs=nnx.Rngs(5))
+    lora = jax.tree.map(lambda t: t + 0.02, jax_lora.lora_state(model))
+    assert set(lora["fc0"]) == {"a", "b", "m"}
+    jax_lora.load_lora(model, lora)
+    jax_lora.load_lora(dense, lora)
+    model.eval()
+    dense.eval()
+    assert_close(model(x), dense(x), 1e-6)
+    assert_close(_factor_grads(model, x), _factor_grads(dense, x), 1e-6)
+    model.train()  # LoRA dropout draws from the layer's RngStream, held in the split state
+    call = nnx.jit(lambda m, x: m(x))
+    y1, y2 = call(model, x), call(model, x)
+    assert np.abs(np.asarray(y1 - y2)).max() > 1e-4  # fresh masks each call
