@@ -173,6 +173,11 @@ def _unbox_leaf(x: Any) -> Any:
     return x.value if isinstance(x, meta.AxisMetadata) else x
 
 
+def _plain(q: QArray) -> QArray:
+    """``q`` with its arrays out of their partitioning boxes (no sharding constraint)."""
+    return jax.tree.map(_unbox_leaf, q, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QArray)
 
@@ -369,7 +374,7 @@ def _block_scales(q: QArray) -> jax.Array:
 
 def dequantize_array(q: QArray) -> jax.Array:
     """The kernel a `QArray` stands for, ``q.shape`` in ``q.dtype`` (computed in fp32)."""
-    q = jax.tree.map(_unbox_leaf, q, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+    q = _plain(q)
     axis = q.axis
     if q.qtype in _PER_CHANNEL:
         return (q.codes.astype(jnp.float32) * q.scales).astype(q.dtype)
@@ -724,9 +729,7 @@ def dequantized_call(module: Any, method: str, skip: str, isolate=lambda fn: fn)
             it = iter(values)
             leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
             v, a, k = jax.tree.unflatten(tree, leaves)
-            v = jax.tree.map(
-                lambda x: meta.unbox(x) if is_quantized(x) else x, v, is_leaf=is_quantized
-            )
+            v = jax.tree.map(lambda x: _plain(x) if is_quantized(x) else x, v, is_leaf=is_quantized)
             v = jax.lax.stop_gradient(_after(v, zero))  # the frozen base: no gradient
             return clone_apply(dequantize(v), *a, method=method, **k)
 
