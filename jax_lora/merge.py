@@ -33,6 +33,8 @@ def _copy(tree: Any) -> Any:
 
 def _rebox(old: Any, value: Any) -> Any:
     """``value`` in ``old``'s partitioning box (if it had one)."""
+    if quant.is_quantized(old):  # a quantized kernel: boxed like its codes, if they are
+        return quant.rebox(old, value)
     return old.replace_boxed(value) if isinstance(old, meta.AxisMetadata) else value
 
 

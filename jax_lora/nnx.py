@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import dora, factors, weights
+from . import dora, factors, quant, quant_nnx, weights
 from .config import LoraConfig
 from .optim import EMBEDDING_MARK
 from .switch import lora_enabled
@@ -153,7 +153,7 @@ class _LoraLayer(nnx.Module):
 
 def _dora(layer: Any, y: jax.Array, x: jax.Array, drop: bool, geom: factors.Geometry):
     """DoRA's output of an adapted Linear/LinearGeneral/Einsum (see `jax_lora.dora.apply`)."""
-    kernel = layer.kernel[...]
+    kernel = quant.dequantize(layer.kernel.get_value())  # QLoRA + DoRA: dequantized
     bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
     x_base = dora.base_matmul(x, kernel, geom, layer.precision) if drop else None
     a, b, m = layer.lora_a[...], layer.lora_b[...], layer.lora_m[...]
@@ -559,6 +559,14 @@ def wrap_nnx(
             raise ValueError(
                 f"the layer at '{path}' already has LoRA factors; unwrap or merge first"
             )
+        quantized = [n for n in names if quant.is_quantized(getattr(module, n).get_value())]
+        if quantized:
+            raise ValueError(
+                f"LoRA cannot adapt the quantized weight '{weight_path(path, quantized[0])}' "
+                f"({class_name(module)}): on a quantized base, NNX adapts Linear/LinearGeneral/"
+                "Einsum kernels only. Leave it out of `targets` of `jax_lora.quantize` or of "
+                "the LoRA config."
+            )
         for n in names:
             geom = _fixed_geometry(module, n, path)
             if geom is not None:
@@ -636,7 +644,10 @@ def wrap_nnx(
         layer.lora_scale = cfg.scale
         if config.use_dora:  # DoRA's magnitude m: (lead..., out...), PEFT's init ‖W + s·a@b‖
             m = dora.init_magnitude(
-                layer.kernel[...], layer.lora_a[...], layer.lora_b[...], cfg.scale
+                quant.dequantize(layer.kernel.get_value()),
+                layer.lora_a[...],
+                layer.lora_b[...],
+                cfg.scale,
             )
             nl = len(geom.lead_shape)  # partitioned as b without its rank axis
             meta_m = {
@@ -776,7 +787,7 @@ def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
 
 
 def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> nnx.Module:
-    out = nnx.clone(model)
+    out = quant_nnx.dequantize_nnx(nnx.clone(model))  # QLoRA: merged into a plain dense model
     src = dict(adapted_layers(source if source is not None else out))
     for path, layer in _modules(out):
         if path not in src:

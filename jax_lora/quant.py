@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from flax.core import meta
 
 from .trees import keypath_str
 
@@ -135,30 +136,46 @@ class QArray:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        s = list(np.shape(self.codes))
+        s = list(np.shape(_unbox_leaf(self.codes)))
         if self.qtype in _PACKED:
             s[self.axis] *= 2
         return tuple(s)
 
     @property
     def ndim(self) -> int:
-        return len(np.shape(self.codes))
+        return len(np.shape(_unbox_leaf(self.codes)))
 
     @property
     def nbytes(self) -> int:
         """Bytes stored (codes and every scale)."""
-        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in self._leaves())
+        leaves = [_unbox_leaf(x) for x in self._leaves()]
+        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in leaves)
 
     def _leaves(self) -> list[Any]:
         return [x for x in (self.codes, self.scales, self.mins, self.scales_scale,
                             self.scales_offset) if x is not None]  # fmt: skip
 
     def __repr__(self) -> str:
+        if not all(hasattr(_unbox_leaf(x), "dtype") for x in self._leaves()):  # e.g. of specs
+            inner = ", ".join(
+                f"{f}={getattr(self, f)!r}" for f in _FIELDS if getattr(self, f) is not None
+            )
+            return f"QArray({self.qtype}, {inner})"
         dq = ", double_quant" if self.scales_offset is not None else ""
         return (
             f"QArray({self.qtype}, shape={self.shape}, block={self.block}, axis={self.axis}"
             f"{dq}, dtype={np.dtype(self.dtype).name})"
         )
+
+
+def _unbox_leaf(x: Any) -> Any:
+    """A partitioning box's value (`quantize` of a boxed tree boxes each array of a QArray)."""
+    return x.value if isinstance(x, meta.AxisMetadata) else x
+
+
+def _plain(q: QArray) -> QArray:
+    """``q`` with its arrays out of their partitioning boxes (no sharding constraint)."""
+    return jax.tree.map(_unbox_leaf, q, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 
 
 def is_quantized(x: Any) -> bool:
@@ -357,6 +374,7 @@ def _block_scales(q: QArray) -> jax.Array:
 
 def dequantize_array(q: QArray) -> jax.Array:
     """The kernel a `QArray` stands for, ``q.shape`` in ``q.dtype`` (computed in fp32)."""
+    q = _plain(q)
     axis = q.axis
     if q.qtype in _PER_CHANNEL:
         return (q.codes.astype(jnp.float32) * q.scales).astype(q.dtype)
@@ -465,6 +483,7 @@ def quantize(
     axis: int = -2,
     double_quant: bool = False,
     dtype: Any = None,
+    mesh: Any = None,
 ) -> Any:
     """Replace the kernels of ``params`` by `QArray`s (the frozen base of QLoRA).
 
@@ -477,9 +496,20 @@ def quantize(
       axis: the contraction axis of the kernels (``-2``: ``Dense (in, out)``, scanned stacks).
       double_quant: also quantize the block scales (nf4/int4).
       dtype: what the layers compute with (default: each kernel's own dtype).
+      mesh: the ``jax.sharding.Mesh`` the boxed kernels will be sharded on (default: the box's
+        own ``mesh``, else the mesh set by ``jax.set_mesh``, else none), see below.
 
     Returns:
       A new tree; ``params`` is not changed.
+
+    Partitioned kernels (``nn.with_partitioning`` / ``nn.with_logical_partitioning`` boxes) come
+    back as `QArray`s whose every array sits in a box of the same class, with the kernel's
+    names on the axes it keeps (`partition_names`): the codes and the block scales are sharded
+    like the kernel, so ``nn.get_partition_spec``, ``nn.logical_to_mesh_sharding`` and
+    ``nn.unbox`` work as for a float tree. A name whose mesh axis does not divide that array's
+    axis (e.g. 2 blocks of scales over 4 devices) is dropped there, replicating that array
+    along that mesh axis, when the mesh is known (``mesh``); without a mesh every name is kept
+    and ``jax.jit`` refuses such a sharding, naming the shape.
 
     >>> import jax, jax.numpy as jnp, jax_lora
     >>> q = jax_lora.quantize({"fc": {"kernel": jnp.ones((128, 8)), "bias": jnp.ones(8)}}, "nf4")
@@ -487,7 +517,18 @@ def quantize(
     QArray(nf4, shape=(128, 8), block=64, axis=-2, dtype=float32)
     >>> q["fc"]["kernel"].codes.shape, q["fc"]["kernel"].scales.shape
     ((64, 8), (2, 8))
+
+    An NNX model (``nnx.Module``) is quantized in place and returned (`quant_nnx.quantize_nnx`);
+    its Variables keep their sharding names, which `quant_nnx.get_partition_spec` (given the
+    mesh) turns into one spec per array of each `QArray`.
     """
+    if _is_nnx_module(params):
+        from .quant_nnx import quantize_nnx
+
+        return quantize_nnx(
+            params, qtype, targets=targets, block=block, axis=axis, double_quant=double_quant,
+            dtype=dtype,
+        )  # fmt: skip
     if has_quantized(params):
         done = [keypath_str(kp) for kp, x in _flat(params) if is_quantized(x)]
         raise ValueError(
@@ -517,7 +558,7 @@ def quantize(
             dtype=dtype,
             path=path,
         )
-        return leaf.replace_boxed(q) if hasattr(leaf, "replace_boxed") else q
+        return _boxed_like(leaf, q, mesh) if hasattr(leaf, "replace_boxed") else q
 
     out = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_box)
     if not found:
@@ -527,11 +568,108 @@ def quantize(
     return out
 
 
+_FIELDS = ("codes", "scales", "mins", "scales_scale", "scales_offset")
+
+
+def partition_names(q: QArray, names: Sequence[Any], fits: Any = None) -> dict[str, tuple]:
+    """Partitioning names of each array of ``q`` (``{field: names}``) from the kernel's
+    ``names`` (one per kernel axis, as in ``nn.with_partitioning``).
+
+    The codes keep the kernel's names (the packed axis too); the block scales (and q4_1's
+    minima) keep them too, the block axis included, but a per-channel scale's size-1 axis is
+    unnamed; double-quantized scales ``(*rest, k[-1] * nb)`` take the names of ``rest`` and of
+    the kernel's last other axis (the flattened axis is major in it), their ``scales_scale``
+    ``(*rest, n2)`` and ``scales_offset`` ``(*rest,)`` those of ``rest``. ``fits(name, size)``
+    (default: always) says whether a name may shard an axis of that size; where it does not,
+    the name is dropped (that array is replicated along it).
+    """
+    names = tuple(names)
+    if len(names) != q.ndim:
+        raise ValueError(f"{len(names)} partition names {names} for a kernel of shape {q.shape}")
+    ax = q.ndim + q.axis
+    others = names[:ax] + names[ax + 1 :]
+    if q.scales_offset is not None:
+        want = {
+            "scales": (*others[:-1], others[-1]),
+            "scales_scale": (*others[:-1], None),
+            "scales_offset": others[:-1],
+        }
+    else:
+        blocked = names[:ax] + (None,) + names[ax + 1 :] if q.qtype in _PER_CHANNEL else names
+        want = {"scales": blocked, "mins": blocked}
+    want["codes"] = names
+    out = {}
+    for field in _FIELDS:
+        x = getattr(q, field)
+        if x is None or field not in want:
+            continue
+        shape = np.shape(_unbox_leaf(x))
+        out[field] = tuple(
+            n if n is None or fits is None or fits(n, d) else None
+            for n, d in zip(want[field], shape, strict=True)
+        )
+    return out
+
+
+def _mesh_fits(box: Any, mesh: Any):
+    """``fits(name, size)`` for `partition_names`: whether the mesh axes ``name`` maps to (by
+    the box's logical rules, if any) divide ``size``; None when no mesh is known."""
+    mesh = mesh if mesh is not None else getattr(box, "mesh", None)
+    if mesh is None:
+        current = jax.sharding.get_abstract_mesh()
+        mesh = None if current.empty else current
+    if mesh is None:
+        return None
+    sizes = dict(mesh.shape)
+    logical = hasattr(box, "rules")
+    if logical:
+        import flax.linen as nn
+
+        rules = box.rules if box.rules is not None else nn.get_logical_axis_rules()
+
+    def fits(name: Any, size: int) -> bool:
+        axes = nn.logical_to_mesh_axes((name,), rules)[0] if logical else name
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return size % math.prod(sizes.get(a, 1) for a in axes) == 0
+
+    return fits
+
+
+def _boxed_like(box: Any, q: QArray, mesh: Any) -> QArray:
+    """``q`` with each array in a box like ``box`` (a kernel's ``nn.Partitioned``), with names
+    from `partition_names`."""
+    names = getattr(box, "names", None)
+    if names is None:
+        return box.replace_boxed(q)
+    per = partition_names(q, names, _mesh_fits(box, mesh))
+    return q.replace(**{f: box.replace(value=getattr(q, f), names=n) for f, n in per.items()})
+
+
+def _is_nnx_module(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Module)
+
+
 def dequantize(tree: Any) -> Any:
-    """Every `QArray` of ``tree`` back to a dense array (``q.shape`` in ``q.dtype``)."""
+    """Every `QArray` of ``tree`` back to a dense array (``q.shape`` in ``q.dtype``); an NNX
+    model in place (its layers back to their classes without the quantized base)."""
+    if _is_nnx_module(tree):
+        from .quant_nnx import dequantize_nnx
+
+        return dequantize_nnx(tree)
     return jax.tree.map(
-        lambda x: dequantize_array(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
+        lambda x: rebox(x, dequantize_array(x)) if is_quantized(x) else x,
+        tree,
+        is_leaf=is_quantized,
     )
+
+
+def rebox(q: Any, value: Any) -> Any:
+    """``value`` in the partitioning box of the codes of ``q`` (a `QArray` of a boxed kernel,
+    see `quantize`), else ``value`` as it is: a dense kernel boxed like the codes."""
+    box = q.codes if is_quantized(q) else None
+    return box.replace_boxed(value) if isinstance(box, meta.AxisMetadata) else value
 
 
 def _is_box(x: Any) -> bool:
@@ -591,6 +729,7 @@ def dequantized_call(module: Any, method: str, skip: str, isolate=lambda fn: fn)
             it = iter(values)
             leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
             v, a, k = jax.tree.unflatten(tree, leaves)
+            v = jax.tree.map(lambda x: _plain(x) if is_quantized(x) else x, v, is_leaf=is_quantized)
             v = jax.lax.stop_gradient(_after(v, zero))  # the frozen base: no gradient
             return clone_apply(dequantize(v), *a, method=method, **k)
 

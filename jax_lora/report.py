@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import meta
 
+from . import quant
 from .optim import trainable_mask
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamReport:
-    """Parameter counts: ``trainable`` (LoRA factors), ``total`` (base + LoRA)."""
+    """Parameter counts: ``trainable`` (LoRA factors), ``total`` (base + LoRA), each
+    quantized kernel counted as the weights it stands for (its ``shape``); ``base_bytes``: the
+    bytes the frozen params take (a quantized kernel's codes and scales), not printed."""
 
     trainable: int
     total: int
+    base_bytes: int = 0
 
     @property
     def percent(self) -> float:
@@ -51,7 +57,23 @@ def param_report(variables: Any, *, also_train: str | Sequence[str] | None = Non
     else:
         counted = {k: v for k, v in variables.items() if k in ("params", "lora")}
     mask = trainable_mask(counted, also_train=also_train)
-    sizes = [int(np.size(x)) for x in jax.tree.leaves(counted)]
-    total = sum(sizes)
-    trainable = sum(s for s, m in zip(sizes, jax.tree.leaves(mask), strict=True) if m)
-    return ParamReport(trainable=trainable, total=total)
+    if isinstance(counted, nnx.State):  # one flag per Variable
+        leaves = [
+            v.get_value()
+            for v in jax.tree.leaves(counted, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        ]
+        flags = [bool(m) for m in jax.tree.leaves(mask)]
+    else:  # one flag per array: a QArray is trainable if any of its arrays is (never)
+        counted = meta.unbox(counted)
+        treedef = jax.tree.structure(counted, is_leaf=quant.is_quantized)
+        leaves = treedef.flatten_up_to(counted)
+        flags = [any(jax.tree.leaves(m)) for m in treedef.flatten_up_to(meta.unbox(mask))]
+    sizes = [_count(x) for x in leaves]
+    trainable = sum(s for s, m in zip(sizes, flags, strict=True) if m)
+    base_bytes = sum(quant.nbytes(x) for x, m in zip(leaves, flags, strict=True) if not m)
+    return ParamReport(trainable=trainable, total=sum(sizes), base_bytes=base_bytes)
+
+
+def _count(x: Any) -> int:
+    """Weights in ``x``: a quantized kernel counts its logical shape, not its codes."""
+    return math.prod(x.shape) if quant.is_quantized(x) else int(np.size(x))

@@ -1,0 +1,295 @@
+"""QLoRA for Flax NNX: `quantize_nnx` stores a model's frozen kernels as `quant.QArray`s, in place.
+
+Each quantized layer keeps its object and its ``nnx.Param`` (whose value becomes the `QArray`,
+metadata kept) and switches to a subclass (`QuantLinear`, ..., or one made by `quant_class`)
+whose ``__call__`` runs the base class's on the dequantized kernels, under `quant._recomputed`:
+the backward pass dequantizes again instead of keeping a full-precision kernel alive. A layer
+that is (or later gets) LoRA factors runs the LoRA branch outside, on the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from . import quant
+from .targets import path_str
+
+
+def _modules(model: nnx.Module):
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            yield path_str(path), node
+
+
+def _own_params(module: nnx.Module) -> list[tuple[str, nnx.Param]]:
+    """The module's own ``nnx.Param`` attributes that are not LoRA factors."""
+    return [
+        (n, v)
+        for n, v in vars(module).items()
+        if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
+    ]
+
+
+def is_quantized_layer(module: Any) -> bool:
+    """Whether ``module`` holds a `QArray` in one of its own ``nnx.Param``s."""
+    return any(quant.is_quantized(v.get_value()) for _, v in _own_params(module))
+
+
+def _numeric(x: Any) -> bool:
+    return quant._array_leaf(x) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
+
+
+def dequantized_call(layer: nnx.Module, method: str, args: tuple, kwargs: dict) -> Any:
+    """The base class's ``method`` (the next one after `_QuantLayer` in ``type(layer)``'s MRO)
+    run on a copy of ``layer`` whose `QArray`s are dequantized, as a function of the layer's
+    arrays and the call's arguments, recomputed in the backward pass (`quant._recomputed`).
+
+    The copy is ``nnx.merge`` of the layer's pure state: state the base method changes (none for
+    flax's layers) is not written back. The frozen base gets no gradient (as linen)."""
+    graphdef, state = nnx.split(layer)
+    pure = nnx.to_pure_dict(state)
+    flat, tree = jax.tree.flatten((pure, args, kwargs), is_leaf=quant.is_quantized)
+    dyn = [quant.is_quantized(x) or _numeric(x) for x in flat]
+    values = [x for x, d in zip(flat, dyn, strict=True) if d]
+    floats = [x for x in jax.tree.leaves((args, kwargs)) if _numeric(x)]
+    floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+    marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
+
+    def run(zero, *vals):
+        it = iter(vals)
+        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+        p, a, k = jax.tree.unflatten(tree, leaves)
+        p = quant.dequantize(jax.lax.stop_gradient(quant._after(p, zero)))
+        copy = nnx.merge(graphdef, p)
+        return getattr(super(_QuantLayer, copy), method)(*a, **k)
+
+    return quant._recomputed(run)(marker, *values)
+
+
+class _QuantLayer(nnx.Module):
+    """The ``__call__`` in front of a base layer class (``class QuantX(_QuantLayer, X)``): the
+    base's, on the dequantized kernels (`dequantized_call`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return dequantized_call(self, "__call__", args, kwargs)
+
+
+def _attend(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return dequantized_call(self, "attend", args, kwargs)
+
+
+class QuantLinear(_QuantLayer, nnx.Linear):
+    """``nnx.Linear`` with a quantized ``kernel`` (a `QArray`). Made in place by `quantize`."""
+
+
+class QuantLinearGeneral(_QuantLayer, nnx.LinearGeneral):
+    """``nnx.LinearGeneral`` with a quantized ``kernel``. Made in place by `quantize`."""
+
+
+class QuantEinsum(_QuantLayer, nnx.Einsum):
+    """``nnx.Einsum`` with a quantized ``kernel``. Made in place by `quantize`."""
+
+
+class QuantConv(_QuantLayer, nnx.Conv):
+    """``nnx.Conv`` with a quantized ``kernel (window..., in, out)``. Made by `quantize`."""
+
+
+class QuantEmbed(_QuantLayer, nnx.Embed):
+    """``nnx.Embed`` with a quantized ``embedding`` (``__call__`` and ``attend``)."""
+
+    attend = _attend
+
+
+_QCLASSES: dict[type, type] = {
+    nnx.Linear: QuantLinear,
+    nnx.LinearGeneral: QuantLinearGeneral,
+    nnx.Einsum: QuantEinsum,
+    nnx.Conv: QuantConv,
+    nnx.Embed: QuantEmbed,
+}
+_QBASES: dict[type, type] = {v: k for k, v in _QCLASSES.items()}
+_GENERATED = "_Quant["
+
+
+def quant_class(base: type) -> type:
+    """The quantized-base class for layer class ``base``: module-level for flax's layers, else
+    made once per base as ``jax_lora.quant_nnx._Quant[<module>:<qualname>]`` (rebuilt from that
+    name by this module's ``__getattr__``, so pickle works)."""
+    if base in _QCLASSES:
+        return _QCLASSES[base]
+    if base in _QBASES:
+        raise ValueError(f"{base.__name__} is already a quantized-base class")
+    attrs: dict[str, Any] = {
+        "__module__": __name__,
+        "__qualname__": f"{_GENERATED}{base.__module__}:{base.__qualname__}]".replace(".", "/"),
+        "__doc__": f"{base.__name__} with quantized weights (made by jax_lora.quantize).",
+    }
+    if issubclass(base, nnx.Embed):
+        attrs["attend"] = _attend
+    cls = type(f"Quant{base.__name__}", (_QuantLayer, base), attrs)
+    _QCLASSES[base] = cls
+    _QBASES[cls] = base
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    """PEP 562: rebuild a class made by `quant_class` from its qualname (for pickle)."""
+    if name.startswith(_GENERATED) and name.endswith("]"):
+        module_name, _, qualname = name[len(_GENERATED) : -1].replace("/", ".").partition(":")
+        base: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            base = getattr(base, part)
+        return quant_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _plain_class(cls: type) -> type:
+    """``cls`` without its quantized-base layer (LoRA kept): the class after dequantizing."""
+    from .nnx import _BASES, lora_class
+
+    if cls in _QBASES:
+        return _QBASES[cls]
+    base = _BASES.get(cls)
+    if base in _QBASES:
+        return lora_class(_QBASES[base], by_weight=False)
+    return cls
+
+
+def _quantized_class(cls: type) -> type:
+    """``cls`` with the quantized-base layer: ``QuantX`` for ``X``, the LoRA class of
+    ``QuantX`` for an adapted ``X`` (the same class as wrapping a quantized ``X``)."""
+    from .nnx import _BASES, lora_class
+
+    if cls in _QBASES:
+        return cls
+    base = _BASES.get(cls)
+    if base is None:
+        return quant_class(cls)
+    if base in _QBASES:
+        return cls
+    return lora_class(quant_class(base), by_weight=False)
+
+
+def quantize_nnx(
+    model: nnx.Module,
+    qtype: str,
+    *,
+    targets: str | Sequence[str] | None = None,
+    block: int | None = None,
+    axis: int = -2,
+    double_quant: bool = False,
+    dtype: Any = None,
+) -> nnx.Module:
+    """`quant.quantize` for an NNX model, in place: each targeted ``nnx.Param`` (the path
+    ``<layer path>/<attribute>``, default: every ``kernel`` with 2+ axes) holds a `QArray`
+    (its metadata, e.g. sharding names, kept) and its layer becomes a `_QuantLayer` subclass.
+
+    Works before or after `jax_lora.wrap` (Linear/LinearGeneral/Einsum get the same class
+    either way). A weight adapted by LoRA weight by weight (``nnx.Conv``, ``nnx.Embed``, custom
+    layers) cannot be quantized (yet): refused. Everything is checked and quantized before the
+    model changes: a refused call leaves it as it was. Returns ``model``."""
+    from .nnx import _by_weight, is_adapted
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
+    pats = None if targets is None else [targets] if isinstance(targets, str) else list(targets)
+    done = [
+        f"{p}/{n}" if p else n
+        for p, m in _modules(model)
+        for n, v in _own_params(m)
+        if quant.is_quantized(v.get_value())
+    ]
+    if done:
+        raise ValueError(
+            f"the model is already quantized (e.g. '{done[0]}'); quantize the float model once, "
+            "or `jax_lora.merge` it back to a plain one first"
+        )
+    plans, seen = [], []
+    for path, module in _modules(model):
+        for name, var in _own_params(module):
+            wpath = f"{path}/{name}" if path else name
+            value = var.get_value()
+            seen.append(wpath)
+            hit = (
+                quant._default_target(wpath, value)
+                if pats is None
+                else any(re.fullmatch(p, wpath) for p in pats)
+            )
+            if not hit:
+                continue
+            if is_adapted(module) and _by_weight(module):
+                raise ValueError(
+                    f"cannot quantize '{wpath}': its layer ({type(module).__name__}) has LoRA "
+                    "factors on its own weights, which run on a float weight only; quantize "
+                    "before `jax_lora.wrap` and leave this layer out of `targets` of one of them"
+                )
+            q = quant.quantize_array(
+                value, qtype, block=block, axis=axis, double_quant=double_quant, dtype=dtype,
+                path=wpath,
+            )  # fmt: skip
+            plans.append((module, var, q))
+    if not plans:
+        what = "no nnx.Param named 'kernel' with 2+ axes" if pats is None else f"`targets` {pats}"
+        raise ValueError(f"nothing to quantize: {what} matches a weight of the model {seen[:20]}")
+    for module, var, q in plans:
+        var.set_value(q)
+        object.__setattr__(module, "__class__", _quantized_class(type(module)))
+    return model
+
+
+def dequantize_nnx(model: nnx.Module) -> nnx.Module:
+    """In place: every `QArray` of ``model`` back to a dense array (``q.shape`` in ``q.dtype``),
+    each layer back to its class without the quantized base (LoRA factors kept)."""
+    for _, module in _modules(model):
+        qs = [v for _, v in _own_params(module) if quant.is_quantized(v.get_value())]
+        for var in qs:
+            var.set_value(quant.dequantize_array(var.get_value()))
+        if qs or type(module) in _QBASES or isinstance(module, _QuantLayer):
+            object.__setattr__(module, "__class__", _plain_class(type(module)))
+    return model
+
+
+def get_partition_spec(tree: Any, mesh: Any = None) -> Any:
+    """``nnx.get_partition_spec`` for a state (or model) with quantized weights: a Variable
+    holding a `QArray` gets a `QArray` of ``PartitionSpec``s, one per array, from the
+    Variable's sharding names by `quant.partition_names` (codes and block scales sharded like
+    the kernel; with ``mesh``, a name whose mesh axes do not divide an axis is dropped there).
+
+    >>> import jax, jax_lora
+    >>> from flax import nnx
+    >>> init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+    >>> with nnx.use_eager_sharding(False):
+    ...     layer = nnx.Linear(128, 8, kernel_init=init, rngs=nnx.Rngs(0))
+    >>> spec = get_partition_spec(nnx.state(jax_lora.quantize(layer, "nf4")))
+    >>> spec["kernel"].get_value()
+    QArray(nf4, codes=P('data', 'model'), scales=P('data', 'model'))
+    """
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    fits = None
+    if mesh is not None:
+        sizes = dict(mesh.shape)
+
+        def fits(name: Any, size: int) -> bool:
+            axes = (name,) if isinstance(name, str) else tuple(name)
+            return size % math.prod(sizes.get(a, 1) for a in axes) == 0
+
+    def one(x: Any) -> Any:
+        if isinstance(x, nnx.Variable) and quant.is_quantized(x.get_value()):
+            q = x.get_value()
+            names = tuple(nnx.get_partition_spec(x).get_value())
+            names = names + (None,) * (q.ndim - len(names))
+            per = quant.partition_names(q, names, fits)
+            return x.replace(q.replace(**{f: PartitionSpec(*n) for f, n in per.items()}))
+        return nnx.get_partition_spec(x)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
