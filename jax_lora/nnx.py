@@ -193,7 +193,9 @@ def _run(layer: Any, method: str, args: tuple, kwargs: dict) -> Any:
     The base method is traced with ``jax.make_jaxpr`` (the weights are closed-over constants,
     lifted to inputs by `weights.lift_consts`) and evaluated with the branch at each use. In
     probe mode (`wrap_nnx` reading roles off an example call) it records the uses instead."""
-    base = getattr(_BASES[type(layer)], method)
+    if quant_nnx.is_quantized_layer(layer):  # QLoRA: this, on a dequantized copy
+        return quant_nnx.lora_dequantized_call(layer, method, args, kwargs, _run)
+    base = getattr(quant_nnx.plain_base(_BASES[type(layer)]), method)
     probe = _PROBE.get()
     probing = probe is not None and getattr(layer, "lora_probe", ())
     if not probing and (probe is not None or not (layer.lora_enabled and lora_enabled())):
@@ -357,9 +359,11 @@ def __getattr__(name: str) -> type:
     """PEP 562: rebuild a class made by `lora_class` from its qualname (for pickle)."""
     for prefix, by_weight in ((_GENERATED_W, True), (_GENERATED, False)):
         if name.startswith(prefix) and name.endswith("]"):
-            module_name, _, qualname = name[len(prefix) : -1].replace("/", ".").partition(":")
-            base: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
+            module_name, _, qualname = name[len(prefix) : -1].partition(":")
+            base: Any = importlib.import_module(module_name.replace("/", "."))
+            # a made class of a made class (LoRA on `quant_nnx.quant_class(...)`): one name
+            parts = [qualname] if "[" in qualname else qualname.replace("/", ".").split(".")
+            for part in parts:
                 base = getattr(base, part)
             return lora_class(base, by_weight=by_weight)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -558,14 +562,6 @@ def wrap_nnx(
         if is_adapted(module):
             raise ValueError(
                 f"the layer at '{path}' already has LoRA factors; unwrap or merge first"
-            )
-        quantized = [n for n in names if quant.is_quantized(getattr(module, n).get_value())]
-        if quantized:
-            raise ValueError(
-                f"LoRA cannot adapt the quantized weight '{weight_path(path, quantized[0])}' "
-                f"({class_name(module)}): on a quantized base, NNX adapts Linear/LinearGeneral/"
-                "Einsum kernels only. Leave it out of `targets` of `jax_lora.quantize` or of "
-                "the LoRA config."
             )
         for n in names:
             geom = _fixed_geometry(module, n, path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -73,6 +73,52 @@ def dequantized_call(layer: nnx.Module, method: str, args: tuple, kwargs: dict) 
         return getattr(super(_QuantLayer, copy), method)(*a, **k)
 
     return quant._recomputed(run)(marker, *values)
+
+
+def lora_dequantized_call(
+    layer: nnx.Module, method: str, args: tuple, kwargs: dict, run: Callable[..., Any]
+) -> Any:
+    """``run(copy, method, args, kwargs)`` (`jax_lora.nnx._run`: the base method with the LoRA
+    branch at each use of an adapted weight) on a copy of a weight-by-weight adapted ``layer``
+    whose `QArray`s are dequantized, recomputed in the backward pass (`quant._recomputed`): the
+    adapter sees exactly the float weight's roles, the base the dequantized weight, and no
+    full-precision weight is kept for the backward pass.
+
+    Only the ``nnx.LoRAParam`` factors get gradients (the frozen base: ``stop_gradient``). The
+    copy's LoRA dropout draws from a key taken from the layer's own stream (advanced here), so
+    masks differ between calls though the copy's state is not written back."""
+    graphdef, lo, rest = nnx.split(layer, nnx.LoRAParam, ...)
+    lo, rest = nnx.to_pure_dict(lo), nnx.to_pure_dict(rest)
+    stream = getattr(layer, "lora_rngs", None)
+    drop = (  # as `jax_lora.nnx._dropout_fn` (a layer being probed by `wrap` has no stream)
+        stream is not None and getattr(layer, "lora_dropout", 0) > 0 and not layer.deterministic
+    )
+    key = stream() if drop else None
+    impl = jax.random.key_impl(key) if drop else None
+    key_data = jax.random.key_data(key) if drop else None
+    flat, tree = jax.tree.flatten((lo, rest, key_data, args, kwargs), is_leaf=quant.is_quantized)
+    dyn = [quant.is_quantized(x) or _numeric(x) for x in flat]
+    values = [x for x, d in zip(flat, dyn, strict=True) if d]
+    floats = [x for x in jax.tree.leaves((args, kwargs)) if _numeric(x)]
+    floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+    marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
+
+    def f(zero, *vals):
+        it = iter(vals)
+        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+        lo, rest, kd, a, k = jax.tree.unflatten(tree, leaves)
+        rest = quant.dequantize(jax.lax.stop_gradient(quant._after(rest, zero)))
+        copy = nnx.merge(graphdef, lo, rest)
+        if kd is not None:
+            copy.lora_rngs = nnx.RngStream(jax.random.wrap_key_data(kd, impl=impl), tag=stream.tag)
+        return run(copy, method, a, k)
+
+    return quant._recomputed(f)(marker, *values)
+
+
+def plain_base(cls: type) -> type:
+    """The layer class ``cls`` runs on float weights: its base for a quantized-base class."""
+    return _QBASES.get(cls, cls)
 
 
 class _QuantLayer(nnx.Module):
@@ -154,20 +200,20 @@ def __getattr__(name: str) -> type:
 
 def _plain_class(cls: type) -> type:
     """``cls`` without its quantized-base layer (LoRA kept): the class after dequantizing."""
-    from .nnx import _BASES, lora_class
+    from .nnx import _BASES, _LoraWeights, lora_class
 
     if cls in _QBASES:
         return _QBASES[cls]
     base = _BASES.get(cls)
     if base in _QBASES:
-        return lora_class(_QBASES[base], by_weight=False)
+        return lora_class(_QBASES[base], by_weight=issubclass(cls, _LoraWeights))
     return cls
 
 
 def _quantized_class(cls: type) -> type:
     """``cls`` with the quantized-base layer: ``QuantX`` for ``X``, the LoRA class of
     ``QuantX`` for an adapted ``X`` (the same class as wrapping a quantized ``X``)."""
-    from .nnx import _BASES, lora_class
+    from .nnx import _BASES, _LoraWeights, lora_class
 
     if cls in _QBASES:
         return cls
@@ -176,7 +222,7 @@ def _quantized_class(cls: type) -> type:
         return quant_class(cls)
     if base in _QBASES:
         return cls
-    return lora_class(quant_class(base), by_weight=False)
+    return lora_class(quant_class(base), by_weight=issubclass(cls, _LoraWeights))
 
 
 def quantize_nnx(
@@ -193,12 +239,10 @@ def quantize_nnx(
     ``<layer path>/<attribute>``, default: every ``kernel`` with 2+ axes) holds a `QArray`
     (its metadata, e.g. sharding names, kept) and its layer becomes a `_QuantLayer` subclass.
 
-    Works before or after `jax_lora.wrap` (Linear/LinearGeneral/Einsum get the same class
-    either way). A weight adapted by LoRA weight by weight (``nnx.Conv``, ``nnx.Embed``, custom
-    layers) cannot be quantized (yet): refused. Everything is checked and quantized before the
-    model changes: a refused call leaves it as it was. Returns ``model``."""
-    from .nnx import _by_weight, is_adapted
-
+    Works before or after `jax_lora.wrap`, a layer gets the same class either way; a weight with
+    LoRA factors (Linear/LinearGeneral/Einsum, or ``nnx.Conv``/``nnx.Embed``/custom weights
+    adapted weight by weight, `lora_dequantized_call`) keeps them. Everything is checked and
+    quantized before the model changes: a refused call leaves it as it was. Returns ``model``."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
     pats = None if targets is None else [targets] if isinstance(targets, str) else list(targets)
@@ -226,12 +270,6 @@ def quantize_nnx(
             )
             if not hit:
                 continue
-            if is_adapted(module) and _by_weight(module):
-                raise ValueError(
-                    f"cannot quantize '{wpath}': its layer ({type(module).__name__}) has LoRA "
-                    "factors on its own weights, which run on a float weight only; quantize "
-                    "before `jax_lora.wrap` and leave this layer out of `targets` of one of them"
-                )
             q = quant.quantize_array(
                 value, qtype, block=block, axis=axis, double_quant=double_quant, dtype=dtype,
                 path=wpath,
