@@ -309,3 +309,104 @@ def test_quantized_weight_lora_cannot_follow_is_refused_by_path_and_class():
     with pytest.warns(UserWarning, match=r"skipped 1 weight.*scale/w \(it goes through `mul`"):
         lora = jax_lora.init_lora(wrapped, KEY, {"params": params}, x)
     assert jax.tree.map(jnp.shape, lora) == {"c": {"kernel": {"a": (8, 2), "b": (2, 6)}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# merge: a quantized generic weight comes back dense, dequantized + ΔW in its stored layout
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_merge_gives_dequantized_plus_delta_in_the_stored_layout(name):
+    case, x, wrapped, qparams, dense, lora = _setup(name)
+    variables = {"params": qparams, "lora": lora}
+    merged = jax_lora.merge(variables, wrapped, x)
+    assert not quant.has_quantized(merged)
+    assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, dense)
+    scale = wrapped.config.scale
+    for path in case.factors:
+        *mods, leaf = path.split("/")
+        w, m, ab = dense, merged, lora
+        for k in mods:
+            w, m, ab = w[k], m[k], ab[k]
+        a, b = (np.asarray(ab[leaf][k], np.float64) for k in "ab")
+        # a @ b written by hand in each weight's stored layout
+        eq = {
+            "conv2d": "hwir,ro->hwio",  # conv (kh, kw, in, out)
+            "embed": "vr,rd->vd",  # embedding (vocab, d)
+            "custom": "ir,ro->oi",  # (out, in)
+            "scan": "lir,lro->loi",  # stacked (layers, out, in)
+        }[name]
+        want = np.asarray(w[leaf], np.float64) + scale * np.einsum(eq, a, b)
+        assert_close(m[leaf], want, 1e-6)
+    # the plain model on the merged params == the wrapped model on the quantized base
+    assert_close(case.model.apply({"params": merged}, x), wrapped.apply(variables, x), 2e-6)
+    # the same as merging the dequantized base
+    assert_close(merged, jax_lora.merge({"params": dense, "lora": lora}, wrapped, x), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real client: transformers' FlaxGPT2 (FlaxConv1D kernels stored (out, in)) on an nf4 base
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    g = pytest.importorskip("test_clients_gpt2")  # skips without torch/peft/transformers
+    cfg = g.transformers.GPT2Config(
+        n_layer=g.N_LAYER, n_embd=g.D, n_head=4, vocab_size=g.VOCAB, n_positions=32
+    )
+    with g.hf_numerics():
+        model = g.transformers.FlaxGPT2LMHeadModel(cfg, seed=0, dtype=jnp.float32)
+    params = jax.tree.map(jnp.asarray, model.params)
+    ids = np.random.default_rng(0).integers(0, g.VOCAB, (2, g.T)).astype(np.int32)
+    pos = jnp.broadcast_to(jnp.arange(g.T, dtype=jnp.int32), (2, g.T))
+    args = (jnp.asarray(ids), jnp.ones((2, g.T), jnp.int32), pos)
+    # QLoRA quantizes the linear layers; blocks of 32 along the contraction axis `in` (-1)
+    qparams = quant.quantize(
+        params, "nf4", targets=r".*/c_(attn|proj|fc)/kernel", axis=-1, block=32
+    )
+    return g, model.module, params, qparams, args
+
+
+def test_gpt2_nf4_base_logits_grads_and_merge(gpt2):
+    g, module, params, qparams, args = gpt2
+    assert quant.is_quantized(qparams["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"])
+    dense = quant.dequantize(qparams)
+    c_fc = ("transformer", "h", "1", "mlp", "c_fc", "kernel")
+    w, w_q = params, dense
+    for k in c_fc:
+        w, w_q = w[k], w_q[k]
+    assert 1e-4 < float(jnp.abs(w_q - w).max()) < 0.2 * float(jnp.abs(w).max())  # 4-bit error
+    config, wrapped, lora = g.adapt(module, qparams, args, g.TARGETS)
+    assert sorted(g.factor_paths(lora)) == g.ADAPTED  # as on the float base
+    lora = g.random_factors(lora)
+    got = g.run(wrapped, {"params": qparams, "lora": lora}, args)
+    want = g.run(wrapped, {"params": dense, "lora": lora}, args)
+    base = g.run(module, {"params": dense}, args)
+    assert float(jnp.abs(want - base).max()) > 1e-2  # the adapters move the logits
+    assert_close(got, want, 1e-6)
+    with jax_lora.disabled():
+        assert_close(g.run(wrapped, {"params": qparams, "lora": lora}, args), base, 1e-6)
+    probe = _normal(got.shape, 4)
+
+    def grads(params):
+        def loss(lora):
+            return jnp.sum(g.run(wrapped, {"params": params, "lora": lora}, args) * probe)
+
+        return jax.jit(jax.grad(loss))(lora)
+
+    # 2e-6: under jit XLA fuses each layer's dequantization into its matmuls, which rounds a
+    # little differently through two transformer blocks (1.1e-6 seen)
+    assert_close(grads(qparams), grads(dense), 2e-6)
+    with g.hf_numerics():
+        merged = jax_lora.merge(
+            {"params": qparams, "lora": lora}, wrapped, *args, deterministic=True
+        )
+    assert not quant.has_quantized(merged)
+    for path, ab in g.factor_paths(lora).items():
+        w, m = dense, merged
+        for k in path.split("/"):
+            w, m = w[k], m[k]
+        # stored (out, in): the update is (a @ b).T
+        want_w = np.asarray(w) + config.scale * (np.asarray(ab["a"]) @ np.asarray(ab["b"])).T
+        assert_close(m, want_w, 1e-6)
+    assert_close(g.run(module, {"params": merged}, args), got, 1e-5)
