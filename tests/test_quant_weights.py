@@ -410,3 +410,24 @@ def test_gpt2_nf4_base_logits_grads_and_merge(gpt2):
         want_w = np.asarray(w) + config.scale * (np.asarray(ab["a"]) @ np.asarray(ab["b"])).T
         assert_close(m, want_w, 1e-6)
     assert_close(g.run(module, {"params": merged}, args), got, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize: a block that does not divide a Conv / Embed contraction axis
+
+
+def test_quantize_block_not_dividing_conv_or_embed_axis_names_path_and_shape():
+    conv = ConvNet().init(KEY, _normal((1, 6, 6, 8), 1))["params"]  # kernel (3, 3, 8, 16)
+    with pytest.raises(ValueError) as e:
+        quant.quantize(conv, "nf4")  # every kernel; blocks of 64 along `in` (8)
+    msg = str(e.value)
+    assert "'conv/kernel' of shape (3, 3, 8, 16)" in msg and "axis -2, size 8" in msg, msg
+    ids = jnp.zeros((1, 3), jnp.int32)
+    emb = TiedLM().init(KEY, ids)["params"]  # embedding (32, 16)
+    with pytest.raises(ValueError) as e:
+        quant.quantize(emb, "int4", targets="emb/embedding", axis=-1, block=12)
+    msg = str(e.value)
+    assert "'emb/embedding' of shape (32, 16)" in msg and "axis -1, size 16" in msg, msg
+    assert "`block`=12" in msg, msg
+    # the caller's params are left as they were
+    assert not quant.has_quantized(conv) and not quant.has_quantized(emb)
