@@ -273,6 +273,7 @@ class _Interceptor:
             return next_fun(*args, **kwargs)  # e.g. a nested `apply` of a module made on the fly
         if tuple(module.path) != tuple(self.wrapper.path):
             self.calls += 1
+        plain = next_fun
         if quant.layer_has_quantized(module):  # QLoRA: a quantized base
             if method == "setup":  # (flax's shape check would fail on the codes): the layer's
                 return None  # methods run on clones that set up on the dequantized weights
@@ -283,7 +284,7 @@ class _Interceptor:
             return self._dense(module, next_fun, args, kwargs)
         if method == "setup" or (method.startswith("_") and method != "__call__"):
             return next_fun(*args, **kwargs)
-        return self._generic(module, method, next_fun, args, kwargs)
+        return self._generic(module, method, next_fun, args, kwargs, plain)
 
     def _in_tree(self, module: nn.Module) -> bool:
         """Whether ``module`` belongs to the wrapped model (not to a nested ``apply``)."""
@@ -382,8 +383,9 @@ class _Interceptor:
         """A weight-path pattern naming a Dense-family kernel (``fc/kernel``) targets it."""
         return self.config.targets is not None and weight_targeted(self.config, path, "kernel")
 
-    def _generic(self, module, method, next_fun, args, kwargs):
-        """Any other layer: adapt the targeted weights its ``method`` contracts."""
+    def _generic(self, module, method, next_fun, args, kwargs, plain=None):
+        """Any other layer: adapt the targeted weights its ``method`` contracts. ``plain``: the
+        method itself, when ``next_fun`` runs it dequantized (its children must run as they are)."""
         cfg = self.config
         mpath = path_str(module.path)
         if mpath in self.heads:
@@ -417,7 +419,7 @@ class _Interceptor:
             return y if new_params else next_fun(*args, **kwargs)
         trace = _trace(module, method, args, kwargs, names)
         if trace.probe.container:  # nn.share_scope children own the calls: they adapt them
-            return y if new_params else next_fun(*args, **kwargs)
+            return y if new_params else (plain or next_fun)(*args, **kwargs)
         creating = module.is_mutable_collection(COLLECTION)
         uses = weights.analyse(trace.closed, range(len(names)))
         if self.discover:

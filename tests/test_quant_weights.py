@@ -70,6 +70,39 @@ class TiedLM(nn.Module):
         return emb.attend(jnp.tanh(emb(ids)))
 
 
+class Einsum(nn.Module):
+    """gemma's Einsum: the equation is passed at call time, the weight is ``w``."""
+
+    shape: tuple[int, ...]
+    weight_name: str = "w"
+
+    @nn.compact
+    def __call__(self, eqn: str, x):
+        w = self.param(self.weight_name, nn.initializers.normal(0.5), self.shape)
+        return jnp.einsum(eqn, x, w)
+
+
+class FeedForward(nn.Module):
+    """gemma's FeedForward: its Einsums share its scope (``mlp/gating_einsum``, ``mlp/linear``);
+    the gating weight ``(2, H, F)`` holds two projections, used transposed."""
+
+    @nn.compact
+    def __call__(self, x):
+        gating = Einsum((2, 16, 8), weight_name="gating_einsum")
+        nn.share_scope(self, gating)
+        gate = gating("...F,NHF->...NH", x)
+        h = jax.nn.gelu(gate[..., 0, :]) * gate[..., 1, :]
+        linear = Einsum((16, 8), weight_name="linear")
+        nn.share_scope(self, linear)
+        return linear("...H,HF->...F", h)
+
+
+class FFWModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return FeedForward(name="mlp")(x)
+
+
 class ScanBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _):
@@ -121,6 +154,14 @@ CASES = {
         (r"c\d/kernel",),
         {"targets": r"c\d/kernel", "axis": -1, "block": 16},
         {"c0/kernel": ((32, 4), (4, 32)), "c1/kernel": ((32, 4), (4, 32))},
+    ),
+    # nn.share_scope children: one adapter per gating slice, blocks along F (axis -1)
+    "ffw": Case(
+        FFWModel(),
+        lambda: _normal((2, 5, 8), 4),
+        (r"mlp/(gating_einsum|linear)",),
+        {"targets": r"mlp/(gating_einsum|linear)", "axis": -1, "block": 8},
+        {"mlp/gating_einsum": ((2, 8, 4), (2, 4, 16)), "mlp/linear": ((16, 4), (4, 8))},
     ),
     # the stacked (layers, out, in) kernel of a scanned custom layer
     "scan": Case(
@@ -334,6 +375,7 @@ def test_merge_gives_dequantized_plus_delta_in_the_stored_layout(name):
             "conv2d": "hwir,ro->hwio",  # conv (kh, kw, in, out)
             "embed": "vr,rd->vd",  # embedding (vocab, d)
             "custom": "ir,ro->oi",  # (out, in)
+            "ffw": "nfr,nrh->nhf" if leaf == "gating_einsum" else "hr,rf->hf",
             "scan": "lir,lro->loi",  # stacked (layers, out, in)
         }[name]
         want = np.asarray(w[leaf], np.float64) + scale * np.einsum(eq, a, b)
