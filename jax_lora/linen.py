@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -462,7 +463,7 @@ class _Interceptor:
             for i, ad in adapters.items():
                 drop = None
                 if i in keys:
-                    count = iter(range(1 << 30))  # per use of the weight, the same each run
+                    count = itertools.count()  # per use of the weight, the same each run
                     drop = lambda x, k=keys[i], c=count: factors.dropout(  # noqa: E731
                         x, rate, jax.random.fold_in(k, next(c))
                     )
