@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -156,8 +157,9 @@ def _trace(module: nn.Module, method: str, args, kwargs, names: list[str]) -> _T
     first ``len(names)`` jaxpr inputs) and its other arrays; non-array arguments stay static."""
     variables = {col: dict(v) for col, v in module.variables.items()}
     ws = [variables["params"].pop(n) for n in names]
-    flat, tree = jax.tree.flatten((ws, variables, args, kwargs))
-    dyn = [_is_array(leaf) for leaf in flat]
+    # a `QArray` is one input, traced as the array it stands for (see `_evaluate_quantized`)
+    flat, tree = jax.tree.flatten((ws, variables, args, kwargs), is_leaf=quant.is_quantized)
+    dyn = [_is_array(leaf) or quant.is_quantized(leaf) for leaf in flat]
     clone = module.clone(parent=None)
 
     def run(*values):
@@ -171,7 +173,7 @@ def _trace(module: nn.Module, method: str, args, kwargs, names: list[str]) -> _T
     token = _PROBE.set(probe)
     try:
         values = [leaf for leaf, d in zip(flat, dyn, strict=True) if d]
-        closed, out_shape = jax.make_jaxpr(run, return_shape=True)(*values)
+        closed, out_shape = jax.make_jaxpr(run, return_shape=True)(*map(quant.abstract, values))
     finally:
         _PROBE.reset(token)
     return _Trace(closed, jax.tree.structure(out_shape), values, probe)
@@ -278,17 +280,18 @@ class _Interceptor:
             return next_fun(*args, **kwargs)  # e.g. a nested `apply` of a module made on the fly
         if tuple(module.path) != tuple(self.wrapper.path):
             self.calls += 1
-        if method != "setup" and quant.layer_has_quantized(module):  # QLoRA: a quantized base
+        plain = next_fun
+        if quant.layer_has_quantized(module):  # QLoRA: a quantized base
+            if method == "setup":  # (flax's shape check would fail on the codes): the layer's
+                return None  # methods run on clones that set up on the dequantized weights
             next_fun = quant.dequantized_call(module, method, COLLECTION, _unintercepted)
-            if not isinstance(module, SUPPORTED_LINEN):
-                return next_fun(*args, **kwargs)  # no LoRA on a quantized non-Dense weight yet
         if isinstance(module, SUPPORTED_LINEN):
             if method != "__call__":
                 return next_fun(*args, **kwargs)
             return self._dense(module, next_fun, args, kwargs)
         if method == "setup" or (method.startswith("_") and method != "__call__"):
             return next_fun(*args, **kwargs)
-        return self._generic(module, method, next_fun, args, kwargs)
+        return self._generic(module, method, next_fun, args, kwargs, plain)
 
     def _in_tree(self, module: nn.Module) -> bool:
         """Whether ``module`` belongs to the wrapped model (not to a nested ``apply``)."""
@@ -387,8 +390,9 @@ class _Interceptor:
         """A weight-path pattern naming a Dense-family kernel (``fc/kernel``) targets it."""
         return self.config.targets is not None and weight_targeted(self.config, path, "kernel")
 
-    def _generic(self, module, method, next_fun, args, kwargs):
-        """Any other layer: adapt the targeted weights its ``method`` contracts."""
+    def _generic(self, module, method, next_fun, args, kwargs, plain=None):
+        """Any other layer: adapt the targeted weights its ``method`` contracts. ``plain``: the
+        method itself, when ``next_fun`` runs it dequantized (its children must run as they are)."""
         cfg = self.config
         mpath = path_str(module.path)
         if mpath in self.heads:
@@ -422,7 +426,7 @@ class _Interceptor:
             return y if new_params else next_fun(*args, **kwargs)
         trace = _trace(module, method, args, kwargs, names)
         if trace.probe.container:  # nn.share_scope children own the calls: they adapt them
-            return y if new_params else next_fun(*args, **kwargs)
+            return y if new_params else (plain or next_fun)(*args, **kwargs)
         creating = module.is_mutable_collection(COLLECTION)
         uses = weights.analyse(trace.closed, range(len(names)))
         if self.discover:
@@ -440,6 +444,8 @@ class _Interceptor:
             return y
         if not adapters or not self.enabled:
             y = next_fun(*args, **kwargs)
+        elif any(map(quant.is_quantized, trace.flat)):
+            y = self._evaluate_quantized(module, trace, adapters, args, kwargs)
         else:
             y = jax.tree.unflatten(
                 trace.out_tree, weights.evaluate(trace.closed, trace.flat, adapters)
@@ -447,6 +453,33 @@ class _Interceptor:
         if missing:
             self.missing.append((mpath, y))
         return y
+
+    def _evaluate_quantized(self, module, trace, adapters, args, kwargs):
+        """`weights.evaluate` of a layer holding `QArray`s: the traced layer runs on the
+        dequantized weights inside `quant.dequantized_evaluate`, so its backward pass recomputes
+        the dequantization; the factors (and the layer's other inputs) get their gradients."""
+        keys = {}
+        for i, ad in adapters.items():
+            if ad.dropout is not None:  # one key per weight, made once: the backward pass
+                keys[i] = module.make_rng("dropout")  # re-runs the layer with the same masks
+        rate = self.config.dropout
+
+        def run(values, ab):
+            live = {}
+            for i, ad in adapters.items():
+                drop = None
+                if i in keys:
+                    count = itertools.count()  # per use of the weight, the same each run
+                    drop = lambda x, k=keys[i], c=count: factors.dropout(  # noqa: E731
+                        x, rate, jax.random.fold_in(k, next(c))
+                    )
+                live[i] = dataclasses.replace(ad, a=ab[i][0], b=ab[i][1], dropout=drop)
+            return weights.evaluate(trace.closed, values, live)
+
+        ab = {i: (ad.a, ad.b) for i, ad in adapters.items()}
+        marker = quant.input_marker((args, kwargs))
+        flat = quant.dequantized_evaluate(run, list(trace.flat), ab, marker)
+        return jax.tree.unflatten(trace.out_tree, flat)
 
     def _adapter(self, module, mpath, name, boxed, uses, trace, creating):
         """The `weights.Adapter` for weight ``name`` (creating its factors), or None to skip."""

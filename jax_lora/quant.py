@@ -798,3 +798,38 @@ def _recomputed(f):
 
     g.defvjp(fwd, bwd)
     return g
+
+
+# ------------------------------------------------------------- any layer (jax_lora.weights)
+
+
+def abstract(x: Any) -> Any:
+    """A `QArray` as the ``jax.ShapeDtypeStruct`` of the array it stands for (to trace a layer
+    on its dequantized weight); anything else unchanged."""
+    return jax.ShapeDtypeStruct(x.shape, np.dtype(x.dtype)) if is_quantized(x) else x
+
+
+def input_marker(inputs: Any) -> jax.Array:
+    """One element of the first non-empty array in ``inputs`` (a float one if there is one),
+    for `dequantized_evaluate`: the dequantization waits for the layer's input."""
+    arrays = [x for x in jax.tree.leaves(inputs) if _array_leaf(x) and np.size(x)]
+    floats = [x for x in arrays if jnp.issubdtype(x.dtype, jnp.floating)]
+    pick = floats or [x for x in arrays if jnp.issubdtype(x.dtype, jnp.number)]
+    return jnp.asarray(pick[0]).reshape(-1)[0] if pick else jnp.zeros((), jnp.float32)
+
+
+def dequantized_evaluate(fn: Any, values: list[Any], trainable: Any, marker: jax.Array) -> Any:
+    """``fn(values, trainable)`` with every `QArray` in the flat list ``values`` replaced by its
+    dequantized array (frozen: no gradient). The backward pass recomputes ``fn`` and the
+    dequantization from the codes (see `_recomputed`), so no full-precision copy of a weight is
+    kept alive across the step; ``trainable`` (the LoRA factors) and the other ``values`` (the
+    layer's input, its float params) get their gradients as usual."""
+
+    def run(zero, values, trainable):
+        dense = [
+            dequantize_array(jax.lax.stop_gradient(_after(v, zero))) if is_quantized(v) else v
+            for v in values
+        ]
+        return fn(dense, trainable)
+
+    return _recomputed(run)(marker, values, trainable)

@@ -43,6 +43,7 @@ def test_gemma_client_suite_passes_in_its_venv():
 
     run = subprocess.run(
         [str(VENV / "bin" / "python"), "-m", "pytest", "tests/clients/gemma_lora_test.py"]
+        + ["tests/clients/gemma_quant_test.py"]  # the same model on an nf4 base
         + ["-q", "-rA", "-p", "no:cacheprovider"],
         cwd=REPO,
         capture_output=True,
