@@ -473,10 +473,11 @@ class _Interceptor:
                     drop = lambda x, k=keys[i], c=count: factors.dropout(  # noqa: E731
                         x, rate, jax.random.fold_in(k, next(c))
                     )
-                live[i] = dataclasses.replace(ad, a=ab[i][0], b=ab[i][1], dropout=drop)
+                a, b, m = ab[i]
+                live[i] = dataclasses.replace(ad, a=a, b=b, m=m, dropout=drop)
             return weights.evaluate(trace.closed, values, live)
 
-        ab = {i: (ad.a, ad.b) for i, ad in adapters.items()}
+        ab = {i: (ad.a, ad.b, ad.m) for i, ad in adapters.items()}  # DoRA's m is trained too
         marker = quant.input_marker((args, kwargs))
         flat = quant.dequantized_evaluate(run, list(trace.flat), ab, marker)
         return jax.tree.unflatten(trace.out_tree, flat)
