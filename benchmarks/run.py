@@ -11,6 +11,7 @@ from separate processes.
     python benchmarks/run.py                 # defaults of the issue: d 768, 2 layers, fp32
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
     python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10-15 min idle)
+    python benchmarks/run.py --sweep-quick   # only the sweep: d 256/768/2048 x rank 8/64, 6 rounds
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
@@ -41,6 +42,7 @@ from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, add_size_args, torch_gp
 
 import jax_lora
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = {"vocab": 2048, "d_model": 256, "heads": 4, "d_ff": 1024, "layers": 2, "seq": 64}
 
 
@@ -61,7 +63,7 @@ def parse_args(argv=None):
         choices=["einsum", "xla"],
         help="the JAX models' attention (xla: jax.nn.dot_product_attention)",
     )
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10 for the report)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10, --quick 6)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--order",
@@ -81,6 +83,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--only", default="", help="comma-separated configurations to run")
     p.add_argument("--no-torch", action="store_true", help="skip the PEFT configuration")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch.set_num_threads for PEFT (default: all cores; 1 is steadier on a loaded "
+        "machine, where torch's OpenMP barriers wait on descheduled threads)",
+    )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument(
         "--no-smollm2",
@@ -101,6 +110,12 @@ def parse_args(argv=None):
     p.add_argument("--sweep-d", default="256,512,768,1024,2048", help="d_model values")
     p.add_argument("--sweep-ranks", default="4,8,16,64", help="rank values")
     p.add_argument("--sweep-png", default="sweep.png", help="where the sweep plot goes")
+    p.add_argument(
+        "--sweep-quick",
+        action="store_true",
+        help="only a small sweep (d 256,768,2048 x rank 8,64, <= 6 rounds), no main table; "
+        "table + PNG + JSON under benchmarks/results/",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument(
         "--rss-of", default=None, help=argparse.SUPPRESS
@@ -109,7 +124,12 @@ def parse_args(argv=None):
     if a.quick:
         for k, v in QUICK.items():
             setattr(a, k.replace("-", "_"), v)
-        a.repeats = min(a.repeats, 6)
+    if a.sweep_quick:
+        a.sweep, a.sweep_d, a.sweep_ranks = True, "256,768,2048", "8,64"
+        if a.sweep_png == "sweep.png":
+            a.sweep_png = os.path.join(RESULTS, "sweep_quick.png")
+    if a.repeats is None:
+        a.repeats = 6 if a.quick or a.sweep_quick else 10
     return a
 
 
@@ -274,7 +294,7 @@ def build(a, names: list[str]) -> dict:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(a.torch_threads)
         torch.manual_seed(0)
         pcfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS))
         pcfg.use_dora = pname == "peft_dora"
@@ -471,6 +491,44 @@ def sweep(a, peers: list[str]) -> list[dict]:
     return rows
 
 
+def sweep_table(rows: list[dict], peers: list[str]) -> str:
+    """The sweep as a Markdown table: each peer's ``lora_all_over_floor`` (median over rounds,
+    min-max) next to the FLOP count's."""
+    head = "| d_model | rank | FLOP ratio | " + " | ".join(peers) + " | floor ms |"
+    lines = [head, "|" + " --- |" * (len(peers) + 4)]
+    for r in rows:
+        cells = [f"{r[p]:.2f} ({r['spread'][p][0]:.2f}-{r['spread'][p][1]:.2f})" for p in peers]
+        lines.append(
+            f"| {r['d_model']} | {r['rank']} | {r['flop_ratio']:.3f} | "
+            + " | ".join(cells)
+            + f" | {r['floor_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_only(a, peers: list[str]) -> dict:
+    """``--sweep-quick``: the sweep alone; the table printed, PNG and JSON saved."""
+    t0 = time.perf_counter()
+    rows = sweep(a, peers)
+    os.makedirs(os.path.dirname(os.path.abspath(a.sweep_png)), exist_ok=True)
+    plot_sweep(rows, peers, a.sweep_png)
+    report = {
+        "sweep": rows,
+        "order": "shuffled",
+        "config": {"batch": a.batch, "layers": a.layers, "seq": a.seq, "vocab": a.vocab}
+        | {"repeats": a.repeats, "torch_threads": a.torch_threads, "dtype": a.dtype},
+        "env": {"cores": os.cpu_count(), "jax": jax.__version__, "load_avg": os.getloadavg()},
+        "total_s": time.perf_counter() - t0,
+    }
+    with open(os.path.splitext(a.sweep_png)[0] + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    print(sweep_table(rows, peers))
+    print(f"sweep: {report['total_s']:.0f} s; plot {a.sweep_png}")
+    if a.json:
+        print(json.dumps(report))
+    return report
+
+
 def plot_sweep(rows: list[dict], peers: list[str], path: str) -> None:
     """One panel per rank: each peer's step over the floor vs d_model, and the FLOP count."""
     import matplotlib
@@ -585,6 +643,8 @@ def main(a) -> dict:
     if a.twin:
         names.append("floor_twin")
     available = set(names) | {"lora_all"}
+    if a.sweep_quick:
+        return sweep_only(a, [p for p in SWEEP_PEERS if p in available])
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
     cfg = _cfg(a)
@@ -623,6 +683,7 @@ def main(a) -> dict:
         peers = [p for p in SWEEP_PEERS if p in available]
         sweep_rows = sweep(a, peers)
         plot_sweep(sweep_rows, peers, a.sweep_png)
+        print(sweep_table(sweep_rows, peers))
 
     tokens = a.batch * cfg.seq
     fwd = cfg.forward_flops(tokens)
