@@ -24,9 +24,10 @@ class GPTConfig:
     layers: int = 2
     seq: int = 128
     dtype: str = "float32"  # parameter/compute dtype of the base model
-    # "xla" (`jax.nn.dot_product_attention`) or "einsum" (`causal_attention`: ~2x faster
-    # forward + backward on XLA:CPU at seq 128, benchmarks/ops.py; within noise per step)
-    attention: str = "xla"
+    # "einsum" (`causal_attention`: 0.79-0.85x of "xla"'s forward + backward time on XLA:CPU at
+    # seq 128, benchmarks/ops.py; vs_peft 0.98 vs 1.04 with it) or "xla"
+    # (`jax.nn.dot_product_attention`); torch's side is SDPA, the same math
+    attention: str = "einsum"
 
     def matmul_params(self) -> int:
         """Weights that take part in matmuls per token (embedding lookup excluded)."""

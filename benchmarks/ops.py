@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import statistics
 import time
 
@@ -28,7 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--torch-threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round shuffle")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -39,6 +45,13 @@ def _causal_einsum_attention(q, k, v):
     t = q.shape[1]
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(s.dtype).min)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+
+
+def _ce(logits, labels):
+    """Mean softmax cross-entropy (as run.py's loss), a scalar."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def jax_ops(a) -> dict:
@@ -52,6 +65,9 @@ def jax_ops(a) -> dict:
     qkv = [arr(b, t, h, d // h) for _ in range(3)]
     x, x_ff, w, w_ff = arr(b, t, d), arr(b, t, 4 * d), arr(d, 4 * d), arr(4 * d, d)
     scale, bias = arr(d), arr(d)
+    x2, w_head = arr(b * t, d), arr(d, a.vocab)
+    logits = arr(b * t, a.vocab)
+    labels = jnp.asarray(rng.integers(0, a.vocab, (b * t,)), jnp.int32)
 
     def vjp_in(f, *args):
         """Forward and the first argument's gradient for a random cotangent (a constant one
@@ -77,6 +93,8 @@ def jax_ops(a) -> dict:
         "dense_2d": vjp_in(lambda x: (x.reshape(-1, d) @ w).reshape(b, t, -1), x),
         "dense_dW_3d": vjp_in(lambda w: jnp.einsum("btf,fd->btd", x_ff, w), w_ff),
         "dense_dW_2d": vjp_in(lambda w: (x_ff.reshape(-1, 4 * d) @ w).reshape(b, t, d), w_ff),
+        "head": vjp_in(lambda x: x @ w_head, x2),
+        "softmax_ce": vjp_in(lambda z: _ce(z, labels), logits),
     }
     return ops
 
@@ -85,7 +103,7 @@ def torch_ops(a) -> dict:
     import torch
     from torch.nn import functional as F
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.torch_threads)
     b, t, d, h = a.batch, a.seq, a.d_model, a.heads
     g = torch.Generator().manual_seed(0)
 
@@ -96,6 +114,9 @@ def torch_ops(a) -> dict:
     x, x_ff = arr(b, t, d, grad=True), arr(b, t, 4 * d, grad=True)
     w, w_ff = arr(4 * d, d), arr(d, 4 * d, grad=True)
     ln = torch.nn.LayerNorm(d, eps=1e-5)
+    x2, w_head = arr(b * t, d, grad=True), arr(a.vocab, d)
+    logits = arr(b * t, a.vocab, grad=True)
+    labels = torch.randint(0, a.vocab, (b * t,), generator=g)
 
     def vjp_in(f, *args):
         with torch.no_grad():
@@ -117,6 +138,8 @@ def torch_ops(a) -> dict:
         "layer_norm": vjp_in(ln, x),
         "dense_3d": vjp_in(lambda x: F.linear(x, w), x),
         "dense_dW_3d": vjp_in(lambda w: F.linear(x_ff.detach(), w), w_ff),
+        "head": vjp_in(lambda x: F.linear(x, w_head), x2),
+        "softmax_ce": vjp_in(lambda z: F.cross_entropy(z, labels), logits),
     }
 
 
@@ -127,14 +150,21 @@ def main(a) -> dict:
     for f in steps.values():
         f()
         f()
+    # a fresh seeded order each round: no op always runs right after torch's spinning threads
+    rng, names = random.Random(a.seed), list(steps)
     times: dict[str, list[float]] = {n: [] for n in steps}
     for _ in range(a.repeats):
-        for n, f in steps.items():
+        rng.shuffle(names)
+        for n in names:
             t = time.perf_counter()
-            f()
+            steps[n]()
             times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-    print(f"b={a.batch} t={a.seq} d={a.d_model} heads={a.heads}; forward + input gradient, ms")
+    print(
+        f"b={a.batch} t={a.seq} d={a.d_model} heads={a.heads} vocab={a.vocab}; torch threads "
+        f"{a.torch_threads}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        "forward + input gradient, ms"
+    )
     print(f"{'op':<14} {'jax':>8} {'torch':>8} {'jax/torch':>9}")
     for op in (k[4:] for k in med if k.startswith("jax/")):
         j, tt = med[f"jax/{op}"], med.get(f"torch/{op}")

