@@ -139,11 +139,15 @@ def _loraplus_group(path: tuple, value: Any, embeddings: set | None = None) -> s
     if isinstance(value, nnx.Variable):
         mark = bool(value.get_metadata().get(EMBEDDING_MARK, False))
         value = value.get_value()
-    if names[0] == COLLECTION:  # linen: lora/<layer or weight path>/(a|b)
+    if names[0] == COLLECTION:  # linen: lora/<layer or weight path>/(a|b|m)
+        if leaf == "m":  # DoRA's magnitude: PEFT's 1-D lora_magnitude_vector, group B
+            return GROUP_B
         node = tuple(names[1:-1])
         if (node in embeddings) if embeddings is not None else node[-1:] == ("embedding",):
             return GROUP_EMBEDDING
         return GROUP_B if leaf == "b" else GROUP_A
+    if leaf == "lora_m" or leaf.endswith("_lora_m"):  # NNX DoRA magnitude (any lead axes)
+        return GROUP_B
     if mark is not None and leaf.endswith(("lora_a", "lora_b")):  # NNX factors: by their mark
         if mark:
             return GROUP_EMBEDDING
@@ -160,7 +164,8 @@ def _plain_factor_groups(state: nnx.State) -> Any:
 
     def group(path, v):
         name = key_name(path[-1])
-        if not (name in ("lora_a", "lora_b") or name.endswith(("_lora_a", "_lora_b"))):
+        factor = ("lora_a", "lora_b", "lora_m")  # lora_m: DoRA's magnitude
+        if not (name in factor or name.endswith(tuple("_" + f for f in factor))):
             raise ValueError(
                 f"LoRA+ got a plain-array nnx.State with the non-factor leaf "
                 f"'{'/'.join(key_name(k) for k in path)}': use "
@@ -241,8 +246,9 @@ def optimizer(
     LoRA+ (arXiv 2402.12354; PEFT's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio``
     ``λ``, ``tx`` is a function of the learning rate (``optax.adam``, or
     ``functools.partial(optax.adamw, weight_decay=wd)``) and is built once per PEFT group: ``a``
-    factors at ``learning_rate``, ``b`` factors (and trainable 1-D params such as biases from
-    ``also_train``) at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
+    factors at ``learning_rate``, ``b`` factors, DoRA magnitudes ``m`` (PEFT: a 1-D
+    ``lora_magnitude_vector``, any layer kind) and trainable 1-D params such as biases from
+    ``also_train`` at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
     ``nn.Embed``-style weight path ``.../embedding``, told from a Dense layer named so by the
     ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state:
     ``embedding_lora_a``/``_b`` by name) at ``loraplus_lr_embedding`` (PEFT's default ``1e-6``). PEFT's

@@ -1,0 +1,85 @@
+"""Adversarial checks of DoRA on non-Dense weights and LoRA+ grouping (issue #15): each test
+pins a bug found by probing, against PEFT's rule or an independent computation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jax_lora
+from jax_lora import LoraConfig
+
+LR, RATIO, LR_EMB = 0.1, 16.0, 1e-3
+
+
+def _tx():
+    return jax_lora.optimizer(
+        optax.sgd, learning_rate=LR, loraplus_lr_ratio=RATIO, loraplus_lr_embedding=LR_EMB
+    )
+
+
+def _lrs(tx, tree):
+    """One SGD step with gradient 1 everywhere: ``{path: -(the leaf's group lr)}``."""
+    grads = jax.tree.map(jnp.ones_like, tree)
+    u = tx.update(grads, tx.init(tree), tree)[0]
+    return {
+        "/".join(str(k.key) for k in path if hasattr(k, "key")): float(np.unique(np.asarray(x))[0])
+        for path, x in jax.tree_util.tree_flatten_with_path(u)[0]
+    }
+
+
+class EmbedDense(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(4, name="proj")(nn.Embed(10, 8, name="emb")(ids))
+
+
+def test_linen_loraplus_dora_magnitude_is_group_b():
+    """PEFT's create_loraplus_optimizer: a 1-D ``lora_magnitude_vector`` (Linear, Embedding) is
+    in group B (``param.ndim == 1``; its Embedding check looks at the ModuleDict holding it, not
+    at the Embedding), so ``m`` trains at ``λ·lr`` — as NNX already does."""
+    cfg = LoraConfig(rank=2, use_dora=True, targets=["emb", "proj"])
+    v = jax_lora.wrap(EmbedDense(), cfg).init(jax.random.key(0), jnp.array([[1, 2]]))
+    got = {k: x for k, x in _lrs(_tx(), v).items() if k.startswith("lora/")}
+    assert got == pytest.approx(
+        {
+            "lora/emb/embedding/a": -LR_EMB,
+            "lora/emb/embedding/b": -LR_EMB,
+            "lora/emb/embedding/m": -LR * RATIO,
+            "lora/proj/a": -LR,
+            "lora/proj/b": -LR * RATIO,
+            "lora/proj/m": -LR * RATIO,
+        }
+    )
+
+
+class NnxEmbedDense(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(10, 8, rngs=rngs)
+        self.proj = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.proj(self.emb(ids))
+
+
+def test_nnx_optimizer_loraplus_with_dora():
+    """``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` hands LoRA+ a plain-array state that
+    holds DoRA's magnitudes too; they train in group B (as the Variable state does)."""
+    cfg = LoraConfig(rank=2, use_dora=True, targets=["emb", "proj"])
+    ids = jnp.array([[1, 2]])
+    model = jax_lora.wrap(NnxEmbedDense(nnx.Rngs(0)), cfg, example=(ids,))
+    before = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    opt = nnx.Optimizer(model, _tx(), wrt=nnx.LoRAParam)
+    ones = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.LoRAParam))
+    opt.update(model, ones)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    steps = jax.tree.map(lambda x, y: float(np.unique(np.asarray(y - x))[0]), before, after)
+    want = {
+        "emb": {"embedding_lora_a": -LR_EMB, "embedding_lora_b": -LR_EMB},
+        "proj": {"lora_a": -LR, "lora_b": -LR * RATIO, "lora_m": -LR * RATIO},
+    }
+    want["emb"]["embedding_lora_m"] = -LR * RATIO
+    assert jax.tree.map(lambda s: pytest.approx(s, rel=1e-5), want) == steps
