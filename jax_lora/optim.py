@@ -110,9 +110,10 @@ EMBEDDING_MARK = "lora_embedding"
 
 def _embedding_nodes(tree: Mapping[str, Any]) -> set[tuple[str, ...]] | None:
     """Linen: the ``lora`` node paths that adapt an embedding table: a node at a *weight* path
-    (``params`` holds an array there, not a layer's dict) named ``embedding``, as flax's
-    ``nn.Embed`` stores it. A Dense layer named ``embedding`` has its node at the layer path
-    (``params`` holds ``{"kernel", ...}`` there), so it is not one. None without ``params``."""
+    (``params`` holds an array there, not a layer's dict) named ``embedding``, the only param of
+    its layer, as flax's ``nn.Embed`` stores it. A Dense layer named ``embedding`` has its node
+    at the layer path (``params`` holds ``{"kernel", ...}`` there), so it is not one; nor is a
+    layer's own weight ``embedding`` next to other params. None without ``params``."""
     if "params" not in tree:
         return None
     found = set()
@@ -120,10 +121,13 @@ def _embedding_nodes(tree: Mapping[str, Any]) -> set[tuple[str, ...]] | None:
         node = tuple(key_name(k) for k in path)[:-1]  # without the leaf name (a, b or m)
         if not node or node[-1] != "embedding":
             continue
-        p: Any = tree["params"]
-        for k in node:
-            p = p.get(k) if isinstance(p, Mapping) else None
-        if p is not None and not isinstance(p, Mapping):
+        layer: Any = tree["params"]
+        for k in node[:-1]:
+            layer = layer.get(k) if isinstance(layer, Mapping) else None
+        # nn.Embed's params are exactly {"embedding": table}; a layer's own matmul weight named
+        # so next to other params (a bias) is not a table (one alone still reads as one)
+        is_table = isinstance(layer, Mapping) and set(layer) == {"embedding"}
+        if is_table and not isinstance(layer["embedding"], Mapping):
             found.add(node)
     return found
 

@@ -83,3 +83,36 @@ def test_nnx_optimizer_loraplus_with_dora():
     }
     want["emb"]["embedding_lora_m"] = -LR * RATIO
     assert jax.tree.map(lambda s: pytest.approx(s, rel=1e-5), want) == steps
+
+
+class OwnEmbeddingMatmul(nn.Module):
+    """A layer with its own matmul weight named ``embedding`` and a bias (not an ``nn.Embed``,
+    whose params are exactly ``{"embedding"}``)."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("embedding", nn.initializers.normal(0.5), (8, 4))
+        return x @ w + self.param("bias", nn.initializers.zeros, (1, 1, 4))
+
+
+class EmbedThenOwn(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return OwnEmbeddingMatmul(name="proj")(nn.Embed(10, 8, name="emb")(ids))
+
+
+def test_linen_loraplus_own_weight_named_embedding_with_siblings():
+    """PEFT groups by ``isinstance(module, Embedding)``: a layer's own matmul weight named
+    ``embedding`` next to other params is groups A/B; only an ``nn.Embed``-like dict (its
+    single param ``embedding``) is the embedding group."""
+    cfg = LoraConfig(rank=2, targets=["emb", "proj"])
+    v = jax_lora.wrap(EmbedThenOwn(), cfg).init(jax.random.key(0), jnp.array([[1, 2]]))
+    got = {k: x for k, x in _lrs(_tx(), v).items() if k.startswith("lora/")}
+    assert got == pytest.approx(
+        {
+            "lora/emb/embedding/a": -LR_EMB,
+            "lora/emb/embedding/b": -LR_EMB,
+            "lora/proj/embedding/a": -LR,
+            "lora/proj/embedding/b": -LR * RATIO,
+        }
+    )
