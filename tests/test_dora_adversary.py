@@ -116,3 +116,43 @@ def test_linen_loraplus_own_weight_named_embedding_with_siblings():
             "lora/proj/embedding/b": -LR * RATIO,
         }
     )
+
+
+class ConvEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, ids, img):
+        e = nn.Embed(10, 6, name="emb")(ids)
+        c = nn.Conv(5, (3, 3), strides=(2, 1), kernel_dilation=(1, 2), name="conv")(img)
+        return e, c
+
+
+def test_linen_magnitude_grads_match_finite_differences():
+    """``∂loss/∂m`` of a strided, dilated Conv and an Embed against central differences of the
+    forward (independent of autodiff; the norm does not depend on ``m``): float32, ``eps=1e-2``
+    on a smooth loss, agreement to 2e-3 relative."""
+    ids = jnp.array([[1, 2, 3, 9]])
+    img = jax.random.normal(jax.random.key(3), (1, 7, 7, 4))
+    cfg = LoraConfig(rank=2, alpha=4.0, use_dora=True, targets=["emb", "conv"])
+    wrapped = jax_lora.wrap(ConvEmbed(), cfg)
+    v = wrapped.init(jax.random.key(0), ids, img)
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    lora = jax.tree.map(lambda t: t + 0.3 * jax.random.normal(next(keys), t.shape), v["lora"])
+
+    @jax.jit
+    def loss(lora):
+        e, c = wrapped.apply({"params": v["params"], "lora": lora}, ids, img)
+        return jnp.sum(jnp.sin(e)) + jnp.sum(jnp.cos(c))
+
+    grads = jax.grad(loss)(lora)
+    eps = 1e-2
+    for layer, name in (("emb", "embedding"), ("conv", "kernel")):
+        m = lora[layer][name]["m"]
+        fd = []
+        for i in range(m.shape[0]):
+            shifted = [jax.tree.map(lambda t: t, lora) for _ in range(2)]
+            shifted[0][layer][name]["m"] = m.at[i].add(eps)
+            shifted[1][layer][name]["m"] = m.at[i].add(-eps)
+            fd.append((float(loss(shifted[0])) - float(loss(shifted[1]))) / (2 * eps))
+        got = np.asarray(grads[layer][name]["m"])
+        assert np.abs(np.asarray(fd)).max() > 0.1  # every magnitude matters
+        np.testing.assert_allclose(got, fd, rtol=2e-3, atol=2e-3)
