@@ -251,7 +251,7 @@ def optimizer(
     ``λ``, ``tx`` is a function of the learning rate (``optax.adam``, or
     ``functools.partial(optax.adamw, weight_decay=wd)``) and is built once per PEFT group: ``a``
     factors at ``learning_rate``, ``b`` factors, DoRA magnitudes ``m`` (PEFT: a 1-D
-    ``lora_magnitude_vector``, any layer kind) and trainable 1-D params such as biases from
+    ``lora_magnitude_vector``; its Conv's ``(1, out, 1, 1)`` one falls in group A by its shape) and trainable 1-D params such as biases from
     ``also_train`` at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
     ``nn.Embed``-style weight path ``.../embedding``, told from a Dense layer named so by the
     ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state:
