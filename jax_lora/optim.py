@@ -162,9 +162,10 @@ def _loraplus_group(path: tuple, value: Any, embeddings: set | None = None) -> s
     return GROUP_A
 
 
-def _plain_factor_groups(state: nnx.State) -> Any:
+def _plain_factor_groups(state: nnx.State, seen: Mapping[tuple[str, ...], str]) -> Any:
     """Groups of a plain-array NNX state (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``
-    passes one): every leaf must be a factor, told apart by its name."""
+    passes one to ``update``): every leaf must be a factor, in the group read off its Variable
+    (``seen``, from ``init``'s Variable state), else told apart by its name."""
 
     def group(path, v):
         name = key_name(path[-1])
@@ -176,7 +177,8 @@ def _plain_factor_groups(state: nnx.State) -> Any:
                 "nnx.Optimizer(model, tx, wrt=nnx.LoRAParam), or pass nnx.state(model, nnx.Param) "
                 "to the optimizer's init/update yourself."
             )
-        return _loraplus_group(path, v)
+        known = seen.get(tuple(key_name(k) for k in path))
+        return known if known is not None else _loraplus_group(path, v)
 
     return jax.tree_util.tree_map_with_path(group, state)
 
@@ -213,18 +215,26 @@ def _loraplus(
         )
     b_lr = (lambda step: lr(step) * ratio) if callable(lr) else lr * ratio
 
+    # NNX: the groups read off Variables (an nnx.Embed's mark), by path, for the plain-array
+    # states nnx.Optimizer passes to `update` (it passes Variables to `init`)
+    seen: dict[tuple[str, ...], str] = {}
+
     def labels(tree):
         if isinstance(tree, nnx.State) and not any(
             _is_variable(v) for v in jax.tree.leaves(tree, is_leaf=_is_variable)
         ):
-            return _plain_factor_groups(tree)
+            return _plain_factor_groups(tree, seen)
         mask = trainable_mask(tree, also_train=also_train)
         emb = None if isinstance(tree, nnx.State) else _embedding_nodes(tree)
+
+        def label(path, m, v):
+            group = _loraplus_group(path, v, emb) if m else FREEZE
+            if isinstance(tree, nnx.State):
+                seen[tuple(key_name(k) for k in path)] = group
+            return group
+
         return jax.tree_util.tree_map_with_path(
-            lambda path, m, v: _loraplus_group(path, v, emb) if m else FREEZE,
-            mask,
-            tree,
-            is_leaf=lambda x: isinstance(x, bool),
+            label, mask, tree, is_leaf=lambda x: isinstance(x, bool)
         )
 
     groups = {

@@ -156,3 +156,40 @@ def test_linen_magnitude_grads_match_finite_differences():
         got = np.asarray(grads[layer][name]["m"])
         assert np.abs(np.asarray(fd)).max() > 0.1  # every magnitude matters
         np.testing.assert_allclose(got, fd, rtol=2e-3, atol=2e-3)
+
+
+class OwnNnxEmbeddingMatmul(nnx.Module):
+    """A layer whose matmul weight is named ``embedding`` (a projection, not a lookup)."""
+
+    def __init__(self, rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (8, 4)))
+
+    def __call__(self, x):
+        return x @ self.embedding[...]
+
+
+class NnxEmbedOwn(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(10, 8, rngs=rngs)
+        self.proj = OwnNnxEmbeddingMatmul(rngs)
+
+    def __call__(self, ids):
+        return self.proj(self.emb(ids))
+
+
+def test_nnx_optimizer_loraplus_matmul_weight_named_embedding():
+    """``nnx.Optimizer`` gives LoRA+ Variables at init but plain arrays at update: the groups
+    read off the Variables (``nnx.Embed``'s mark) hold at update too, so a matmul weight named
+    ``embedding`` trains in groups A/B, not at ``loraplus_lr_embedding``."""
+    cfg = LoraConfig(rank=2, targets=["emb/embedding", "proj/embedding"])
+    model = jax_lora.wrap(NnxEmbedOwn(nnx.Rngs(0)), cfg, example=(jnp.array([[1, 2]]),))
+    before = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    opt = nnx.Optimizer(model, _tx(), wrt=nnx.LoRAParam)
+    opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.LoRAParam)))
+    after = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    steps = jax.tree.map(lambda x, y: float(np.unique(np.asarray(y - x))[0]), before, after)
+    want = {
+        "emb": {"embedding_lora_a": -LR_EMB, "embedding_lora_b": -LR_EMB},
+        "proj": {"embedding_lora_a": -LR, "embedding_lora_b": -LR * RATIO},
+    }
+    assert jax.tree.map(lambda s: pytest.approx(s, rel=1e-5), want) == steps
