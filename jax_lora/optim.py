@@ -264,7 +264,8 @@ def optimizer(
     ``lora_magnitude_vector``; its Conv's ``(1, out, 1, 1)`` one falls in group A by its shape) and trainable 1-D params such as biases from
     ``also_train`` at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
     ``nn.Embed``-style weight path ``.../embedding``, told from a Dense layer named so by the
-    ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state:
+    ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state
+    (``nnx.Optimizer``'s ``update``): the groups ``init`` read off its Variables, else
     ``embedding_lora_a``/``_b`` by name) at ``loraplus_lr_embedding`` (PEFT's default ``1e-6``). PEFT's
     ``loraplus_weight_decay`` is the ``weight_decay`` given to ``tx`` here (PEFT also drops it
     for biases, this does not). NNX: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
