@@ -110,9 +110,10 @@ EMBEDDING_MARK = "lora_embedding"
 
 def _embedding_nodes(tree: Mapping[str, Any]) -> set[tuple[str, ...]] | None:
     """Linen: the ``lora`` node paths that adapt an embedding table: a node at a *weight* path
-    (``params`` holds an array there, not a layer's dict) named ``embedding``, as flax's
-    ``nn.Embed`` stores it. A Dense layer named ``embedding`` has its node at the layer path
-    (``params`` holds ``{"kernel", ...}`` there), so it is not one. None without ``params``."""
+    (``params`` holds an array there, not a layer's dict) named ``embedding``, the only param of
+    its layer, as flax's ``nn.Embed`` stores it. A Dense layer named ``embedding`` has its node
+    at the layer path (``params`` holds ``{"kernel", ...}`` there), so it is not one; nor is a
+    layer's own weight ``embedding`` next to other params. None without ``params``."""
     if "params" not in tree:
         return None
     found = set()
@@ -120,10 +121,13 @@ def _embedding_nodes(tree: Mapping[str, Any]) -> set[tuple[str, ...]] | None:
         node = tuple(key_name(k) for k in path)[:-1]  # without the leaf name (a, b or m)
         if not node or node[-1] != "embedding":
             continue
-        p: Any = tree["params"]
-        for k in node:
-            p = p.get(k) if isinstance(p, Mapping) else None
-        if p is not None and not isinstance(p, Mapping):
+        layer: Any = tree["params"]
+        for k in node[:-1]:
+            layer = layer.get(k) if isinstance(layer, Mapping) else None
+        # nn.Embed's params are exactly {"embedding": table}; a layer's own matmul weight named
+        # so next to other params (a bias) is not a table (one alone still reads as one)
+        is_table = isinstance(layer, Mapping) and set(layer) == {"embedding"}
+        if is_table and not isinstance(layer["embedding"], Mapping):
             found.add(node)
     return found
 
@@ -139,11 +143,15 @@ def _loraplus_group(path: tuple, value: Any, embeddings: set | None = None) -> s
     if isinstance(value, nnx.Variable):
         mark = bool(value.get_metadata().get(EMBEDDING_MARK, False))
         value = value.get_value()
-    if names[0] == COLLECTION:  # linen: lora/<layer or weight path>/(a|b)
+    if names[0] == COLLECTION:  # linen: lora/<layer or weight path>/(a|b|m)
+        if leaf == "m":  # DoRA's magnitude: PEFT's 1-D lora_magnitude_vector, group B
+            return GROUP_B
         node = tuple(names[1:-1])
         if (node in embeddings) if embeddings is not None else node[-1:] == ("embedding",):
             return GROUP_EMBEDDING
         return GROUP_B if leaf == "b" else GROUP_A
+    if leaf == "lora_m" or leaf.endswith("_lora_m"):  # NNX DoRA magnitude (any lead axes)
+        return GROUP_B
     if mark is not None and leaf.endswith(("lora_a", "lora_b")):  # NNX factors: by their mark
         if mark:
             return GROUP_EMBEDDING
@@ -154,20 +162,23 @@ def _loraplus_group(path: tuple, value: Any, embeddings: set | None = None) -> s
     return GROUP_A
 
 
-def _plain_factor_groups(state: nnx.State) -> Any:
+def _plain_factor_groups(state: nnx.State, seen: Mapping[tuple[str, ...], str]) -> Any:
     """Groups of a plain-array NNX state (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``
-    passes one): every leaf must be a factor, told apart by its name."""
+    passes one to ``update``): every leaf must be a factor, in the group read off its Variable
+    (``seen``, from ``init``'s Variable state), else told apart by its name."""
 
     def group(path, v):
         name = key_name(path[-1])
-        if not (name in ("lora_a", "lora_b") or name.endswith(("_lora_a", "_lora_b"))):
+        factor = ("lora_a", "lora_b", "lora_m")  # lora_m: DoRA's magnitude
+        if not (name in factor or name.endswith(tuple("_" + f for f in factor))):
             raise ValueError(
                 f"LoRA+ got a plain-array nnx.State with the non-factor leaf "
                 f"'{'/'.join(key_name(k) for k in path)}': use "
                 "nnx.Optimizer(model, tx, wrt=nnx.LoRAParam), or pass nnx.state(model, nnx.Param) "
                 "to the optimizer's init/update yourself."
             )
-        return _loraplus_group(path, v)
+        known = seen.get(tuple(key_name(k) for k in path))
+        return known if known is not None else _loraplus_group(path, v)
 
     return jax.tree_util.tree_map_with_path(group, state)
 
@@ -204,18 +215,26 @@ def _loraplus(
         )
     b_lr = (lambda step: lr(step) * ratio) if callable(lr) else lr * ratio
 
+    # NNX: the groups read off Variables (an nnx.Embed's mark), by path, for the plain-array
+    # states nnx.Optimizer passes to `update` (it passes Variables to `init`)
+    seen: dict[tuple[str, ...], str] = {}
+
     def labels(tree):
         if isinstance(tree, nnx.State) and not any(
             _is_variable(v) for v in jax.tree.leaves(tree, is_leaf=_is_variable)
         ):
-            return _plain_factor_groups(tree)
+            return _plain_factor_groups(tree, seen)
         mask = trainable_mask(tree, also_train=also_train)
         emb = None if isinstance(tree, nnx.State) else _embedding_nodes(tree)
+
+        def label(path, m, v):
+            group = _loraplus_group(path, v, emb) if m else FREEZE
+            if isinstance(tree, nnx.State):
+                seen[tuple(key_name(k) for k in path)] = group
+            return group
+
         return jax.tree_util.tree_map_with_path(
-            lambda path, m, v: _loraplus_group(path, v, emb) if m else FREEZE,
-            mask,
-            tree,
-            is_leaf=lambda x: isinstance(x, bool),
+            label, mask, tree, is_leaf=lambda x: isinstance(x, bool)
         )
 
     groups = {
@@ -241,10 +260,12 @@ def optimizer(
     LoRA+ (arXiv 2402.12354; PEFT's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio``
     ``λ``, ``tx`` is a function of the learning rate (``optax.adam``, or
     ``functools.partial(optax.adamw, weight_decay=wd)``) and is built once per PEFT group: ``a``
-    factors at ``learning_rate``, ``b`` factors (and trainable 1-D params such as biases from
-    ``also_train``) at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
+    factors at ``learning_rate``, ``b`` factors, DoRA magnitudes ``m`` (PEFT: a 1-D
+    ``lora_magnitude_vector``; its Conv's ``(1, out, 1, 1)`` one falls in group A by its shape) and trainable 1-D params such as biases from
+    ``also_train`` at ``λ * learning_rate``, both factors of an embedding table (linen: a ``lora`` node at an
     ``nn.Embed``-style weight path ``.../embedding``, told from a Dense layer named so by the
-    ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state:
+    ``params`` tree; NNX: an ``nnx.Embed``'s, marked at wrap time; a plain-array NNX state
+    (``nnx.Optimizer``'s ``update``): the groups ``init`` read off its Variables, else
     ``embedding_lora_a``/``_b`` by name) at ``loraplus_lr_embedding`` (PEFT's default ``1e-6``). PEFT's
     ``loraplus_weight_decay`` is the ``weight_decay`` given to ``tx`` here (PEFT also drops it
     for biases, this does not). NNX: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
