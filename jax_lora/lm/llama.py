@@ -124,7 +124,7 @@ class Model(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, ids, cache_index=None, cache_len=None):
+    def __call__(self, ids, cache_index=None, cache_len=None, hidden=False):
         c = self.cfg
         b, t = ids.shape
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")
@@ -140,6 +140,8 @@ class Model(nn.Module):
         for i in range(c.num_hidden_layers):
             x = layer(c, name=f"layers_{i}")(x, positions, mask, cache_index)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
+        if hidden:
+            return x
         if c.tie_word_embeddings:
             return embed.attend(x)
         return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
@@ -154,14 +156,20 @@ class Llama(nn.Module):
 
     ``remat=True`` rematerialises each decoder layer (``nn.remat``): the backward pass recomputes
     a layer's activations instead of keeping them, for less memory at about one more forward;
-    same parameters, same outputs (not used with ``cache_index``)."""
+    same parameters, same outputs (not used with ``cache_index``). On XLA:CPU it saves memory
+    only when the step is compiled with `jax_lora.lm.loss.cpu_remat_compiler_options` (the
+    default scheduler runs the recomputations early and keeps them all live).
+
+    ``hidden=True``: the final hidden states ``(batch, seq, hidden_size)`` (after the last
+    norm) instead of the logits, for `jax_lora.lm.loss.chunked_cross_entropy`, which makes
+    the logits a block of tokens at a time."""
 
     cfg: LlamaConfig
     remat: bool = False
 
     @nn.compact
-    def __call__(self, ids, cache_index=None, cache_len=None):
-        return Model(self.cfg, self.remat, name="model")(ids, cache_index, cache_len)
+    def __call__(self, ids, cache_index=None, cache_len=None, *, hidden=False):
+        return Model(self.cfg, self.remat, name="model")(ids, cache_index, cache_len, hidden)
 
 
 # --- names ----------------------------------------------------------------------------------
