@@ -322,8 +322,9 @@ SMOLLM2 = {  # one training step of the real SmolLM2-135M, seq 256, batch 4
 def _smollm2_step(name: str):
     """One step of ``name`` (a `SMOLLM2` key) on SmolLM2-135M with the loader's copies freed, so
     that the peak RSS measured after it is the step's: params (+ grads and Adam for full).
-    Every configuration alike: the chunked cross-entropy (`jax_lora.lm.loss`), each decoder
-    layer rematerialised, compiled with XLA:CPU's memory-optimised scheduler. Returns
+    Every configuration alike: the chunked cross-entropy (`jax_lora.lm.loss`), the decoder
+    layers as one scan of rematerialised layers (``Llama(remat=True, scan_layers=True)``),
+    compiled with XLA:CPU's memory-optimised scheduler. Returns
     ``(step(), compiled memory_analysis() in MiB)``."""
     import gc
 
@@ -331,10 +332,10 @@ def _smollm2_step(name: str):
     from jax_lora.lm import loss as lm_loss
 
     cfg, params, _, tensors = llama.load_smollm2()
-    params = jax.tree.map(jnp.asarray, params)
     del tensors
+    params = llama.stack_layers(jax.tree.map(jnp.asarray, params))  # for scan_layers
     gc.collect()
-    model = llama.Llama(cfg, remat=True)
+    model = llama.Llama(cfg, remat=True, scan_layers=True)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 257)), jnp.int32)
     tokens, labels = ids[:, :-1], ids[:, 1:]
