@@ -326,6 +326,8 @@ def _smollm2_step(name: str):
     layers as one scan of rematerialised layers (``Llama(remat=True, scan_layers=True)``),
     compiled with XLA:CPU's memory-optimised scheduler. Returns
     ``(step(), compiled memory_analysis() in MiB)``."""
+    import contextlib
+    import ctypes
     import gc
 
     from jax_lora.lm import llama
@@ -335,6 +337,8 @@ def _smollm2_step(name: str):
     del tensors
     params = llama.stack_layers(jax.tree.map(jnp.asarray, params))  # for scan_layers
     gc.collect()
+    with contextlib.suppress(OSError):  # hand the loader's freed heap back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     model = llama.Llama(cfg, remat=True, scan_layers=True)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 257)), jnp.int32)
