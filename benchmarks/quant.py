@@ -4,7 +4,7 @@ as fp32, bf16, int8, nf4, nf4 + double quantization, or the GGUF's own Q4_1 bloc
 model, for ``vs_qwix_qlora_rss`` / ``vs_qwix_qlora_step`` (ours over qwix's).
 
     python benchmarks/quant.py            # the real model: 30 layers, seq 256, batch 4
-    python benchmarks/quant.py --quick    # 2 layers, seq 64, batch 2: < 3 min on 2 cores
+    python benchmarks/quant.py --quick    # 2 layers, seq 64, batch 2, 5 configs: < 3 min idle
     python benchmarks/quant.py --json     # last line: one JSON object
 
 Each configuration's peak RSS comes from a fresh process (counted from after reading the GGUF's
@@ -44,6 +44,7 @@ from jax_lora.lm import loss as lm_loss
 from jax_lora.lm.packages import shakespeare_play
 
 CONFIGS = ("lora_fp32", "lora_bf16", "int8", "nf4", "nf4_dq", "gguf_q4_1", "qwix_nf4")
+QUICK_CONFIGS = ("lora_fp32", "lora_bf16", "nf4", "nf4_dq", "qwix_nf4")
 TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"
 TRAIN_PLAYS = ("macbeth", "hamlet", "othello")
 HELD_OUT = "twelfth_night"
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="LoRA steps before the 2nd perplexity")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None, help=f"default: all of {','.join(CONFIGS)}")
     p.add_argument(
         "--remat",
         action=argparse.BooleanOptionalAction,
@@ -87,6 +88,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.seq, a.batch, a.steps, a.rounds, a.eval_windows = 2, 64, 2, 3, 3, 2
+    if a.configs is None:  # --quick: the configurations the JSON's ratios need
+        a.configs = ",".join(QUICK_CONFIGS if a.quick else CONFIGS)
     return a
 
 

@@ -108,17 +108,18 @@ class MLP(nn.Module):
 
 class Layer(nn.Module):
     cfg: LlamaConfig
-    scanned: bool = False  # the body of `nn.scan`: returns ``(x, None)``
+    scanned: bool = False  # the body of `nn.scan`: returns ``(x, None)``, x in its input dtype
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index=None):
+        dtype = x.dtype
         x = x + Attention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_index
         )
         x = x + MLP(self.cfg, name="mlp")(
             RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
         )
-        return (x, None) if self.scanned else x
+        return (x.astype(dtype), None) if self.scanned else x
 
 
 class Model(nn.Module):
@@ -183,7 +184,9 @@ class Llama(nn.Module):
     in the backward pass on any backend and model depth (XLA:CPU's scheduler may still keep
     several unrolled layers' recomputations live past ~10 layers). `stack_layers` /
     `unstack_layers` convert trees from / to the default ``model/layers_<i>`` layout, which
-    checkpoints, the CLI and PEFT export use. No KV cache.
+    checkpoints, the CLI and PEFT export use. No KV cache. The residual stream keeps the
+    embedding's dtype from layer to layer (a bf16 base with fp32 LoRA factors: bf16; unrolled
+    layers let it become fp32 after the first adapted layer).
 
     ``hidden=True``: the final hidden states ``(batch, seq, hidden_size)`` (after the last
     norm) instead of the logits, for `jax_lora.lm.loss.chunked_cross_entropy`, which makes
