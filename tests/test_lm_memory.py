@@ -220,3 +220,25 @@ def test_scanned_remat_cuts_the_activation_memory_without_options():
     keep = _temp_mib(remat=False, chunk=64, scan=True)
     remat = _temp_mib(remat=True, chunk=64, scan=True)
     assert remat < 0.5 * keep, (remat, keep)
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
+def test_quantized_load_from_gguf_blocks_equals_quantizing_the_dequantized_file(tmp_path, qtype):
+    """``load(gguf, "nf4")`` re-quantizes the file's own blocks one tensor at a time (no fp32
+    copy of the model); the result is bit-identical to quantizing the fp32-decoded file."""
+    import _lm
+
+    from jax_lora.lm import models
+    from jax_lora.quant import QArray
+
+    path = _lm.write_gguf(str(tmp_path / "m.gguf"), qtype=qtype)
+    want = models.quantize_base(models.load(path).params, "nf4")
+    got = models.load(path, "nf4").params
+    is_q = lambda x: isinstance(x, QArray)  # noqa: E731
+    assert jax.tree.structure(got, is_leaf=is_q) == jax.tree.structure(want, is_leaf=is_q)
+    kernel = got["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, QArray) and kernel.qtype == "nf4"
+    emb = got["model"]["embed_tokens"]["embedding"]
+    assert not isinstance(emb, QArray) and emb.dtype == jnp.float32
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
