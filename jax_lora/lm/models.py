@@ -109,7 +109,9 @@ def _load_cached(path: str, stamp: tuple, quant: str | None) -> Loaded:
         loaded = _load_hf(path)
     else:  # a quantized base from a GGUF: its blocks kept, then re-quantized one tensor at a
         # time (bit-identical to quantizing the dequantized file), never a full fp32 model
-        loaded = _load_gguf(path, keep_quantized=quant is not None, require_quantized=False)
+        loaded = _load_gguf(
+            path, keep_quantized=quant is not None, require_quantized=quant == "gguf"
+        )
     if quant in (None, "gguf"):
         return loaded
     return dataclasses.replace(loaded, params=quantize_base(loaded.params, quant))
