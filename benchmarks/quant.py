@@ -4,21 +4,26 @@ as fp32, bf16, int8, nf4, nf4 + double quantization, or the GGUF's own Q4_1 bloc
 model, for ``vs_qwix_qlora_rss`` / ``vs_qwix_qlora_step`` (ours over qwix's).
 
     python benchmarks/quant.py            # the real model: 30 layers, seq 256, batch 4
-    python benchmarks/quant.py --quick    # 2 layers, seq 64, batch 2: < 3 min on 2 cores
+    python benchmarks/quant.py --quick    # 2 layers, seq 64, batch 2, 5 configs: < 3 min idle
     python benchmarks/quant.py --json     # last line: one JSON object
 
-Each configuration's peak RSS comes from a fresh process (load + base + 2 steps); step times
+Each configuration's peak RSS comes from a fresh process (counted from after reading the GGUF's
+quantized tensors, the same in all: base conversion + compiled step + 2 steps); step times
 are measured interleaved in one process (median over rounds); perplexity on a held-out play
 (never trained on) before fine-tuning (the quantization error) and after ``--steps`` steps.
 Every base is built from the GGUF one tensor at a time, so no process holds a second copy.
-``--remat`` (default; ``--no-remat`` to turn off) rematerialises each decoder layer in every
-configuration alike; ``step_memory_mib`` is the compiled step's ``memory_analysis()``.
+Every configuration alike (defaults): the chunked cross-entropy (``--chunk``, `jax_lora.lm.loss`),
+the decoder layers as one ``nn.scan`` (``--scan``) of rematerialised layers (``--remat``),
+compiled with XLA:CPU's memory-optimised scheduler; ``step_memory_mib`` is the compiled step's
+``memory_analysis()``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -35,9 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_lora
 from jax_lora import quant
 from jax_lora.lm import llama
+from jax_lora.lm import loss as lm_loss
 from jax_lora.lm.packages import shakespeare_play
 
 CONFIGS = ("lora_fp32", "lora_bf16", "int8", "nf4", "nf4_dq", "gguf_q4_1", "qwix_nf4")
+QUICK_CONFIGS = ("lora_fp32", "lora_bf16", "nf4", "nf4_dq", "qwix_nf4")
 TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"
 TRAIN_PLAYS = ("macbeth", "hamlet", "othello")
 HELD_OUT = "twelfth_night"
@@ -53,12 +60,27 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="LoRA steps before the 2nd perplexity")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None, help=f"default: all of {','.join(CONFIGS)}")
     p.add_argument(
         "--remat",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="rematerialise each decoder layer in every configuration alike (default on)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=lm_loss.default_chunk,
+        help="tokens per logits block of the chunked cross-entropy in every configuration "
+        "(0: the plain loss over the full logits)",
+    )
+    p.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the decoder layers as one nn.scan over stacked weights (Llama(scan_layers=True)) "
+        "in every configuration alike (default on): with --remat, one layer's activations live "
+        "at a time",
     )
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -66,11 +88,13 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.seq, a.batch, a.steps, a.rounds, a.eval_windows = 2, 64, 2, 3, 3, 2
+    if a.configs is None:  # --quick: the configurations the JSON's ratios need
+        a.configs = ",".join(QUICK_CONFIGS if a.quick else CONFIGS)
     return a
 
 
-def load_quantized(n_layers: int | None):
-    """(cfg, params with the GGUF's Q4_1/Q8_0 matrices as QArrays, tokenizer)."""
+def load_quantized(n_layers: int | None, *, tokenizer: bool = True):
+    """(cfg, params with the GGUF's Q4_1/Q8_0 matrices as QArrays, tokenizer or None)."""
     cfg, tensors, reader = llama.read_gguf(llama.smollm2_gguf(), keep_quantized=True)
     if n_layers is not None:
         cfg = dataclasses.replace(cfg, num_hidden_layers=n_layers)
@@ -80,7 +104,8 @@ def load_quantized(n_layers: int | None):
             for k, v in tensors.items()
             if not k.startswith("model.layers.") or any(k.startswith(p) for p in keep)
         }
-    return cfg, llama.params_from_hf(tensors, cfg), llama.tokenizer_from_gguf(reader)
+    tok = llama.tokenizer_from_gguf(reader) if tokenizer else None
+    return cfg, llama.params_from_hf(tensors, cfg), tok
 
 
 def make_base(name: str, params, cfg=None, a=None):
@@ -102,7 +127,27 @@ def make_base(name: str, params, cfg=None, a=None):
         qtype = "nf4" if name.startswith("nf4") else name
         return quant.quantize_array(w, qtype, double_quant=name == "nf4_dq")
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=quant.is_quantized)
+    if not a.scan:
+        return jax.tree_util.tree_map_with_path(one, params, is_leaf=quant.is_quantized)
+    return stacked_map(one, params)
+
+
+def stacked_map(one, params) -> dict:
+    """``one(path, leaf)`` on every leaf of a ``model/layers_<i>`` tree, the decoder layers'
+    results stacked per weight (`llama.stack_layers`' layout) one weight at a time, so no
+    second copy of the model is made."""
+    model = dict(params["model"])
+    layers = [model.pop(k) for k in sorted(model) if k.startswith("layers_")]
+    leaves = [jax.tree_util.tree_flatten_with_path(x, is_leaf=quant.is_quantized) for x in layers]
+    treedef = leaves[0][1]
+    stacked = []
+    for j, (path, _) in enumerate(leaves[0][0]):
+        converted = [one(path, layer[0][j][1]) for layer in leaves]
+        stacked.append(jax.tree.map(lambda *xs: jnp.stack(xs), *converted))
+        del converted
+    out = jax.tree_util.tree_map_with_path(one, {"model": model}, is_leaf=quant.is_quantized)
+    out["model"]["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
+    return out
 
 
 def qwix_model(cfg, a):
@@ -113,7 +158,8 @@ def qwix_model(cfg, a):
     rule = qwix.LoraRule(
         module_path=TARGETS, rank=a.rank, alpha=2 * a.rank, weight_qtype="nf4", tile_size=64
     )
-    return qwix.apply_lora_to_model(llama.Llama(cfg, remat=a.remat), qwix.LoraProvider([rule]))
+    model = llama.Llama(cfg, remat=a.remat, scan_layers=a.scan)
+    return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
 
 
 def qwix_base(cfg, params, a):
@@ -125,20 +171,32 @@ def qwix_base(cfg, params, a):
     abstract = jax.eval_shape(
         qwix_model(cfg, a).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
     )["params"]
-    base = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)[0]:
+
+    # how qwix quantizes each weight of one unrolled layer (its tiles are per layer)
+    unrolled = jax.eval_shape(
+        qwix_model(cfg, argparse.Namespace(**{**vars(a), "scan": False})).init,
+        jax.random.key(0),
+        jnp.zeros((1, 8), jnp.int32),
+    )["params"]
+
+    def one(path, x):  # qwix's quantization of one tensor (scanned: of one layer's slice)
         key = tuple(k.key for k in path)
+        if key[0] != "model":  # a decoder layer's weight, stacked under model/layers
+            key = ("model", "layers_0", *key)
         w = quant.dequantize_array(x) if quant.is_quantized(x) else x
-        base[key] = tu.flatten_dict(qwix.quantize_params(tu.unflatten_dict({key: w}), abstract))[
-            key
-        ]
+        return tu.flatten_dict(qwix.quantize_params(tu.unflatten_dict({key: w}), unrolled))[key]
+
+    if a.scan:  # qwix quantizes a scanned kernel per layer (its tiles are per layer)
+        base = stacked_map(one, params)
+    else:
+        base = jax.tree_util.tree_map_with_path(one, params, is_leaf=quant.is_quantized)
     lora = {}
     for i, (key, s) in enumerate(sorted(tu.flatten_dict(abstract).items())):
         if key[-1].endswith("_lora_a"):
             lora[key] = 0.01 * jax.random.normal(jax.random.key(i), s.shape, s.dtype)
         elif key[-1].endswith("_lora_b"):
             lora[key] = jnp.zeros(s.shape, s.dtype)
-    return {"base": tu.unflatten_dict(base), "lora": lora}
+    return {"base": base, "lora": lora}
 
 
 def _build_qwix(cfg, base, a, tx):
@@ -148,12 +206,11 @@ def _build_qwix(cfg, base, a, tx):
 
     def nll(lora, base, batch):
         p = tu.unflatten_dict(tu.flatten_dict(base["base"]) | lora)
-        logits = model.apply({"params": p}, batch[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), batch[:, 1:]
+        return lm_loss.llama_token_nll(
+            model.apply, {"params": p}, batch[:, :-1], batch[:, 1:], chunk=a.chunk or None
         ).mean()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options(a))
     def step(lora, opt, base, batch):
         loss, g = jax.value_and_grad(nll)(lora, base, batch)
         u, opt = tx.update(g, opt, lora)
@@ -161,6 +218,12 @@ def _build_qwix(cfg, base, a, tx):
 
     lora = base["lora"]
     return step, jax.jit(nll), lora, tx.init(lora)
+
+
+def compiler_options(a) -> dict | None:
+    """With ``--remat``, XLA:CPU's memory-optimised scheduler: its default one runs the
+    recomputations early and keeps them live (see `jax_lora.lm.loss.cpu_remat_compiler_options`)."""
+    return lm_loss.cpu_remat_compiler_options if a.remat else None
 
 
 def play_ids(tok, name: str) -> np.ndarray:
@@ -173,7 +236,7 @@ def build(name: str, cfg, params, a):
     """(step, nll, lora, opt_state) for one configuration."""
     if name == "qwix_nf4":
         return _build_qwix(cfg, params, a, optax.adam(1e-3))
-    model = llama.Llama(cfg, remat=a.remat)
+    model = llama.Llama(cfg, remat=a.remat, scan_layers=a.scan)
     config = jax_lora.LoraConfig(rank=a.rank, alpha=2 * a.rank, targets=TARGETS)
     wrapped = jax_lora.wrap(model, config)
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -183,12 +246,12 @@ def build(name: str, cfg, params, a):
     tx = optax.adam(1e-3)
 
     def nll(lora, params, batch):
-        logits = wrapped.apply({"params": params, "lora": lora}, batch[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), batch[:, 1:]
+        v = {"params": params, "lora": lora}
+        return lm_loss.llama_token_nll(
+            wrapped.apply, v, batch[:, :-1], batch[:, 1:], chunk=a.chunk or None
         ).mean()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options(a))
     def step(lora, opt, params, batch):
         loss, g = jax.value_and_grad(nll)(lora, params, batch)
         u, opt = tx.update(g, opt, lora)
@@ -210,28 +273,47 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _release_and_reset_peak() -> float:
+    """Free what the GGUF reader left (its parsed fields: ~160 MB of small Python objects),
+    hand the freed heap back to the OS, and restart the peak at the current RSS (Linux); ->
+    the peak so far (the loader's)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = peak_rss_mib()
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before
+
+
 def rss_child(a) -> None:
-    cfg, qparams, _ = load_quantized(a.layers)
-    if a.rss_of == "baseline":  # imports, the XLA runtime and the GGUF reader: shared by all
-        print(peak_rss_mib())
-        return
-    params = make_base(a.rss_of, qparams, cfg, a)
-    del qparams
-    step, _, lora, opt = build(a.rss_of, cfg, params, a)
-    batch = np.zeros((a.batch, a.seq + 1), np.int32)
-    for _ in range(2):
-        lora, opt, loss = step(lora, opt, params, batch)
-        jax.block_until_ready(loss)
-    print(peak_rss_mib())
+    """Prints ``{"rss": step peak, "load": loader peak}`` (MiB): the step's peak counts from
+    after the GGUF's quantized tensors are read (the same for every configuration), so it holds
+    the base conversion, the compiled step and two steps."""
+    cfg, qparams, _ = load_quantized(a.layers, tokenizer=False)
+    load = _release_and_reset_peak()
+    if a.rss_of != "baseline":  # baseline: imports, the XLA runtime and the GGUF's tensors
+        params = make_base(a.rss_of, qparams, cfg, a)
+        del qparams
+        step, _, lora, opt = build(a.rss_of, cfg, params, a)
+        batch = np.zeros((a.batch, a.seq + 1), np.int32)
+        for _ in range(2):
+            lora, opt, loss = step(lora, opt, params, batch)
+            jax.block_until_ready(loss)
+    print(json.dumps({"rss": peak_rss_mib(), "load": load}))
 
 
-def rss_of(name: str, a) -> float:
+def rss_of(name: str, a) -> dict:
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name]
     args += ["--seq", str(a.seq), "--batch", str(a.batch), "--rank", str(a.rank)]
     args += ["--layers", str(a.layers)] if a.layers else []
-    args += ["--remat" if a.remat else "--no-remat"]
+    args += ["--remat" if a.remat else "--no-remat", "--chunk", str(a.chunk)]
+    args += ["--scan" if a.scan else "--no-scan"]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(a) -> dict:
@@ -254,7 +336,7 @@ def main(a) -> dict:
         return float(np.exp(np.mean([float(nll(lora, bases[name], b[None])) for b in eval_batch])))
 
     report: dict = {"configs": names, "layers": cfg.num_hidden_layers, "seq": a.seq}
-    report.update(batch=a.batch, rank=a.rank, remat=a.remat)
+    report.update(batch=a.batch, rank=a.rank, remat=a.remat, chunk=a.chunk, scan=a.scan)
     kernels = [
         x
         for path, x in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=quant.is_quantized)[0]
@@ -299,8 +381,11 @@ def main(a) -> dict:
                 losses[name].append(float(loss))
     report["step_s"] = {name: float(np.median(times[name])) for name in names}
     report["ppl_after"] = {name: ppl(name, state[name][0]) for name in names}
-    rss = {} if a.no_rss else {name: rss_of(name, a) for name in ["baseline", *names]}
+    children = {} if a.no_rss else {name: rss_of(name, a) for name in ["baseline", *names]}
+    rss = {name: c["rss"] for name, c in children.items()}
     report["peak_rss_mib"] = rss or None
+    # the whole process's peak while the GGUF was read (its reader's parsed fields and all)
+    report["load_peak_rss_mib"] = {name: c["load"] for name, c in children.items()} or None
     net = {k: v - rss["baseline"] for k, v in rss.items() if k != "baseline"} if rss else {}
     report["peak_rss_net_mib"] = net or None
 

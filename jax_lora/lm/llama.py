@@ -108,23 +108,27 @@ class MLP(nn.Module):
 
 class Layer(nn.Module):
     cfg: LlamaConfig
+    scanned: bool = False  # the body of `nn.scan`: returns ``(x, None)``, x in its input dtype
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index=None):
+        dtype = x.dtype
         x = x + Attention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_index
         )
-        return x + MLP(self.cfg, name="mlp")(
+        x = x + MLP(self.cfg, name="mlp")(
             RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
         )
+        return (x.astype(dtype), None) if self.scanned else x
 
 
 class Model(nn.Module):
     cfg: LlamaConfig
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, ids, cache_index=None, cache_len=None):
+    def __call__(self, ids, cache_index=None, cache_len=None, hidden=False):
         c = self.cfg
         b, t = ids.shape
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")
@@ -136,10 +140,26 @@ class Model(nn.Module):
             positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
             mask = (jnp.arange(cache_len)[None, :] <= positions[0][:, None])[None, None]
         # remat: each layer's activations are recomputed in the backward pass instead of kept
-        layer = nn.remat(Layer) if self.remat and cache_index is None else Layer
-        for i in range(c.num_hidden_layers):
-            x = layer(c, name=f"layers_{i}")(x, positions, mask, cache_index)
+        remat = self.remat and cache_index is None
+        if self.scan_layers:  # one loop body: its backward recomputes one layer at a time
+            if cache_index is not None:
+                raise ValueError("Llama(scan_layers=True) has no KV cache: use scan_layers=False")
+            body = nn.remat(Layer, prevent_cse=False) if remat else Layer
+            stack = nn.scan(
+                body,
+                variable_axes={True: 0},
+                split_rngs={True: True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=c.num_hidden_layers,
+            )
+            x, _ = stack(c, scanned=True, name="layers")(x, positions, mask)
+        else:
+            layer = nn.remat(Layer) if remat else Layer
+            for i in range(c.num_hidden_layers):
+                x = layer(c, name=f"layers_{i}")(x, positions, mask, cache_index)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
+        if hidden:
+            return x
         if c.tie_word_embeddings:
             return embed.attend(x)
         return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
@@ -154,14 +174,57 @@ class Llama(nn.Module):
 
     ``remat=True`` rematerialises each decoder layer (``nn.remat``): the backward pass recomputes
     a layer's activations instead of keeping them, for less memory at about one more forward;
-    same parameters, same outputs (not used with ``cache_index``)."""
+    same parameters, same outputs (not used with ``cache_index``). On XLA:CPU it saves memory
+    only when the step is compiled with `jax_lora.lm.loss.cpu_remat_compiler_options` (the
+    default scheduler runs the recomputations early and keeps them all live).
+
+    ``scan_layers=True``: the decoder layers run as one `nn.scan` over stacked weights
+    (``model/layers/...`` with a leading ``(num_hidden_layers, ...)`` axis, in ``"params"`` and
+    ``"lora"`` alike): with ``remat`` this is the robust way to recompute one layer at a time
+    in the backward pass on any backend and model depth (XLA:CPU's scheduler may still keep
+    several unrolled layers' recomputations live past ~10 layers). `stack_layers` /
+    `unstack_layers` convert trees from / to the default ``model/layers_<i>`` layout, which
+    checkpoints, the CLI and PEFT export use. No KV cache. The residual stream keeps the
+    embedding's dtype from layer to layer (a bf16 base with fp32 LoRA factors: bf16; unrolled
+    layers let it become fp32 after the first adapted layer).
+
+    ``hidden=True``: the final hidden states ``(batch, seq, hidden_size)`` (after the last
+    norm) instead of the logits, for `jax_lora.lm.loss.chunked_cross_entropy`, which makes
+    the logits a block of tokens at a time."""
 
     cfg: LlamaConfig
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, ids, cache_index=None, cache_len=None):
-        return Model(self.cfg, self.remat, name="model")(ids, cache_index, cache_len)
+    def __call__(self, ids, cache_index=None, cache_len=None, *, hidden=False):
+        model = Model(self.cfg, self.remat, self.scan_layers, name="model")
+        return model(ids, cache_index, cache_len, hidden)
+
+
+def stack_layers(tree: dict) -> dict:
+    """``model/layers_<i>/...`` (the default layout) -> ``model/layers/...`` stacked along a new
+    leading axis, for ``Llama(scan_layers=True)``; works on params and LoRA trees (quantized
+    leaves included) and leaves the input intact."""
+    model = dict(tree["model"])
+    names = sorted((k for k in model if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k[7:]))
+    if not names or names != [f"layers_{i}" for i in range(len(names))]:
+        raise ValueError(f"stack_layers: expected model/layers_0 ... in the tree, got {names}")
+    layers = [model.pop(k) for k in names]
+    model["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**tree, "model": model}
+
+
+def unstack_layers(tree: dict) -> dict:
+    """The inverse of `stack_layers`: ``model/layers/...`` -> ``model/layers_<i>/...``."""
+    model = dict(tree["model"])
+    if "layers" not in model:
+        raise ValueError("unstack_layers: the tree has no model/layers (not scanned)")
+    stacked = model.pop("layers")
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+        model[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**tree, "model": model}
 
 
 # --- names ----------------------------------------------------------------------------------

@@ -107,8 +107,11 @@ def _load_cached(path: str, stamp: tuple, quant: str | None) -> Loaded:
     del stamp  # part of the cache key only
     if os.path.isdir(path):
         loaded = _load_hf(path)
-    else:
-        loaded = _load_gguf(path, keep_quantized=quant == "gguf")
+    else:  # a quantized base from a GGUF: its blocks kept, then re-quantized one tensor at a
+        # time (bit-identical to quantizing the dequantized file), never a full fp32 model
+        loaded = _load_gguf(
+            path, keep_quantized=quant is not None, require_quantized=quant == "gguf"
+        )
     if quant in (None, "gguf"):
         return loaded
     return dataclasses.replace(loaded, params=quantize_base(loaded.params, quant))
@@ -120,12 +123,14 @@ def quantize_base(params: dict, quant: str) -> dict:
     along ``in`` (fewer where 64 does not divide ``in``: the largest even divisor below 64)."""
     import math
 
-    from ..quant import quantize_array
+    from ..quant import dequantize_array, is_quantized, quantize_array
 
     qtype = quant.removesuffix("_dq")
 
     def one(kp, x):
         path = "/".join(str(k.key) for k in kp)
+        if is_quantized(x):  # a GGUF's own blocks: decoded exactly as gguf does
+            x = dequantize_array(x)
         if kp[-1].key != "kernel" or np.ndim(x) < 2:
             return x
         block = None
@@ -138,10 +143,10 @@ def quantize_base(params: dict, quant: str) -> dict:
                 )
         return quantize_array(x, qtype, block=block, double_quant=quant == "nf4_dq", path=path)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
 
 
-def _load_gguf(path: str, *, keep_quantized: bool = False) -> Loaded:
+def _load_gguf(path: str, *, keep_quantized: bool = False, require_quantized=True) -> Loaded:
     import gguf
 
     try:
@@ -166,7 +171,11 @@ def _load_gguf(path: str, *, keep_quantized: bool = False) -> Loaded:
         if end > os.path.getsize(path):
             raise ValueError(f"{path} is truncated: tensor {t.name!r} ends past the end of file")
     cfg, tensors, reader = llama.read_gguf(path, keep_quantized=keep_quantized)
-    if keep_quantized and not any(isinstance(t, QArray) for t in tensors.values()):
+    if (
+        keep_quantized
+        and require_quantized
+        and not any(isinstance(t, QArray) for t in tensors.values())
+    ):
         kinds = sorted({t.tensor_type.name for t in reader.tensors})
         raise ValueError(
             f"--quant gguf: {path} has no Q4_0/Q4_1/Q8_0 matrices to keep (its tensors are "

@@ -21,6 +21,7 @@ from ..config import LoraConfig
 from ..linen import init_lora, wrap
 from . import data as data_lib
 from . import llama, models
+from . import loss as lm_loss
 
 ALL_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 #: settings that define a run: resuming with a different value is refused
@@ -119,8 +120,8 @@ def nll(wrapped, params, lora, ids, mask, dropout_key=None):
     """Mean next-token negative log-likelihood over the target tokens (``mask``); LoRA dropout
     runs when a ``dropout_key`` is given."""
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    logits = wrapped.apply({"params": params, "lora": lora}, ids[:, :-1], rngs=rngs)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    v = {"params": params, "lora": lora}  # logits a block of tokens at a time (lm/loss.py)
+    loss = lm_loss.llama_token_nll(wrapped.apply, v, ids[:, :-1], ids[:, 1:], rngs=rngs)
     m = mask.astype(loss.dtype)
     return (loss * m).sum() / jnp.maximum(m.sum(), 1.0), m.sum()
 
