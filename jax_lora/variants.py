@@ -9,6 +9,7 @@ the kernel, so the factors equal PEFT's (up to the signs LAPACK picks).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from . import weights
+from . import dora, weights
 from .config import LoraConfig
 from .merge import _apply, _geometry, _layer, _target
 from .targets import path_str, weight_path
@@ -104,6 +105,16 @@ def _factors(method, m, rank, scale, niter, key) -> tuple[jax.Array, jax.Array]:
     return pissa_factors(m, rank, scale, niter=niter, key=key)
 
 
+def _norm(w: jax.Array, geom: weights.WeightGeometry, a: Any) -> jax.Array:
+    """DoRA's ``‖W‖`` over the input axes of ``w`` (stored with roles ``geom``): (lead..., out...)."""
+    r = np.shape(a)[-1]
+    zero_a = jnp.zeros((*(geom.shape[i] for i in geom.lead + geom.ins), r), jnp.float32)
+    zero_b = jnp.zeros(
+        (*(geom.shape[i] for i in geom.lead), r, *(geom.shape[i] for i in geom.outs))
+    )
+    return dora.weight_norm_stored(w.astype(jnp.float32), zero_a, zero_b, 0.0, geom)
+
+
 def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None) -> dict:
     """`init_from_weights` for an adapted NNX model: in place; returns the initial factors."""
     from .nnx import _by_weight, adapted_layers, lora_state
@@ -131,11 +142,15 @@ def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None)
         a, b = _factors(method, _matrices(w, geom), a0.shape[-1], scale, niter, k)
         a, b = a.reshape(a0.shape).astype(a0.dtype), b.reshape(b0.shape).astype(b0.dtype)
         d = weights.delta(geom, a, b, -scale)
-        writes.append((layer, name, prefix, (w.astype(d.dtype) + d).astype(w.dtype), a, b))
-    for layer, name, prefix, w, a, b in writes:
+        m = getattr(layer, prefix + "m", None)  # DoRA: m = ‖W‖ = ‖W_res + s·a@b‖ (as PEFT)
+        m = None if m is None else _norm(w, geom, a0).astype(m[...].dtype)
+        writes.append((layer, name, prefix, (w.astype(d.dtype) + d).astype(w.dtype), a, b, m))
+    for layer, name, prefix, w, a, b, m in writes:
         getattr(layer, name)[...] = w
         getattr(layer, prefix + "a")[...] = a
         getattr(layer, prefix + "b")[...] = b
+        if m is not None:
+            getattr(layer, prefix + "m")[...] = m
     return lora_state(model)
 
 
@@ -234,11 +249,20 @@ def init_from_weights(
             "a": a.reshape(np.shape(a0)).astype(a0.dtype),
             "b": b.reshape(np.shape(b0)).astype(b0.dtype),
         }
+        if dora.MAGNITUDE in node:  # DoRA: m = ‖W‖ = ‖W_res + s·a@b‖ (PEFT's dora_init after
+            m0 = node[dora.MAGNITUDE]  # pissa/olora_init), so the output is unchanged at start
+            new[dora.MAGNITUDE] = _norm(jnp.asarray(w), geom, a0).astype(m0.dtype)
         if path:
             sub[path[-1]] = new
         else:
             lora = new
-    residual = _apply({"params": params, "lora": lora}, cfg, -1.0, known)  # W - s·a@b in fp32
+    plain = jax.tree.map(  # W - s·a@b in fp32: the plain LoRA update (DoRA's m aside)
+        lambda n: {k: v for k, v in n.items() if k != dora.MAGNITUDE},
+        lora,
+        is_leaf=lambda n: isinstance(n, Mapping) and "a" in n and "b" in n,
+    )
+    plain_cfg = dataclasses.replace(cfg, use_dora=False)
+    residual = _apply({"params": params, "lora": plain}, plain_cfg, -1.0, known)
     return lora, residual
 
 
