@@ -678,7 +678,7 @@ def wrap_nnx(
 def _weight_magnitude(layer, n: str, geom: weights.WeightGeometry, cfg, meta_b: dict) -> str:
     """Set DoRA's ``<n>_lora_m: (lead..., out...)`` of weight ``n``; returns its name."""
     w, a, b = (
-        getattr(layer, n)[...],
+        quant.dequantize(getattr(layer, n).get_value()),  # QLoRA + DoRA: ‖dequantized W‖
         getattr(layer, f"{n}_lora_a")[...],
         getattr(layer, f"{n}_lora_b")[...],
     )
