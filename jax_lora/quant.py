@@ -474,6 +474,20 @@ def _default_target(path: str, leaf: Any) -> bool:
     return path.split("/")[-1] == "kernel" and np.ndim(leaf) >= 2
 
 
+_NOT_MATRICES = ("bias", "scale")  # stacked (scanned) biases and norm scales have 2+ axes too
+
+
+def _target_hit(pats: list[str] | None, path: str, leaf: Any) -> bool:
+    """Whether the weight at ``path`` is quantized: the default (`_default_target`), or a
+    pattern fullmatches its path (``"conv/kernel"``), or its module's path (``"conv"``: that
+    module's weights with 2+ axes, biases and scales excepted)."""
+    if pats is None:
+        return _default_target(path, leaf)
+    module, _, name = path.rpartition("/")
+    matrix = bool(module) and np.ndim(leaf) >= 2 and name not in _NOT_MATRICES
+    return any(re.fullmatch(p, path) or (matrix and re.fullmatch(p, module)) for p in pats)
+
+
 def quantize(
     params: Any,
     qtype: str,
@@ -490,8 +504,11 @@ def quantize(
     Args:
       params: a ``params`` tree (e.g. ``variables["params"]``), possibly with boxed leaves.
       qtype: one of `QTYPES` (``"nf4"``, ``"int4"``, ``"int8"``, ``"fp8"``, ``"q4_0"``, ...).
-      targets: regex(es) ``re.fullmatch``-ed against each leaf's ``/``-joined path; default:
-        every leaf named ``kernel`` with 2 or more axes (all Dense-family layers).
+      targets: regex(es) ``re.fullmatch``-ed against each leaf's ``/``-joined path
+        (``"conv/kernel"``) or against its module's path, as `LoraConfig.targets` (``"conv|emb"``:
+        those modules' weights with 2+ axes: kernels, embedding tables, a layer's own matrices;
+        not its ``bias`` or ``scale``); default: every leaf named ``kernel`` with 2 or more
+        axes (all Dense-family layers).
       block: block size along ``axis`` (64 for nf4/int4, 32 for GGUF types).
       axis: the contraction axis of the kernels (``-2``: ``Dense (in, out)``, scanned stacks).
       double_quant: also quantize the block scales (nf4/int4).
@@ -541,12 +558,7 @@ def quantize(
     def one(kp, leaf):
         path = keypath_str(kp)
         value = leaf.value if hasattr(leaf, "unbox") else leaf
-        hit = (
-            _default_target(path, value)
-            if pats is None
-            else any(re.fullmatch(p, path) for p in pats)
-        )
-        if not hit:
+        if not _target_hit(pats, path, value):
             return leaf
         found.append(path)
         q = quantize_array(
@@ -564,7 +576,10 @@ def quantize(
     if not found:
         what = "no leaf named 'kernel' with 2+ axes" if pats is None else f"`targets` {pats}"
         paths = [keypath_str(kp) for kp, _ in _flat(params)][:20]
-        raise ValueError(f"nothing to quantize: {what} matches a leaf of `params` ({paths})")
+        raise ValueError(
+            f"nothing to quantize: {what} matches no weight of `params` (leaves: {paths}); "
+            "give a leaf path ('conv/kernel') or a module path ('conv')"
+        )
     return out
 
 

@@ -202,3 +202,41 @@ def test_nnx_quantized_conv_embed_custom_linear_equal_dequantized_float_model(
     for w in WEIGHTS.split("|"):
         assert_close(_var(merged, w).get_value(), _var(want, w).get_value(), 1e-6)
     assert_close(merged(IDS), y, 1e-5)
+
+
+# --------------------------------------------------------------------- quantize's targets
+
+
+def test_linen_quantize_targets_accept_module_paths_as_lora_config():
+    params = jax_lora.wrap(LNet(), _cfg(False)).init(jax.random.key(0), IDS)["params"]
+    by_module = jax_lora.quantize(params, "int8", targets="conv|emb|custom")
+    by_weight = jax_lora.quantize(params, "int8", targets=r"conv/kernel|emb/embedding|custom/w")
+    quantized = {
+        jax.tree_util.keystr(kp, simple=True, separator="/")
+        for kp, x in jax.tree_util.tree_leaves_with_path(by_module, is_leaf=quant.is_quantized)
+        if quant.is_quantized(x)
+    }
+    assert quantized == {"conv/kernel", "emb/embedding", "custom/w"}  # conv/bias stays float
+    assert_close(jax_lora.dequantize(by_module), jax_lora.dequantize(by_weight), 0)
+    with pytest.raises(ValueError, match=r"`targets` \['nope'\] matches no weight.*conv/kernel"):
+        jax_lora.quantize(params, "int8", targets="nope")
+
+
+@pytest.mark.usefixtures("_standard_promotion")
+def test_nnx_quantize_targets_accept_module_paths_as_lora_config():
+    model = jax_lora.quantize(Net(nnx.Rngs(0)), "int8", targets="conv|emb|custom")
+    for w in ("conv/kernel", "emb/embedding", "custom/w"):
+        assert quant.is_quantized(_var(model, w).get_value()), w
+    assert not quant.is_quantized(model.conv.bias.get_value())
+    assert not quant.is_quantized(model.head.kernel.get_value())
+    want = jax_lora.quantize(
+        Net(nnx.Rngs(0)), "int8", targets=r"conv/kernel|emb/embedding|custom/w"
+    )
+    for w in ("conv/kernel", "emb/embedding", "custom/w"):
+        assert_close(
+            quant.dequantize_array(_var(model, w).get_value()),
+            quant.dequantize_array(_var(want, w).get_value()),
+            0,
+        )
+    with pytest.raises(ValueError, match=r"`targets` \['nope'\] matches no weight.*conv/kernel"):
+        jax_lora.quantize(Net(nnx.Rngs(0)), "int8", targets="nope")
