@@ -786,6 +786,10 @@ def _after(tree: Any, zero: jax.Array) -> Any:
     return jax.tree.map(tie, tree, is_leaf=is_quantized)
 
 
+def _float_array(x: Any) -> bool:
+    return _array_leaf(x) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def _recomputed(f):
     """``f(zero, *xs)`` differentiable in ``xs``, its backward pass recomputing ``f`` after the
     cotangent exists.
@@ -797,9 +801,15 @@ def _recomputed(f):
     forward pass, of the cotangent in the backward pass, so one layer's kernel exists at a time.
     """
 
+    def tied(zero, *xs):  # the float inputs too: a product of the factors alone (DoRA's
+        # B·A, kernel-sized) would otherwise be shared by XLA between the forward pass and the
+        # recomputation, i.e. kept alive from one to the other, one per layer
+        tie = lambda x: x + zero.astype(x.dtype) if _float_array(x) else x  # noqa: E731
+        return f(zero, *jax.tree.map(tie, xs, is_leaf=is_quantized))
+
     @jax.custom_vjp
     def g(marker, *xs):
-        return f(_zero_from(marker), *xs)
+        return tied(_zero_from(marker), *xs)
 
     def fwd(marker, *xs):
         return g(marker, *xs), (marker, xs)
@@ -808,7 +818,7 @@ def _recomputed(f):
         marker, xs = res
         first = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
         zero = _zero_from(first[0].reshape(-1)[0]) if first else jnp.zeros((), jnp.float32)
-        grads = jax.vjp(lambda *xs: f(zero, *xs), *xs)[1](ct)
+        grads = jax.vjp(lambda *xs: tied(zero, *xs), *xs)[1](ct)
         return (jnp.zeros_like(marker), *grads)
 
     g.defvjp(fwd, bwd)

@@ -49,9 +49,11 @@ def _perturbed(lora):
 class LCustom(nn.Module):
     """A user's layer: its own ``w: (out, in)`` used as ``x @ w.T``."""
 
+    features: int = D
+
     @nn.compact
     def __call__(self, x):
-        w = self.param("w", nn.initializers.normal(0.1), (D, x.shape[-1]))
+        w = self.param("w", nn.initializers.normal(0.1), (self.features, x.shape[-1]))
         return x @ w.T
 
 
@@ -112,8 +114,8 @@ def _standard_promotion():
 class Custom(nnx.Module):
     """A user's layer: its own ``w: (out, in)`` used as ``x @ w.T``."""
 
-    def __init__(self, rngs):
-        self.w = nnx.Param(0.1 * jax.random.normal(rngs.params(), (D, D)))
+    def __init__(self, rngs, d=D):
+        self.w = nnx.Param(0.1 * jax.random.normal(rngs.params(), (d, d)))
 
     def __call__(self, x):
         return x @ self.w[...].T
@@ -240,3 +242,62 @@ def test_nnx_quantize_targets_accept_module_paths_as_lora_config():
         )
     with pytest.raises(ValueError, match=r"`targets` \['nope'\] matches no weight.*conv/kernel"):
         jax_lora.quantize(Net(nnx.Rngs(0)), "int8", targets="nope")
+
+
+# ------------------------------------------------------------------ memory of the DoRA step
+
+DEEP, DW = 8, 256  # the weights dominate the temporaries
+
+
+class LDeep(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(DEEP):
+            x = x + jnp.tanh(LCustom(DW, name=f"c{i}")(x))
+        return x
+
+
+class Deep(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.List([Custom(rngs, DW) for _ in range(DEEP)])
+
+    def __call__(self, x):
+        for blk in self.blocks:
+            x = x + jnp.tanh(blk(x))
+        return x
+
+
+def test_linen_dora_step_on_quantized_custom_weights_keeps_about_one_weight_alive():
+    """DoRA on a quantized weight is recomputed in the backward pass: the compiled step's
+    temporaries hold one layer's kernel-sized arrays, none kept per layer (XLA shared B·A
+    between the forward pass and the recomputation, one kernel-sized residual per layer)."""
+    x = jax.random.normal(jax.random.key(1), (4, DW))
+    wrapped = jax_lora.wrap(LDeep(), jax_lora.LoraConfig(rank=4, targets=r"c\d", use_dora=True))
+    variables = wrapped.init(jax.random.key(0), x)
+    qp = jax_lora.quantize(variables["params"], "nf4", targets=r"c\d")
+
+    def loss(lora, params):
+        return jnp.sum(jnp.sin(wrapped.apply({"params": params, "lora": lora}, x)))
+
+    mem = jax.jit(jax.grad(loss)).lower(variables["lora"], qp).compile().memory_analysis()
+    fp32_weights = DEEP * DW * DW * 4
+    # one layer's W, B·A and W + s·B·A (3/8 of the weights); was one more weight per layer
+    assert mem.temp_size_in_bytes < 0.6 * fp32_weights, (mem.temp_size_in_bytes, fp32_weights)
+
+
+@pytest.mark.usefixtures("_standard_promotion")
+def test_nnx_dora_step_on_quantized_custom_weights_keeps_about_one_weight_alive():
+    x = jax.random.normal(jax.random.key(1), (4, DW))
+    model = jax_lora.quantize(Deep(nnx.Rngs(0)), "nf4", targets=r"blocks/\d+")
+    cfg = jax_lora.LoraConfig(rank=4, targets=r"blocks/\d+", use_dora=True)
+    jax_lora.wrap(model, cfg, example=(x,))
+    assert set(jax_lora.lora_state(model)["blocks"]["0"]["w"]) == {"a", "b", "m"}
+    graphdef, lo, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lo, rest):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, lo, rest)(x)))
+
+    mem = jax.jit(jax.grad(loss)).lower(lo, rest).compile().memory_analysis()
+    fp32_weights = DEEP * DW * DW * 4
+    # one layer's W, B·A and W + s·B·A (3/8 of the weights); was one more weight per layer
+    assert mem.temp_size_in_bytes < 0.6 * fp32_weights, (mem.temp_size_in_bytes, fp32_weights)
