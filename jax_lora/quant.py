@@ -781,7 +781,12 @@ def _after(tree: Any, zero: jax.Array) -> Any:
     def tie(q):
         if not is_quantized(q):
             return q
-        return q.replace(codes=q.codes + zero.astype(q.codes.dtype))
+        # the scales too: their broadcast to the kernel's blocks is kernel-sized, and XLA would
+        # otherwise compute it once, shared by the forward pass and the recomputation
+        return q.replace(
+            codes=q.codes + zero.astype(q.codes.dtype),
+            scales=q.scales + zero.astype(q.scales.dtype),
+        )
 
     return jax.tree.map(tie, tree, is_leaf=is_quantized)
 

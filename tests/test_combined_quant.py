@@ -301,3 +301,51 @@ def test_nnx_dora_step_on_quantized_custom_weights_keeps_about_one_weight_alive(
     fp32_weights = DEEP * DW * DW * 4
     # one layer's W, B·A and W + s·B·A (3/8 of the weights); was one more weight per layer
     assert mem.temp_size_in_bytes < 0.6 * fp32_weights, (mem.temp_size_in_bytes, fp32_weights)
+
+
+class LDenseDeep(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(DEEP):
+            x = x + jnp.tanh(nn.Dense(DW, name=f"c{i}")(x))
+        return x
+
+
+class DenseDeep(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.List([nnx.Linear(DW, DW, rngs=rngs) for _ in range(DEEP)])
+
+    def __call__(self, x):
+        for blk in self.blocks:
+            x = x + jnp.tanh(blk(x))
+        return x
+
+
+@pytest.mark.usefixtures("_standard_promotion")
+def test_dora_step_on_quantized_dense_and_linear_keeps_about_one_weight_alive():
+    """DoRA on a quantized Dense (linen) / Linear (NNX): the norm of the dequantized kernel is
+    recomputed in the backward pass (it kept two fp32 kernels per layer)."""
+    x = jax.random.normal(jax.random.key(1), (4, DW))
+    fp32_weights = DEEP * DW * DW * 4
+    cfg = jax_lora.LoraConfig(rank=4, targets=r"c\d|blocks/\d+", use_dora=True)
+    wrapped = jax_lora.wrap(LDenseDeep(), cfg)
+    variables = wrapped.init(jax.random.key(0), x)
+    qp = jax_lora.quantize(variables["params"], "nf4")
+    assert set(variables["lora"]["c0"]) == {"a", "b", "m"}
+
+    def loss(lora, params):
+        return jnp.sum(jnp.sin(wrapped.apply({"params": params, "lora": lora}, x)))
+
+    mem = jax.jit(jax.grad(loss)).lower(variables["lora"], qp).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 0.6 * fp32_weights, (mem.temp_size_in_bytes, fp32_weights)
+
+    model = jax_lora.quantize(DenseDeep(nnx.Rngs(0)), "nf4")
+    jax_lora.wrap(model, cfg, example=(x,))
+    assert set(jax_lora.lora_state(model)["blocks"]["0"]) == {"a", "b", "m"}
+    graphdef, lo, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def nnx_loss(lo, rest):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, lo, rest)(x)))
+
+    mem = jax.jit(jax.grad(nnx_loss)).lower(lo, rest).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 0.6 * fp32_weights, (mem.temp_size_in_bytes, fp32_weights)
