@@ -9,11 +9,13 @@ Embed, a layer's own matmul weight) follows the same rule in its stored layout (
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import factors
+from . import factors, quant
 
 Array = jax.Array
 
@@ -135,6 +137,34 @@ def apply(
     else:
         base = x_base
     return y + (mn - jnp.ones((), y.dtype)) * base + mn * lora
+
+
+def apply_on(
+    y: Array,
+    bias: Array | None,
+    x: Array,
+    dropped: bool,
+    kernel: Any,
+    a: Array,
+    b: Array,
+    m: Array,
+    geom: factors.Geometry,
+    scale: float,
+    precision=None,
+) -> Array:
+    """`apply` with ``x_base = base_matmul(x, kernel)`` while dropout runs (``dropped``). A
+    `QArray` kernel (QLoRA + DoRA) is dequantized inside `quant.dequantized_evaluate`: the
+    backward pass recomputes it and the norm, so no fp32 kernel is kept per layer."""
+
+    def run(values, t):
+        (w,), (y, bias, x, a, b, m) = values, t
+        x_base = base_matmul(x, w, geom, precision) if dropped else None
+        return apply(y, bias, x, x_base, w, a, b, m, geom, scale, precision)
+
+    args = (y, bias, x, a, b, m)
+    if not quant.is_quantized(kernel):
+        return run([kernel], args)
+    return quant.dequantized_evaluate(run, [quant._plain(kernel)], args, quant.input_marker(x))
 
 
 def base_matmul(x: Array, kernel: Array, geom: factors.Geometry, precision=None) -> Array:

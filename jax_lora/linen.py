@@ -235,10 +235,10 @@ def _dora(module, y, x, drop, a, b, m, geom, cfg: LoraConfig):
     """DoRA's output for a Dense-family call; with dropout running, the base part is the
     layer's own matmul of the dropped-out input (as PEFT), without its bias."""
     params = module.variables["params"]
-    kernel = quant.dequantize(nn.meta.unbox(params["kernel"]))  # QLoRA + DoRA: dequantized
+    kernel = nn.meta.unbox(params["kernel"])  # QLoRA + DoRA: dequantized in `dora.apply_on`
     bias = nn.meta.unbox(params["bias"]) if "bias" in params else None
-    x_base = None if drop is None else dora.base_matmul(x, kernel, geom, module.precision)
-    return dora.apply(y, bias, x, x_base, kernel, a, b, m, geom, cfg.scale, module.precision)
+    dropped = drop is not None
+    return dora.apply_on(y, bias, x, dropped, kernel, a, b, m, geom, cfg.scale, module.precision)
 
 
 class _Interceptor:

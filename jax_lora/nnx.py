@@ -153,11 +153,10 @@ class _LoraLayer(nnx.Module):
 
 def _dora(layer: Any, y: jax.Array, x: jax.Array, drop: bool, geom: factors.Geometry):
     """DoRA's output of an adapted Linear/LinearGeneral/Einsum (see `jax_lora.dora.apply`)."""
-    kernel = quant.dequantize(layer.kernel.get_value())  # QLoRA + DoRA: dequantized
+    kernel = layer.kernel.get_value()  # QLoRA + DoRA: dequantized in `dora.apply_on`
     bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
-    x_base = dora.base_matmul(x, kernel, geom, layer.precision) if drop else None
     a, b, m = layer.lora_a[...], layer.lora_b[...], layer.lora_m[...]
-    return dora.apply(y, bias, x, x_base, kernel, a, b, m, geom, layer.lora_scale, layer.precision)
+    return dora.apply_on(y, bias, x, drop, kernel, a, b, m, geom, layer.lora_scale, layer.precision)
 
 
 class LoraLinear(_LoraLayer, nnx.Linear):
@@ -678,7 +677,7 @@ def wrap_nnx(
 def _weight_magnitude(layer, n: str, geom: weights.WeightGeometry, cfg, meta_b: dict) -> str:
     """Set DoRA's ``<n>_lora_m: (lead..., out...)`` of weight ``n``; returns its name."""
     w, a, b = (
-        getattr(layer, n)[...],
+        quant.dequantize(getattr(layer, n).get_value()),  # QLoRA + DoRA: ‖dequantized W‖
         getattr(layer, f"{n}_lora_a")[...],
         getattr(layer, f"{n}_lora_b")[...],
     )

@@ -474,6 +474,20 @@ def _default_target(path: str, leaf: Any) -> bool:
     return path.split("/")[-1] == "kernel" and np.ndim(leaf) >= 2
 
 
+_NOT_MATRICES = ("bias", "scale")  # stacked (scanned) biases and norm scales have 2+ axes too
+
+
+def _target_hit(pats: list[str] | None, path: str, leaf: Any) -> bool:
+    """Whether the weight at ``path`` is quantized: the default (`_default_target`), or a
+    pattern fullmatches its path (``"conv/kernel"``), or its module's path (``"conv"``: that
+    module's weights with 2+ axes, biases and scales excepted)."""
+    if pats is None:
+        return _default_target(path, leaf)
+    module, _, name = path.rpartition("/")
+    matrix = bool(module) and np.ndim(leaf) >= 2 and name not in _NOT_MATRICES
+    return any(re.fullmatch(p, path) or (matrix and re.fullmatch(p, module)) for p in pats)
+
+
 def quantize(
     params: Any,
     qtype: str,
@@ -490,8 +504,11 @@ def quantize(
     Args:
       params: a ``params`` tree (e.g. ``variables["params"]``), possibly with boxed leaves.
       qtype: one of `QTYPES` (``"nf4"``, ``"int4"``, ``"int8"``, ``"fp8"``, ``"q4_0"``, ...).
-      targets: regex(es) ``re.fullmatch``-ed against each leaf's ``/``-joined path; default:
-        every leaf named ``kernel`` with 2 or more axes (all Dense-family layers).
+      targets: regex(es) ``re.fullmatch``-ed against each leaf's ``/``-joined path
+        (``"conv/kernel"``) or against its module's path, as `LoraConfig.targets` (``"conv|emb"``:
+        those modules' weights with 2+ axes: kernels, embedding tables, a layer's own matrices;
+        not its ``bias`` or ``scale``); default: every leaf named ``kernel`` with 2 or more
+        axes (all Dense-family layers).
       block: block size along ``axis`` (64 for nf4/int4, 32 for GGUF types).
       axis: the contraction axis of the kernels (``-2``: ``Dense (in, out)``, scanned stacks).
       double_quant: also quantize the block scales (nf4/int4).
@@ -541,12 +558,7 @@ def quantize(
     def one(kp, leaf):
         path = keypath_str(kp)
         value = leaf.value if hasattr(leaf, "unbox") else leaf
-        hit = (
-            _default_target(path, value)
-            if pats is None
-            else any(re.fullmatch(p, path) for p in pats)
-        )
-        if not hit:
+        if not _target_hit(pats, path, value):
             return leaf
         found.append(path)
         q = quantize_array(
@@ -564,7 +576,10 @@ def quantize(
     if not found:
         what = "no leaf named 'kernel' with 2+ axes" if pats is None else f"`targets` {pats}"
         paths = [keypath_str(kp) for kp, _ in _flat(params)][:20]
-        raise ValueError(f"nothing to quantize: {what} matches a leaf of `params` ({paths})")
+        raise ValueError(
+            f"nothing to quantize: {what} matches no weight of `params` (leaves: {paths}); "
+            "give a leaf path ('conv/kernel') or a module path ('conv')"
+        )
     return out
 
 
@@ -766,9 +781,18 @@ def _after(tree: Any, zero: jax.Array) -> Any:
     def tie(q):
         if not is_quantized(q):
             return q
-        return q.replace(codes=q.codes + zero.astype(q.codes.dtype))
+        # the scales too: their broadcast to the kernel's blocks is kernel-sized, and XLA would
+        # otherwise compute it once, shared by the forward pass and the recomputation
+        return q.replace(
+            codes=q.codes + zero.astype(q.codes.dtype),
+            scales=q.scales + zero.astype(q.scales.dtype),
+        )
 
     return jax.tree.map(tie, tree, is_leaf=is_quantized)
+
+
+def _float_array(x: Any) -> bool:
+    return _array_leaf(x) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _recomputed(f):
@@ -782,9 +806,15 @@ def _recomputed(f):
     forward pass, of the cotangent in the backward pass, so one layer's kernel exists at a time.
     """
 
+    def tied(zero, *xs):  # the float inputs too: a product of the factors alone (DoRA's
+        # B·A, kernel-sized) would otherwise be shared by XLA between the forward pass and the
+        # recomputation, i.e. kept alive from one to the other, one per layer
+        tie = lambda x: x + zero.astype(x.dtype) if _float_array(x) else x  # noqa: E731
+        return f(zero, *jax.tree.map(tie, xs, is_leaf=is_quantized))
+
     @jax.custom_vjp
     def g(marker, *xs):
-        return f(_zero_from(marker), *xs)
+        return tied(_zero_from(marker), *xs)
 
     def fwd(marker, *xs):
         return g(marker, *xs), (marker, xs)
@@ -793,7 +823,7 @@ def _recomputed(f):
         marker, xs = res
         first = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
         zero = _zero_from(first[0].reshape(-1)[0]) if first else jnp.zeros((), jnp.float32)
-        grads = jax.vjp(lambda *xs: f(zero, *xs), *xs)[1](ct)
+        grads = jax.vjp(lambda *xs: tied(zero, *xs), *xs)[1](ct)
         return (jnp.zeros_like(marker), *grads)
 
     g.defvjp(fwd, bwd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -236,7 +235,8 @@ def quantize_nnx(
     dtype: Any = None,
 ) -> nnx.Module:
     """`quant.quantize` for an NNX model, in place: each targeted ``nnx.Param`` (the path
-    ``<layer path>/<attribute>``, default: every ``kernel`` with 2+ axes) holds a `QArray`
+    ``<layer path>/<attribute>``, or the layer path itself for its 2+-axis weights, as
+    `quant.quantize`; default: every ``kernel`` with 2+ axes) holds a `QArray`
     (its metadata, e.g. sharding names, kept) and its layer becomes a `_QuantLayer` subclass.
 
     Works before or after `jax_lora.wrap`, a layer gets the same class either way; a weight with
@@ -263,12 +263,7 @@ def quantize_nnx(
             wpath = f"{path}/{name}" if path else name
             value = var.get_value()
             seen.append(wpath)
-            hit = (
-                quant._default_target(wpath, value)
-                if pats is None
-                else any(re.fullmatch(p, wpath) for p in pats)
-            )
-            if not hit:
+            if not quant._target_hit(pats, wpath, value):
                 continue
             q = quant.quantize_array(
                 value, qtype, block=block, axis=axis, double_quant=double_quant, dtype=dtype,
@@ -277,7 +272,10 @@ def quantize_nnx(
             plans.append((module, var, q))
     if not plans:
         what = "no nnx.Param named 'kernel' with 2+ axes" if pats is None else f"`targets` {pats}"
-        raise ValueError(f"nothing to quantize: {what} matches a weight of the model {seen[:20]}")
+        raise ValueError(
+            f"nothing to quantize: {what} matches no weight of the model (weights: {seen[:20]}); "
+            "give a weight path ('conv/kernel') or a module path ('conv')"
+        )
     for module, var, q in plans:
         var.set_value(q)
         object.__setattr__(module, "__class__", _quantized_class(type(module)))
