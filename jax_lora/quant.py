@@ -733,24 +733,33 @@ def dequantized_call(module: Any, method: str, skip: str, isolate=lambda fn: fn)
     clone_apply = isolate(module.clone(parent=None).apply)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        flat, tree = jax.tree.flatten((variables, args, kwargs), is_leaf=is_quantized)
-        dyn = [is_quantized(x) or _array_leaf(x) for x in flat]
-        values = [x for x, d in zip(flat, dyn, strict=True) if d]
-        floats = [x for x in jax.tree.leaves((args, kwargs)) if _array_leaf(x)]
-        floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
-        marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
-
-        def run(zero, *values):
-            it = iter(values)
-            leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
-            v, a, k = jax.tree.unflatten(tree, leaves)
+        def run(zero, tree):
+            v, a, k = tree
             v = jax.tree.map(lambda x: _plain(x) if is_quantized(x) else x, v, is_leaf=is_quantized)
             v = jax.lax.stop_gradient(_after(v, zero))  # the frozen base: no gradient
             return clone_apply(dequantize(v), *a, method=method, **k)
 
-        return _recomputed(run)(marker, *values)
+        return recomputed_apply(run, (variables, args, kwargs), (args, kwargs))
 
     return call
+
+
+def recomputed_apply(fn: Any, tree: Any, inputs: Any, *, dynamic: Any = None) -> Any:
+    """``fn(zero, tree)`` under `_recomputed`: differentiable in ``tree``'s arrays and
+    `QArray`s (``dynamic(leaf)`` picks the arrays; default: jax/numpy arrays), its other leaves
+    static; the forward pass waits for ``inputs`` (`input_marker`), the backward pass for the
+    cotangent. ``fn`` ties the `QArray`s to ``zero`` (`_after`) before dequantizing them."""
+    dynamic = _array_leaf if dynamic is None else dynamic
+    flat, treedef = jax.tree.flatten(tree, is_leaf=is_quantized)
+    dyn = [is_quantized(x) or dynamic(x) for x in flat]
+    values = [x for x, d in zip(flat, dyn, strict=True) if d]
+
+    def run(zero, *vals):
+        it = iter(vals)
+        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
+        return fn(zero, jax.tree.unflatten(treedef, leaves))
+
+    return _recomputed(run)(input_marker(inputs), *values)
 
 
 def _check_factor_dtypes(module: Any, collection: str) -> None:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -55,23 +54,15 @@ def dequantized_call(layer: nnx.Module, method: str, args: tuple, kwargs: dict) 
     The copy is ``nnx.merge`` of the layer's pure state: state the base method changes (none for
     flax's layers) is not written back. The frozen base gets no gradient (as linen)."""
     graphdef, state = nnx.split(layer)
-    pure = nnx.to_pure_dict(state)
-    flat, tree = jax.tree.flatten((pure, args, kwargs), is_leaf=quant.is_quantized)
-    dyn = [quant.is_quantized(x) or _numeric(x) for x in flat]
-    values = [x for x, d in zip(flat, dyn, strict=True) if d]
-    floats = [x for x in jax.tree.leaves((args, kwargs)) if _numeric(x)]
-    floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
-    marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
 
-    def run(zero, *vals):
-        it = iter(vals)
-        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
-        p, a, k = jax.tree.unflatten(tree, leaves)
+    def run(zero, tree):
+        p, a, k = tree
         p = quant.dequantize(jax.lax.stop_gradient(quant._after(p, zero)))
         copy = nnx.merge(graphdef, p)
         return getattr(super(_QuantLayer, copy), method)(*a, **k)
 
-    return quant._recomputed(run)(marker, *values)
+    pure = nnx.to_pure_dict(state)
+    return quant.recomputed_apply(run, (pure, args, kwargs), (args, kwargs), dynamic=_numeric)
 
 
 def lora_dequantized_call(
@@ -95,24 +86,17 @@ def lora_dequantized_call(
     key = stream() if drop else None
     impl = jax.random.key_impl(key) if drop else None
     key_data = jax.random.key_data(key) if drop else None
-    flat, tree = jax.tree.flatten((lo, rest, key_data, args, kwargs), is_leaf=quant.is_quantized)
-    dyn = [quant.is_quantized(x) or _numeric(x) for x in flat]
-    values = [x for x, d in zip(flat, dyn, strict=True) if d]
-    floats = [x for x in jax.tree.leaves((args, kwargs)) if _numeric(x)]
-    floats = [x for x in floats if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
-    marker = floats[0].reshape(-1)[0] if floats else jnp.zeros((), jnp.float32)
 
-    def f(zero, *vals):
-        it = iter(vals)
-        leaves = [next(it) if d else leaf for leaf, d in zip(flat, dyn, strict=True)]
-        lo, rest, kd, a, k = jax.tree.unflatten(tree, leaves)
+    def f(zero, tree):
+        lo, rest, kd, a, k = tree
         rest = quant.dequantize(jax.lax.stop_gradient(quant._after(rest, zero)))
         copy = nnx.merge(graphdef, lo, rest)
         if kd is not None:
             copy.lora_rngs = nnx.RngStream(jax.random.wrap_key_data(kd, impl=impl), tag=stream.tag)
         return run(copy, method, a, k)
 
-    return quant._recomputed(f)(marker, *values)
+    tree = (lo, rest, key_data, args, kwargs)
+    return quant.recomputed_apply(f, tree, (args, kwargs), dynamic=_numeric)
 
 
 def plain_base(cls: type) -> type:
