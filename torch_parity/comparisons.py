@@ -1199,6 +1199,26 @@ def _twin_forward_grads(twin: _Twin, label: str) -> list[Row]:
     ]
 
 
+def jax_adam(loss_of_lora, params, lora, steps: int, lr: float):
+    """``steps`` jitted Adam steps (PyTorch's defaults) of ``jax_lora.optimizer`` on
+    ``{"params", "lora"}`` with loss ``loss_of_lora(lora)``: ``(final tree, losses)``."""
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam: int32 step count ** float
+        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
+        tree = {"params": params, "lora": lora}
+
+        @jax.jit
+        def step(tree, state):
+            loss, g = jax.value_and_grad(lambda t: loss_of_lora(t["lora"]))(tree)
+            u, state = tx.update(g, state, tree)
+            return optax.apply_updates(tree, u), state, loss
+
+        state, losses = tx.init(tree), []
+        for _ in range(steps):
+            tree, state, loss = step(tree, state)
+            losses.append(float(loss))
+    return tree, losses
+
+
 def _twin_adam(twin: _Twin, label: str, steps: int = 20, lr: float = 1e-2) -> list[Row]:
     """``steps`` of torch.optim.Adam on the factors vs ``jax_lora.optimizer(optax.adam)`` on the
     whole ``{"params", "lora"}`` tree."""
@@ -1211,20 +1231,7 @@ def _twin_adam(twin: _Twin, label: str, steps: int = 20, lr: float = 1e-2) -> li
         loss.backward()
         topt.step()
         losses_t.append(loss.item())
-    with jax.numpy_dtype_promotion("standard"):  # optax's Adam (see `_train`)
-        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
-        tree = {"params": twin.params, "lora": twin.lora}
-
-        @jax.jit
-        def step(tree, state):
-            loss, g = jax.value_and_grad(lambda t: twin.jax_loss(t["lora"]))(tree)
-            u, state = tx.update(g, state, tree)
-            return optax.apply_updates(tree, u), state, loss
-
-        state, losses_j = tx.init(tree), []
-        for _ in range(steps):
-            tree, state, loss = step(tree, state)
-            losses_j.append(float(loss))
+    tree, losses_j = jax_adam(twin.jax_loss, twin.params, twin.lora, steps, lr)
     frozen = max(
         float(jnp.abs(t - p).max())
         for t, p in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(twin.params), strict=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from torch import nn as tnn
 
@@ -26,6 +25,7 @@ from .comparisons import (
     _lora_tree,
     _mse_jax,
     _random_factors,
+    jax_adam,
     row,
 )
 
@@ -151,20 +151,8 @@ def _adam(pair: _DoraPair, label: str, steps: int = 20, lr: float = 1e-2) -> lis
         loss.backward()
         topt.step()
         losses_t.append(loss.item())
-    with jax.numpy_dtype_promotion("standard"):  # optax's Adam: int32 step count ** float
-        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
-        tree = {"params": pair.params, "lora": pair.lora}
-
-        @jax.jit
-        def step(tree, state):
-            loss, g = jax.value_and_grad(lambda t: pair.jax_loss(t["lora"], x, y))(tree)
-            u, state = tx.update(g, state, tree)
-            return optax.apply_updates(tree, u), state, loss
-
-        state, losses_j = tx.init(tree), []
-        for _ in range(steps):
-            tree, state, loss = step(tree, state)
-            losses_j.append(float(loss))
+    loss_of = lambda lora: pair.jax_loss(lora, x, y)  # noqa: E731
+    tree, losses_j = jax_adam(loss_of, pair.params, pair.lora, steps, lr)
     ratio = losses_j[-1] / losses_j[0]
     return [
         Row(

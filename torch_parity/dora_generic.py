@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from torch import nn as tnn
 
@@ -43,6 +42,7 @@ from .comparisons import (
     _flax_params_from,
     _np,
     _Twin,
+    jax_adam,
     row,
 )
 
@@ -232,20 +232,7 @@ def _adam(dt: _DoraTwin, label: str, steps: int = 20, lr: float = 1e-2) -> list[
         loss.backward()
         topt.step()
         losses_t.append(loss.item())
-    with jax.numpy_dtype_promotion("standard"):  # optax's Adam: int32 step count ** float
-        tx = jax_lora.optimizer(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
-        tree = {"params": twin.params, "lora": twin.lora}
-
-        @jax.jit
-        def step(tree, state):
-            loss, g = jax.value_and_grad(lambda t: twin.jax_loss(t["lora"]))(tree)
-            u, state = tx.update(g, state, tree)
-            return optax.apply_updates(tree, u), state, loss
-
-        state, losses_j = tx.init(tree), []
-        for _ in range(steps):
-            tree, state, loss = step(tree, state)
-            losses_j.append(float(loss))
+    tree, losses_j = jax_adam(twin.jax_loss, twin.params, twin.lora, steps, lr)
     ratio = losses_j[-1] / losses_j[0]
     a, b = twin.to_torch(tree["lora"])
     return [
