@@ -1,4 +1,12 @@
-"""jax_lora: LoRA (arXiv 2106.09685) for JAX and Flax."""
+"""jax_lora: LoRA (arXiv 2106.09685) for JAX and Flax.
+
+`AdapterCheckpointer` / `Restored` (orbax + tensorstore, ~30 MB and ~1 s to import) and the PEFT
+file functions load on first use (PEP 562), so that ``import jax_lora`` stays light; ``from
+jax_lora import AdapterCheckpointer`` and ``jax_lora.AdapterCheckpointer`` work as before.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .adapters import MultiLoraWrapped as MultiLoraWrapped
 from .adapters import adapter_ids as adapter_ids
@@ -10,8 +18,6 @@ from .adapters import delete_adapter as delete_adapter
 from .adapters import export_peft_adapters as export_peft_adapters
 from .adapters import import_peft_adapters as import_peft_adapters
 from .adapters import set_active_adapters as set_active_adapters
-from .checkpoint import AdapterCheckpointer as AdapterCheckpointer
-from .checkpoint import Restored as Restored
 from .config import INITS as INITS
 from .config import LoraConfig as LoraConfig
 from .linen import LoraWrapped as LoraWrapped
@@ -23,8 +29,6 @@ from .nnx import load_lora as load_lora
 from .nnx import lora_state as lora_state
 from .optim import optimizer as optimizer
 from .optim import trainable_mask as trainable_mask
-from .peft import export_peft as export_peft
-from .peft import import_peft as import_peft
 from .quant import QArray as QArray
 from .quant import dequantize as dequantize
 from .quant import quantize as quantize
@@ -36,6 +40,32 @@ from .variants import convert_to_lora as convert_to_lora
 from .variants import init_from_weights as init_from_weights
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs
+    from .checkpoint import AdapterCheckpointer as AdapterCheckpointer
+    from .checkpoint import Restored as Restored
+    from .peft import export_peft as export_peft
+    from .peft import import_peft as import_peft
+
+_LAZY = {  # public name -> the submodule that defines it, imported on first access
+    "AdapterCheckpointer": "checkpoint",
+    "Restored": "checkpoint",
+    "export_peft": "peft",
+    "import_peft": "peft",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'jax_lora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "INITS",
