@@ -370,6 +370,8 @@ def read_gguf(path: str, *, keep_quantized: bool = False):
             unpermute = lambda a, n: jax.tree.map(lambda x: gguf_unpermute(x, n), a)  # noqa: E731
         else:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            if np.may_share_memory(w, r.data):  # an F32 tensor: a view of the file's memmap,
+                w = w.copy()  # which jnp.asarray may alias, keeping the whole file mapped
             w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists ne0 first
             unpermute = gguf_unpermute
         if kind == "attn_q":
