@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import optax
 # this checkout's jax_lora (not an installed one) and the benchmark models
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proc_memory
 from models import TARGETS, GPTConfig, LinenGPT, NnxGPT, add_size_args, torch_gpt
 
 import jax_lora
@@ -116,6 +116,11 @@ def parse_args(argv=None):
         action="store_true",
         help="only a small sweep (d 256,768,2048 x rank 8,64, <= 6 rounds), no main table; "
         "table + PNG + JSON under benchmarks/results/",
+    )
+    p.add_argument(
+        "--smollm2-only",
+        action="store_true",
+        help="only the SmolLM2-135M step peak RSS (3 fresh processes + the process baseline)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument(
@@ -360,23 +365,21 @@ SMOLLM2 = {  # one training step of the real SmolLM2-135M, seq 256, batch 4
 def _smollm2_step(name: str):
     """One step of ``name`` (a `SMOLLM2` key) on SmolLM2-135M with the loader's copies freed, so
     that the peak RSS measured after it is the step's: params (+ grads and Adam for full).
-    Every configuration alike: the chunked cross-entropy (`jax_lora.lm.loss`), the decoder
+    Every configuration alike: the same loader, the heap freed after loading and after
+    compiling, both steps donating what they update (params and Adam state; LoRA factors and
+    their Adam state), the chunked cross-entropy (`jax_lora.lm.loss`), the decoder
     layers as one scan of rematerialised layers (``Llama(remat=True, scan_layers=True)``),
     compiled with XLA:CPU's memory-optimised scheduler. Returns
     ``(step(), compiled memory_analysis() in MiB)``."""
-    import contextlib
-    import ctypes
-    import gc
-
     from jax_lora.lm import llama
     from jax_lora.lm import loss as lm_loss
 
+    stages = {"imports": proc_memory.rss_mib()}  # RSS (MiB) along the way, for the README
     cfg, params, _, tensors = llama.load_smollm2()
-    del tensors
+    del tensors, _
     params = llama.stack_layers(jax.tree.map(jnp.asarray, params))  # for scan_layers
-    gc.collect()
-    with contextlib.suppress(OSError):  # hand the loader's freed heap back to the OS
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    proc_memory.release_heap()  # the loader's freed heap (GGUF -> fp32 copies)
+    stages["loaded"] = proc_memory.rss_mib()
     model = llama.Llama(cfg, remat=True, scan_layers=True)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 257)), jnp.int32)
@@ -389,7 +392,9 @@ def _smollm2_step(name: str):
 
     def memory(compiled) -> dict:
         m = compiled.memory_analysis()
-        return {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("temp", "argument")}
+        mem = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("temp", "argument")}
+        proc_memory.release_heap()  # the compiler's freed heap
+        return {**mem, "stages": {**stages, "compiled": proc_memory.rss_mib()}}
 
     if targets is None:
 
@@ -440,6 +445,45 @@ def smollm2_child(name: str, a) -> dict:
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def smollm2_only(a) -> dict:
+    """``--smollm2-only``: each `SMOLLM2` configuration's step peak RSS in a fresh process, its
+    RSS along the way (imports, loaded, compiled, after the step: rss = anon + file MiB) and the
+    ratios; ``process`` is a fresh process's own peak (imports + the XLA runtime, no model)."""
+    t0 = time.perf_counter()
+    process = peak_rss_mib("baseline", a)
+    mem = {n: smollm2_child(n, a) for n in SMOLLM2}
+    rss = {n: m["rss"] for n, m in mem.items()}
+    full = rss["smollm2_full"]
+    report = {
+        "smollm2_rss_lora_over_full": rss["smollm2_lora_qv"] / full,
+        "smollm2_rss_lora_all_over_full": rss["smollm2_lora_all"] / full,
+        "smollm2_peak_rss_mib": rss,
+        "smollm2_process_rss_mib": process,
+        "smollm2_step_memory_mib": mem,
+        "env": {"cores": os.cpu_count(), "jax": jax.__version__, "load_avg": os.getloadavg()},
+        "total_s": time.perf_counter() - t0,
+    }
+    for n, m in mem.items():
+        parts = ", ".join(
+            f"{k} {v['rss']:.0f} ({v['anon']:.0f}+{v['file']:.0f})"
+            for k, v in m["stages"].items()
+            if v
+        )
+        print(
+            f"{n[8:]:>9}: peak {m['rss']:.0f} MiB; compiled temp {m['temp']:.0f}, argument "
+            f"{m['argument']:.0f}; RSS (anon+file) {parts}"
+        )
+    print(
+        f"process {process:.0f} MiB; lora_qv/full {report['smollm2_rss_lora_over_full']:.3f}, "
+        f"lora_all/full {report['smollm2_rss_lora_all_over_full']:.3f}; net of the process "
+        f"{(rss['smollm2_lora_qv'] - process) / (full - process):.3f}; "
+        f"{report['total_s']:.0f} s, load {os.getloadavg()[0]:.1f}"
+    )
+    if a.json:
+        print(json.dumps(report))
+    return report
 
 
 RATIOS = {  # report key: (numerator, denominator) configurations, timed in the same rounds
@@ -597,28 +641,6 @@ def plot_sweep(rows: list[dict], peers: list[str], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _reset_peak_rss() -> None:
-    """Restart VmHWM at the current RSS (Linux: ``5`` to clear_refs); best effort."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss
-    does not (a child forked from a big parent inherits the parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def peak_rss_mib(name: str, a) -> float:
     """Peak RSS of a fresh process that builds ``name`` and runs three steps (one step of
     SmolLM2-135M for the `SMOLLM2` names, counted from after loading)."""
@@ -646,16 +668,19 @@ def main(a) -> dict:
             jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
         elif a.rss_of in SMOLLM2:
             step, mem = _smollm2_step(a.rss_of)
-            _reset_peak_rss()  # the step's peak, not the loader's (GGUF -> fp32 copies)
+            proc_memory.reset_peak()  # the step's peak, not the loader's (GGUF -> fp32 copies)
             step()
-            print(json.dumps({"rss": _peak_rss_mib(), **mem}))
+            mem["stages"]["step"] = proc_memory.rss_mib()
+            print(json.dumps({"rss": proc_memory.peak_rss_mib(), **mem}))
             return {}
         else:
             step = build(a, [a.rss_of])[a.rss_of]
             for _ in range(3):
                 step()
-        print(_peak_rss_mib())
+        print(proc_memory.peak_rss_mib())
         return {}
+    if a.smollm2_only:
+        return smollm2_only(a)
     names = [
         "full",
         "floor",
