@@ -393,6 +393,7 @@ def _smollm2_step(name: str):
     def memory(compiled) -> dict:
         m = compiled.memory_analysis()
         mem = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("temp", "argument")}
+        jax.clear_caches()  # the loader's and init_lora's executables (not `compiled`)
         proc_memory.release_heap()  # the compiler's freed heap
         return {**mem, "stages": {**stages, "compiled": proc_memory.rss_mib()}}
 
@@ -443,7 +444,8 @@ def smollm2_child(name: str, a) -> dict:
     """Peak RSS (MiB, from after loading) and the compiled step's temp/argument MiB of one
     `SMOLLM2` configuration, in a fresh process."""
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    env = proc_memory.child_env()  # glibc: a fixed mmap threshold (see proc_memory)
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -452,7 +454,7 @@ def smollm2_only(a) -> dict:
     RSS along the way (imports, loaded, compiled, after the step: rss = anon + file MiB) and the
     ratios; ``process`` is a fresh process's own peak (imports + the XLA runtime, no model)."""
     t0 = time.perf_counter()
-    process = peak_rss_mib("baseline", a)
+    process = peak_rss_mib("baseline", a, env=proc_memory.child_env())
     mem = {n: smollm2_child(n, a) for n in SMOLLM2}
     rss = {n: m["rss"] for n, m in mem.items()}
     full = rss["smollm2_full"]
@@ -641,7 +643,7 @@ def plot_sweep(rows: list[dict], peers: list[str], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def peak_rss_mib(name: str, a) -> float:
+def peak_rss_mib(name: str, a, env: dict | None = None) -> float:
     """Peak RSS of a fresh process that builds ``name`` and runs three steps (one step of
     SmolLM2-135M for the `SMOLLM2` names, counted from after loading)."""
     args = [sys.executable, os.path.abspath(__file__), "--rss-of", name, "--no-torch"]
@@ -658,7 +660,7 @@ def peak_rss_mib(name: str, a) -> float:
         "attention",
     ):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
