@@ -56,6 +56,8 @@ _LAZY = {  # public name -> the submodule that defines it, imported on first acc
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("checkpoint", "peft"):  # the submodules, as attributes (they were before)
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value  # later lookups skip this function

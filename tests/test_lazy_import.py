@@ -58,3 +58,13 @@ def test_lazy_names_are_public_and_unique():
 def test_unknown_name_raises_attribute_error_naming_it():
     with pytest.raises(AttributeError, match="jax_lora.*no_such_thing"):
         jax_lora.no_such_thing  # noqa: B018
+
+
+def test_lazy_submodules_are_attributes_as_before():
+    got = _fresh(
+        "import json\n"
+        "import jax_lora\n"
+        "ck, pf = jax_lora.checkpoint, jax_lora.peft\n"
+        "print(json.dumps([ck.__name__, callable(ck.config_to_json), pf.__name__]))"
+    )
+    assert got == ["jax_lora.checkpoint", True, "jax_lora.peft"]
