@@ -52,12 +52,13 @@ def dequantized_call(layer: nnx.Module, method: str, args: tuple, kwargs: dict) 
     arrays and the call's arguments, recomputed in the backward pass (`quant._recomputed`).
 
     The copy is ``nnx.merge`` of the layer's pure state: state the base method changes (none for
-    flax's layers) is not written back. The frozen base gets no gradient (as linen)."""
+    flax's layers) is not written back. The `QArray`s get no gradient, the layer's float params
+    (a bias) theirs (as linen)."""
     graphdef, state = nnx.split(layer)
 
     def run(zero, tree):
         p, a, k = tree
-        p = quant.dequantize(jax.lax.stop_gradient(quant._after(p, zero)))
+        p = quant.dequantize(quant.frozen_codes(p, zero))
         copy = nnx.merge(graphdef, p)
         return getattr(super(_QuantLayer, copy), method)(*a, **k)
 
@@ -74,7 +75,7 @@ def lora_dequantized_call(
     adapter sees exactly the float weight's roles, the base the dequantized weight, and no
     full-precision weight is kept for the backward pass.
 
-    Only the ``nnx.LoRAParam`` factors get gradients (the frozen base: ``stop_gradient``). The
+    The `QArray`s get no gradient (``stop_gradient``), the factors and float params theirs. The
     copy's LoRA dropout draws from a key taken from the layer's own stream (advanced here), so
     masks differ between calls though the copy's state is not written back."""
     graphdef, lo, rest = nnx.split(layer, nnx.LoRAParam, ...)
@@ -89,7 +90,7 @@ def lora_dequantized_call(
 
     def f(zero, tree):
         lo, rest, kd, a, k = tree
-        rest = quant.dequantize(jax.lax.stop_gradient(quant._after(rest, zero)))
+        rest = quant.dequantize(quant.frozen_codes(rest, zero))
         copy = nnx.merge(graphdef, lo, rest)
         if kd is not None:
             copy.lora_rngs = nnx.RngStream(jax.random.wrap_key_data(kd, impl=impl), tag=stream.tag)
