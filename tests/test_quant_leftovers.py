@@ -7,6 +7,10 @@ with the same values) and the same factors; fp32 throughout, tolerances relative
 reference value.
 """
 
+import json
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -161,3 +165,272 @@ def test_nnx_also_train_params_of_quantized_layers_get_the_float_gradient(order)
         errs[p] = max_rel_err(g[layer][name], want[layer][name])
     assert max(errs.values()) <= 1e-5, errs
     assert_close(g, want, 1e-5)  # the factors' too
+
+
+# -------------------------------------- 4. linen: `setup` containers holding quantized weights
+
+
+class Einsum(nn.Module):
+    """gemma's Einsum: the equation is passed at call time, the weight is ``weight_name``."""
+
+    shape: tuple[int, ...]
+    weight_name: str = "w"
+
+    @nn.compact
+    def __call__(self, eqn, x):
+        w = self.param(self.weight_name, nn.initializers.normal(0.5), self.shape)
+        return jnp.einsum(eqn, x, w)
+
+
+class SetupFFW(nn.Module):
+    """gemma's FeedForward built in ``setup``: two Einsums sharing its scope (their weights
+    ``mlp/gating_einsum (2, 16, 8)``, ``mlp/linear (16, 8)``) and its own float ``g (8,)``."""
+
+    def setup(self):
+        self.gate_proj = Einsum((2, 16, 8), weight_name="gating_einsum")
+        nn.share_scope(self, self.gate_proj)
+        self.out_proj = Einsum((16, 8), weight_name="linear")
+        nn.share_scope(self, self.out_proj)
+        self.g = self.param("g", nn.initializers.ones, (8,))
+
+    def __call__(self, x):
+        gate = self.gate_proj("...F,NHF->...NH", x)
+        h = jax.nn.gelu(gate[..., 0, :]) * gate[..., 1, :]
+        return self.out_proj("...H,HF->...F", h) * self.g[None, None]
+
+
+class FFWModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return SetupFFW(name="mlp")(x)
+
+
+XF = jax.random.normal(jax.random.key(4), (2, 5, 8))
+FFW_TARGETS = r"mlp/(gating_einsum|linear)"
+
+
+def test_linen_setup_container_with_quantized_children_equals_dequantized_float_model():
+    params = FFWModel().init(jax.random.key(0), XF)["params"]
+    qp = quant.quantize(params, "nf4", targets=FFW_TARGETS, axis=-1, block=8)
+    wrapped = jax_lora.wrap(FFWModel(), jax_lora.LoraConfig(rank=4, alpha=6, targets=FFW_TARGETS))
+    lora = _perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF))
+    shapes = jax.tree.map(jnp.shape, lora)  # one adapter per gating slice, as on a float base
+    assert shapes == {
+        "mlp": {
+            "gating_einsum": {"a": (2, 8, 4), "b": (2, 4, 16)},
+            "linear": {"a": (16, 4), "b": (4, 8)},
+        }
+    }
+    dp = quant.dequantize(qp)
+
+    def loss(params, g, lora):
+        params = {"mlp": {**params["mlp"], "g": g}}
+        return jnp.sum(jnp.sin(wrapped.apply({"params": params, "lora": lora}, XF)))
+
+    g0 = 1.0 + 0.1 * jax.random.normal(jax.random.key(5), (8,))
+    y = wrapped.apply({"params": qp, "lora": lora}, XF)
+    want = wrapped.apply({"params": dp, "lora": lora}, XF)
+    assert y.shape == (2, 5, 8)
+    assert_close(y, want, 1e-6)
+    with jax_lora.disabled():
+        base = wrapped.apply({"params": qp, "lora": lora}, XF)
+    assert_close(base, FFWModel().apply({"params": dp}, XF), 1e-6)
+    assert float(jnp.abs(y - base).max()) > 1e-3  # the adapters do contribute
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)))
+    got, ref = grad(qp, g0, lora), grad(dp, g0, lora)
+    assert float(jnp.abs(ref[0]).max()) > 1e-3
+    assert_close(got, ref, 1e-5)  # g (also_train) and the factors
+
+
+class SetupWeightContainer(nn.Module):
+    """Its ``setup`` makes a weight ``w (8, 8)`` itself and a shared-scope child ``v``."""
+
+    def setup(self):
+        self.w = self.param("w", nn.initializers.normal(0.5), (8, 8))
+        self.down = Einsum((8, 8), weight_name="v")
+        nn.share_scope(self, self.down)
+
+    def __call__(self, x):
+        return self.down("...H,HF->...F", x @ self.w)
+
+
+class SWModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return SetupWeightContainer(name="mix")(x)
+
+
+def test_linen_setup_container_making_a_quantized_weight_itself_is_refused_by_path():
+    params = SWModel().init(jax.random.key(0), XF)["params"]
+    wrapped = jax_lora.wrap(SWModel(), jax_lora.LoraConfig(rank=4, alpha=6, targets="mix/(w|v)"))
+    qp = quant.quantize(params, "nf4", targets="mix/(w|v)", axis=-1, block=8)
+    with pytest.raises(ValueError, match=r"'mix' \(.*SetupWeightContainer\).*`setup` creates"):
+        jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF)
+    # the advice works: its setup weight left float, the child's quantized
+    qp = quant.quantize(params, "nf4", targets="mix/v", axis=-1, block=8)
+    lora = _perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF))
+    on_float = jax_lora.init_lora(wrapped, jax.random.key(1), {"params": params}, XF)
+    assert jax.tree.map(jnp.shape, lora) == jax.tree.map(jnp.shape, on_float)  # as on float
+    assert "v" in lora["mix"]
+    y = wrapped.apply({"params": qp, "lora": lora}, XF)
+    assert_close(y, wrapped.apply({"params": quant.dequantize(qp), "lora": lora}, XF), 1e-6)
+
+
+# ------------------------------------------ 3. NNX: codes and scales under logical axis rules
+
+SHARD_SCRIPT = r"""
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import flax.linen as nn, jax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax_lora
+from jax_lora import quant_nnx
+
+D = 128
+RULES = (("embed", "data"), ("mlp", "model"))
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs, **meta):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"), **meta)
+        self.fc0 = nnx.Linear(D, D, kernel_init=init, rngs=rngs)
+        self.fc1 = nnx.Linear(D, D, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x):
+        for fc in (self.fc0, self.fc1):
+            x = x + fc(jnp.tanh(x))
+        return x
+
+
+x = jax.random.normal(jax.random.key(1), (8, D))
+y = jax.random.normal(jax.random.key(2), (8, D))
+
+
+def run(shape, where):
+    n = shape[0] * shape[1]
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh(shape, ("data", "model"), axis_types=auto, devices=jax.devices()[:n])
+    meta = {"sharding_rules": RULES} if where == "variable" else {}
+    with nnx.use_eager_sharding(False):
+        m = Net(nnx.Rngs(0), **meta)
+    jax_lora.wrap(jax_lora.quantize(m, "nf4", double_quant=True), jax_lora.LoraConfig(rank=4))
+    lo = jax.tree.map(lambda t: t + 0.03, jax_lora.lora_state(m))
+    jax_lora.load_lora(m, lo)
+    graphdef, lo, rest = nnx.split(m, nnx.LoRAParam, ...)
+    with nn.logical_axis_rules(RULES if where == "context" else ()):
+        spec = quant_nnx.get_partition_spec(rest, mesh)
+        with nnx.use_eager_sharding(False):
+            float_spec = nnx.get_partition_spec(nnx.state(Net(nnx.Rngs(0), **meta)))
+    sh = jax.tree.map(lambda p: NamedSharding(mesh, p), spec, is_leaf=lambda p: isinstance(p, P))
+    rest = jax.device_put(rest, sh)
+
+    def loss(lo, rest):
+        return jnp.mean((nnx.merge(graphdef, lo, rest)(x) - y) ** 2)
+
+    value, g = jax.jit(jax.value_and_grad(loss), in_shardings=(None, sh))(lo, rest)
+    q = rest["fc0"]["kernel"].get_value()
+    return {
+        "loss": float(value),
+        "grad": [float(jnp.abs(t).sum()) for t in jax.tree.leaves(g)],
+        "codes_fraction": max(s.data.nbytes for s in q.codes.addressable_shards) / q.codes.nbytes,
+        "kernel_spec": [str(a) for a in float_spec["fc0"]["kernel"].get_value()],
+        "codes_spec": [str(a) for a in q.codes.sharding.spec],
+        "scales_spec": [str(a) for a in q.scales.sharding.spec],
+    }
+
+
+print(json.dumps({f"{s[0]}x{s[1]}/{w}": run(s, w) for s in [(1, 1), (2, 4), (4, 2)]
+                  for w in ["context", "variable"]}))
+"""
+
+
+def test_nnx_codes_and_scales_take_the_kernels_mesh_axes_under_logical_rules():
+    out = subprocess.run(
+        [sys.executable, "-c", SHARD_SCRIPT], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    for where in ("context", "variable"):  # `nn.logical_axis_rules`, or `sharding_rules=`
+        single = rows[f"1x1/{where}"]
+        assert single["codes_fraction"] == 1.0
+        for mesh in ("2x4", "4x2"):
+            row = rows[f"{mesh}/{where}"]
+            assert row["kernel_spec"] == ["data", "model"]  # the float kernel's mesh axes
+            assert row["codes_spec"] == ["data", "model"], row  # the same for the codes
+            assert row["codes_fraction"] == 1 / 8, row  # each device: 1/8 of the codes
+            assert row["loss"] == pytest.approx(single["loss"], rel=1e-6)
+            assert row["grad"] == pytest.approx(single["grad"], rel=1e-5)
+        # double-quantized scales (128 * 2,) flattened out-major: `model` only
+        assert rows[f"2x4/{where}"]["scales_spec"] == ["model"]
+
+
+# ------------------------------------- 2. NNX: quantized kernels of nnx.vmap-stacked layers
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.fc(x))
+
+
+class Stack(nnx.Module):
+    """Blocks made with ``nnx.vmap`` (kernels ``(L, D, D)``), run with ``nnx.scan``."""
+
+    def __init__(self, n, rngs):
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return Block(rngs)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def _stack_grads(model, x):
+    g = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    return nnx.to_pure_dict(g)
+
+
+@pytest.mark.parametrize(
+    "kw,order", [({}, "quantize_then_wrap"), ({"double_quant": True}, "wrap_then_quantize")]
+)
+def test_nnx_scanned_stack_of_quantized_kernels_equals_dequantized_float_stack(kw, order):
+    n, x = 3, X[0]  # x: (5, D)
+    model = Stack(n, nnx.Rngs(0))
+    cfg = jax_lora.LoraConfig(rank=4, alpha=8)
+    if order == "quantize_then_wrap":
+        jax_lora.quantize(model, "nf4", **kw)
+    jax_lora.wrap(model, cfg, rngs=nnx.Rngs(1))
+    if order == "wrap_then_quantize":
+        jax_lora.quantize(model, "nf4", **kw)
+    q = model.blocks.fc.kernel.get_value()
+    assert quant.is_quantized(q) and q.shape == (n, D, D) and q.codes.shape == (n, D // 2, D)
+    lora = _perturbed(jax_lora.lora_state(model))
+    assert jax.tree.map(jnp.shape, lora) == {"blocks": {"fc": {"a": (n, D, 4), "b": (n, 4, D)}}}
+    jax_lora.load_lora(model, lora)
+    dense = jax_lora.dequantize(nnx.clone(model))  # the float stack with the same values
+    kernel = dense.blocks.fc.kernel[...]
+    assert kernel.shape == (n, D, D)
+    want = x  # the same stack unrolled, per layer: base + scale * x @ a @ b
+    for i in range(n):
+        k = kernel[i] + 2.0 * lora["blocks"]["fc"]["a"][i] @ lora["blocks"]["fc"]["b"][i]
+        want = want + jnp.tanh(want @ k + dense.blocks.fc.bias[...][i][None])
+    y = nnx.jit(lambda m, x: m(x))(model, x)
+    assert y.shape == (5, D)
+    assert_close(y, want, 1e-5)
+    assert_close(y, dense(x), 1e-6)
+    g, g_dense = nnx.jit(_stack_grads)(model, x), _stack_grads(dense, x)
+    assert all(float(jnp.abs(g["blocks"]["fc"]["lora_b"][i]).max()) > 0 for i in range(n))
+    assert_close(g, g_dense, 1e-5)
+    with jax_lora.disabled():
+        assert_close(model(x), dense(x), 1e-6)
