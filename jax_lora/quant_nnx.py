@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
@@ -279,11 +280,17 @@ def dequantize_nnx(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def get_partition_spec(tree: Any, mesh: Any = None) -> Any:
+def get_partition_spec(tree: Any, mesh: Any = None, *, rules: Any = None) -> Any:
     """``nnx.get_partition_spec`` for a state (or model) with quantized weights: a Variable
     holding a `QArray` gets a `QArray` of ``PartitionSpec``s, one per array, from the
     Variable's sharding names by `quant.partition_names` (codes and block scales sharded like
     the kernel; with ``mesh``, a name whose mesh axes do not divide an axis is dropped there).
+
+    Logical names: flax's context rules (``nn.logical_axis_rules``) and a Variable's
+    ``sharding_rules`` apply as in ``nnx.get_partition_spec``. ``rules`` (logical axis rules,
+    as ``nn.logical_to_mesh_sharding`` takes) maps every Variable's names to mesh axes first,
+    the kernel's as a whole (``nn.logical_to_mesh_axes``), so its codes and scales get the
+    kernel's mesh axes: the specs are then for ``NamedSharding(mesh, spec)`` directly.
 
     >>> import jax, jax_lora
     >>> from flax import nnx
@@ -304,13 +311,19 @@ def get_partition_spec(tree: Any, mesh: Any = None) -> Any:
             axes = (name,) if isinstance(name, str) else tuple(name)
             return size % math.prod(sizes.get(a, 1) for a in axes) == 0
 
+    def spec_of(x: Any) -> Any:
+        spec = nnx.get_partition_spec(x)
+        if rules is None or not isinstance(spec, nnx.Variable) or spec.get_value() is None:
+            return spec
+        return spec.replace(nn.logical_to_mesh_axes(tuple(spec.get_value()), rules))
+
     def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable) and quant.is_quantized(x.get_value()):
             q = x.get_value()
-            names = tuple(nnx.get_partition_spec(x).get_value())
+            names = tuple(spec_of(x).get_value())
             names = names + (None,) * (q.ndim - len(names))
             per = quant.partition_names(q, names, fits)
             return x.replace(q.replace(**{f: PartitionSpec(*n) for f, n in per.items()}))
-        return nnx.get_partition_spec(x)
+        return spec_of(x)
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -306,23 +306,29 @@ class Net(nnx.Module):
 
 x = jax.random.normal(jax.random.key(1), (8, D))
 y = jax.random.normal(jax.random.key(2), (8, D))
+spec_of = lambda s: [str(a) for a in s]
 
 
-def run(shape, where):
+def run(shape, where, dq):
     n = shape[0] * shape[1]
     auto = (jax.sharding.AxisType.Auto,) * 2
     mesh = jax.make_mesh(shape, ("data", "model"), axis_types=auto, devices=jax.devices()[:n])
     meta = {"sharding_rules": RULES} if where == "variable" else {}
     with nnx.use_eager_sharding(False):
-        m = Net(nnx.Rngs(0), **meta)
-    jax_lora.wrap(jax_lora.quantize(m, "nf4", double_quant=True), jax_lora.LoraConfig(rank=4))
+        m, plain = Net(nnx.Rngs(0), **meta), Net(nnx.Rngs(0), **meta)
+    jax_lora.wrap(jax_lora.quantize(m, "nf4", double_quant=dq), jax_lora.LoraConfig(rank=4))
     lo = jax.tree.map(lambda t: t + 0.03, jax_lora.lora_state(m))
     jax_lora.load_lora(m, lo)
     graphdef, lo, rest = nnx.split(m, nnx.LoRAParam, ...)
     with nn.logical_axis_rules(RULES if where == "context" else ()):
-        spec = quant_nnx.get_partition_spec(rest, mesh)
-        with nnx.use_eager_sharding(False):
-            float_spec = nnx.get_partition_spec(nnx.state(Net(nnx.Rngs(0), **meta)))
+        if where == "explicit":  # as nn.logical_to_mesh_sharding(spec, mesh, rules) for floats
+            spec = quant_nnx.get_partition_spec(rest, mesh, rules=RULES)
+            float_spec = nn.logical_to_mesh_sharding(nnx.get_partition_spec(nnx.state(plain)),
+                                                     mesh, RULES)
+            kernel_spec = float_spec["fc0"]["kernel"].get_value().spec
+        else:
+            spec = quant_nnx.get_partition_spec(rest, mesh)
+            kernel_spec = nnx.get_partition_spec(nnx.state(plain))["fc0"]["kernel"].get_value()
     sh = jax.tree.map(lambda p: NamedSharding(mesh, p), spec, is_leaf=lambda p: isinstance(p, P))
     rest = jax.device_put(rest, sh)
 
@@ -335,14 +341,18 @@ def run(shape, where):
         "loss": float(value),
         "grad": [float(jnp.abs(t).sum()) for t in jax.tree.leaves(g)],
         "codes_fraction": max(s.data.nbytes for s in q.codes.addressable_shards) / q.codes.nbytes,
-        "kernel_spec": [str(a) for a in float_spec["fc0"]["kernel"].get_value()],
-        "codes_spec": [str(a) for a in q.codes.sharding.spec],
-        "scales_spec": [str(a) for a in q.scales.sharding.spec],
+        "kernel_spec": spec_of(kernel_spec),
+        "codes_spec": spec_of(q.codes.sharding.spec),
+        "scales_spec": spec_of(q.scales.sharding.spec),
     }
 
 
-print(json.dumps({f"{s[0]}x{s[1]}/{w}": run(s, w) for s in [(1, 1), (2, 4), (4, 2)]
-                  for w in ["context", "variable"]}))
+rows = {f"1x1/{dq}": run((1, 1), "context", dq) for dq in (False, True)}
+for w in ("context", "variable", "explicit"):
+    for s in ((2, 4), (4, 2)):
+        rows[f"{s[0]}x{s[1]}/{w}/False"] = run(s, w, False)
+rows["2x4/context/True"] = run((2, 4), "context", True)
+print(json.dumps(rows))
 """
 
 
@@ -352,18 +362,24 @@ def test_nnx_codes_and_scales_take_the_kernels_mesh_axes_under_logical_rules():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    for where in ("context", "variable"):  # `nn.logical_axis_rules`, or `sharding_rules=`
-        single = rows[f"1x1/{where}"]
-        assert single["codes_fraction"] == 1.0
+    assert rows["1x1/False"]["codes_fraction"] == 1.0
+    # `nn.logical_axis_rules`, `nnx.with_partitioning(..., sharding_rules=)`, or `rules=`
+    for where in ("context", "variable", "explicit"):
         for mesh in ("2x4", "4x2"):
-            row = rows[f"{mesh}/{where}"]
+            row = rows[f"{mesh}/{where}/False"]
             assert row["kernel_spec"] == ["data", "model"]  # the float kernel's mesh axes
             assert row["codes_spec"] == ["data", "model"], row  # the same for the codes
             assert row["codes_fraction"] == 1 / 8, row  # each device: 1/8 of the codes
-            assert row["loss"] == pytest.approx(single["loss"], rel=1e-6)
-            assert row["grad"] == pytest.approx(single["grad"], rel=1e-5)
-        # double-quantized scales (128 * 2,) flattened out-major: `model` only
-        assert rows[f"2x4/{where}"]["scales_spec"] == ["model"]
+            assert row["loss"] == pytest.approx(rows["1x1/False"]["loss"], rel=1e-6)
+            assert row["grad"] == pytest.approx(rows["1x1/False"]["grad"], rel=1e-5)
+        # 2 blocks of scales (2, 128): split over `data` on 2x4, replicated there on 4x2
+        assert rows[f"2x4/{where}/False"]["scales_spec"] == ["data", "model"]
+        assert rows[f"4x2/{where}/False"]["scales_spec"] == ["None", "model"]
+    # double-quantized scales (128 * 2,) flattened out-major: `model` only
+    dq = rows["2x4/context/True"]
+    assert dq["scales_spec"] == ["model"] and dq["codes_fraction"] == 1 / 8
+    assert dq["loss"] == pytest.approx(rows["1x1/True"]["loss"], rel=1e-6)
+    assert dq["grad"] == pytest.approx(rows["1x1/True"]["grad"], rel=1e-5)
 
 
 # ------------------------------------- 2. NNX: quantized kernels of nnx.vmap-stacked layers
