@@ -7,6 +7,7 @@ with the same values) and the same factors; fp32 throughout, tolerances relative
 reference value.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -450,3 +451,89 @@ def test_nnx_scanned_stack_of_quantized_kernels_equals_dequantized_float_stack(k
     assert_close(g, g_dense, 1e-5)
     with jax_lora.disabled():
         assert_close(model(x), dense(x), 1e-6)
+
+
+# ------------------- 5. NNX: custom weights of nnx.vmap-stacked layers run with nnx.scan
+
+
+class CustomW(nnx.Module):
+    """A user's layer: its own ``w: (out, in)`` used as ``x @ w.T``."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(0.2 * jax.random.normal(rngs.params(), (D, D)))
+
+    def __call__(self, x):
+        return x @ self.w[...].T
+
+
+class CBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.c = CustomW(rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.c(x))
+
+
+class CStack(Stack):
+    def __init__(self, n, rngs):
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return CBlock(rngs)
+
+        self.blocks = create(rngs)
+
+
+def test_nnx_scanned_stack_of_custom_weights_gets_per_layer_factors():
+    n, x = 3, X[0]
+    model = CStack(n, nnx.Rngs(0))
+    cfg = jax_lora.LoraConfig(rank=4, alpha=8, targets=["blocks/c/w"])
+    jax_lora.wrap(model, cfg, rngs=nnx.Rngs(1), example=(x,))
+    lora = _perturbed(jax_lora.lora_state(model))  # one (in, r), (r, out) pair per layer
+    assert jax.tree.map(jnp.shape, lora) == {
+        "blocks": {"c": {"w": {"a": (n, D, 4), "b": (n, 4, D)}}}
+    }
+    jax_lora.load_lora(model, lora)
+    w, a, b = model.blocks.c.w[...], lora["blocks"]["c"]["w"]["a"], lora["blocks"]["c"]["w"]["b"]
+    want = x  # per layer: x @ w_i.T + 2 * x @ a_i @ b_i
+    for i in range(n):
+        want = want + jnp.tanh(want @ w[i].T + 2.0 * (want @ a[i]) @ b[i])
+    y = nnx.jit(lambda m, x: m(x))(model, x)
+    assert_close(y, want, 1e-5)
+    assert_close(jax_lora.merge(model)(x), want, 1e-5)
+    g = _stack_grads(model, x)["blocks"]["c"]
+    assert g["w_lora_a"].shape == (n, D, 4)
+    assert all(float(jnp.abs(g["w_lora_b"][i]).max()) > 0 for i in range(n))
+    # on a quantized base (either order): the model holding the dequantized weights
+    for order in ("quantize_then_wrap", "wrap_then_quantize"):
+        qm = CStack(n, nnx.Rngs(0))
+        qkw = {"targets": "blocks/c/w", "axis": -1, "block": 16}
+        if order == "quantize_then_wrap":
+            jax_lora.quantize(qm, "nf4", **qkw)
+        jax_lora.wrap(qm, cfg, rngs=nnx.Rngs(1), example=(x,))
+        if order == "wrap_then_quantize":
+            jax_lora.quantize(qm, "nf4", **qkw)
+        assert quant.is_quantized(qm.blocks.c.w.get_value())
+        jax_lora.load_lora(qm, lora)
+        dense = jax_lora.dequantize(nnx.clone(qm))
+        assert_close(nnx.jit(lambda m, x: m(x))(qm, x), dense(x), 1e-6)
+        assert_close(nnx.jit(_stack_grads)(qm, x), _stack_grads(dense, x), 1e-5)
+
+
+def test_nnx_scanned_stack_of_custom_weights_with_dropout():
+    """One dropout stream per stacked layer (keys ``(n,)``): masks differ between calls, and
+    eval equals the model without dropout."""
+    n, x = 3, X[0]
+    model = CStack(n, nnx.Rngs(0))
+    ref = CStack(n, nnx.Rngs(0))
+    cfg = jax_lora.LoraConfig(rank=4, alpha=8, targets=["blocks/c/w"])
+    jax_lora.wrap(model, dataclasses.replace(cfg, dropout=0.5), rngs=nnx.Rngs(1), example=(x,))
+    jax_lora.wrap(ref, cfg, rngs=nnx.Rngs(1), example=(x,))
+    lora = _perturbed(jax_lora.lora_state(model))
+    jax_lora.load_lora(model, lora)
+    jax_lora.load_lora(ref, lora)
+    assert model.blocks.c.lora_rngs.key[...].shape == (n,)
+    y1, y2 = model(x), model(x)
+    assert float(jnp.abs(y1 - y2).max()) > 1e-3 and float(jnp.abs(y1 - ref(x)).max()) > 1e-3
+    model.eval()
+    assert_close(model(x), ref(x), 1e-6)
