@@ -537,3 +537,30 @@ def test_nnx_scanned_stack_of_custom_weights_with_dropout():
     assert float(jnp.abs(y1 - y2).max()) > 1e-3 and float(jnp.abs(y1 - ref(x)).max()) > 1e-3
     model.eval()
     assert_close(model(x), ref(x), 1e-6)
+
+
+def test_nnx_stack_along_a_non_leading_axis_is_refused_by_path():
+    n, x = 3, X[0]
+
+    class Mid(nnx.Module):  # layers stacked along axis 1 of each weight: (D, n, D)
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=(0,), out_axes=1)
+            def create(rngs):
+                return CBlock(rngs)
+
+            self.blocks = create(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 1), out_axes=nnx.Carry)
+            def body(x, block):
+                return block(x)
+
+            return body(x, self.blocks)
+
+    model = Mid(nnx.Rngs(0))
+    assert model.blocks.c.w.shape == (D, n, D)
+    cfg = jax_lora.LoraConfig(rank=4, targets=["blocks/c/w"])
+    with pytest.raises(ValueError, match=r"'blocks/c/w' has shape \(64, 3, 64\).*\(64, 64\)"):
+        jax_lora.wrap(model, cfg, rngs=nnx.Rngs(1), example=(x,))
+    assert not jax_lora.nnx.is_adapted(model.blocks.c)  # a refused wrap leaves it as it was
