@@ -260,6 +260,7 @@ class _Interceptor:
         self.used: set[tuple[str, ...]] = set()
         self.geoms: dict[str, weights.WeightGeometry] = {}
         self.call_training: bool | None = None  # from the wrapped call's deterministic=/train=
+        self.setup_cut: set[int] = set()  # ids of quantized layers whose `setup` could not run
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
@@ -282,8 +283,8 @@ class _Interceptor:
             self.calls += 1
         plain = next_fun
         if quant.layer_has_quantized(module):  # QLoRA: a quantized base
-            if method == "setup":  # (flax's shape check would fail on the codes): the layer's
-                return None  # methods run on clones that set up on the dequantized weights
+            if method == "setup":
+                return self._quantized_setup(module, next_fun, args, kwargs)
             next_fun = quant.dequantized_call(module, method, COLLECTION, _unintercepted)
         if isinstance(module, SUPPORTED_LINEN):
             if method != "__call__":
@@ -292,6 +293,17 @@ class _Interceptor:
         if method == "setup" or (method.startswith("_") and method != "__call__"):
             return next_fun(*args, **kwargs)
         return self._generic(module, method, next_fun, args, kwargs, plain)
+
+    def _quantized_setup(self, module, next_fun, args, kwargs):
+        """A quantized layer's ``setup`` on the real module: a container's ``setup`` children
+        must exist (they adapt its calls). Where ``setup`` makes a quantized weight itself,
+        flax's shape check fails on the codes: the layer's methods then run on clones that set
+        up on the dequantized weights (`quant.dequantized_call`)."""
+        try:
+            return next_fun(*args, **kwargs)
+        except flax.errors.ScopeParamShapeError:
+            self.setup_cut.add(id(module))
+            return None
 
     def _in_tree(self, module: nn.Module) -> bool:
         """Whether ``module`` belongs to the wrapped model (not to a nested ``apply``)."""
@@ -426,6 +438,14 @@ class _Interceptor:
             return y if new_params else next_fun(*args, **kwargs)
         trace = _trace(module, method, args, kwargs, names)
         if trace.probe.container:  # nn.share_scope children own the calls: they adapt them
+            if id(module) in self.setup_cut:
+                raise ValueError(
+                    f"'{mpath}' ({class_name(module)}) holds quantized weights that its own "
+                    "`setup` creates (`self.param`), and `nn.share_scope` children that adapt "
+                    "its calls: its `setup` cannot run on the codes, so the children would not "
+                    "exist. Leave its `setup` weights out of `quantize` (`targets=`), or create "
+                    "them in the children (or in an `@nn.compact` method)."
+                )
             return y if new_params else (plain or next_fun)(*args, **kwargs)
         creating = module.is_mutable_collection(COLLECTION)
         uses = weights.analyse(trace.closed, range(len(names)))

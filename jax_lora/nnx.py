@@ -217,6 +217,8 @@ def _run(layer: Any, method: str, args: tuple, kwargs: dict) -> Any:
     used = [(n, w) for n, w in zip(names, where, strict=True) if w is not None]
     uses = weights.analyse(closed, [w for _, w in used])
     if probing:
+        for n, v in zip(names, values, strict=True):  # inside nnx.scan: one layer's slice
+            probe[("shape", layer.lora_path, n)] = tuple(np.shape(v))
         for (n, _), u in zip(used, uses, strict=True):
             key = (layer.lora_path, n)
             old = probe.get(key, [])
@@ -226,6 +228,7 @@ def _run(layer: Any, method: str, args: tuple, kwargs: dict) -> Any:
     for (n, pos), u in zip(used, uses, strict=True):
         wpath = weight_path(layer.lora_path, n)
         problem = u if isinstance(u, str) else None
+        geoms[n] = _unstacked(geoms[n], np.ndim(values[names.index(n)]))  # a scanned slice
         if problem is None:
             try:
                 weights.check_uses(geoms[n], u)
@@ -575,6 +578,7 @@ def wrap_nnx(
                 )
             else:
                 to_probe.setdefault(path, (module, []))[1].append(n)
+    stacks: dict[str, set[tuple[int, ...]]] = {}  # path -> stack axes of its probed weights
     if to_probe:
         found = _probe(model, to_probe, example)
         for path, (module, names) in to_probe.items():
@@ -582,14 +586,23 @@ def wrap_nnx(
                 wpath = weight_path(path, n)
                 uses = found.get((path, n), [])
                 shape = tuple(np.shape(getattr(module, n).get_value()))
+                seen = found.get(("shape", path, n), shape)
+                stack = shape[: len(shape) - len(seen)]
+                if stack + tuple(seen) != shape:
+                    raise ValueError(
+                        f"the weight '{wpath}' has shape {shape} but its layer's call used it "
+                        f"as {seen}: LoRA follows layers stacked along leading axes only "
+                        "(`nnx.vmap` + `nnx.scan`)"
+                    )
                 geom, why = weights.decide(
-                    config.for_path(wpath), wpath, class_name(module), shape, uses
+                    config.for_path(wpath), wpath, class_name(module), tuple(seen), uses
                 )
                 if geom is None:
                     if why is not None:
                         skipped.append((wpath, why))
                     continue
-                generic.setdefault(path, (module, {}))[1][n] = geom
+                generic.setdefault(path, (module, {}))[1][n] = _stacked_weight(geom, stack)
+                stacks.setdefault(path, set()).add(stack)
     for path, (module, geoms) in generic.items():
         for n in geoms:
             candidates += [(weight_path(path, n), class_name(module)), (path, class_name(module))]
@@ -667,7 +680,9 @@ def wrap_nnx(
             if config.use_dora:  # m: (lead..., out...) = ‖W‖ over the in axes (PEFT's init)
                 injected.append(_weight_magnitude(layer, n, geom, cfg, meta_b))
         layer.lora_geoms = tuple(geoms.items())
-        injected += ["lora_geoms", *_common(layer, path, config, rngs, modes, ())]
+        stack = stacks.get(path, {()})  # nnx.vmap stacks: one dropout stream per layer
+        stack = stack.pop() if len(stack) == 1 else ()
+        injected += ["lora_geoms", *_common(layer, path, config, rngs, modes, stack)]
         layer.lora_scale = tuple((n, config.scale_for(weight_path(path, n))) for n in geoms)
         layer.lora_injected = tuple(injected)
         object.__setattr__(layer, "__class__", lora_class(type(layer), by_weight=True))
@@ -689,6 +704,26 @@ def _weight_magnitude(layer, n: str, geom: weights.WeightGeometry, cfg, meta_b: 
     }
     setattr(layer, f"{n}_lora_m", nnx.LoRAParam(m, **meta_m))
     return f"{n}_lora_m"
+
+
+def _stacked_weight(g: weights.WeightGeometry, stack: tuple[int, ...]) -> weights.WeightGeometry:
+    """Roles ``g`` of one layer's weight, for the weight of ``nnx.vmap``-stacked layers
+    ``(stack..., per-layer...)``: the stack axes lead (the factors get them too)."""
+    k = len(stack)
+    shift = lambda idx: tuple(i + k for i in idx)  # noqa: E731
+    return weights.WeightGeometry(
+        (*stack, *g.shape), (*range(k), *shift(g.lead)), shift(g.ins), shift(g.outs)
+    )
+
+
+def _unstacked(g: weights.WeightGeometry, ndim: int) -> weights.WeightGeometry:
+    """`_stacked_weight` undone for a call that sees one layer's ``ndim``-axis slice (inside
+    ``nnx.scan``); ``g`` as it is when the call sees the whole weight."""
+    k = len(g.shape) - ndim
+    if k <= 0 or g.lead[:k] != tuple(range(k)):
+        return g
+    shift = lambda idx: tuple(i - k for i in idx)  # noqa: E731
+    return weights.WeightGeometry(g.shape[k:], shift(g.lead[k:]), shift(g.ins), shift(g.outs))
 
 
 def _flat_geometry(g: weights.WeightGeometry) -> factors.Geometry:

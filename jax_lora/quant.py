@@ -736,8 +736,7 @@ def dequantized_call(module: Any, method: str, skip: str, isolate=lambda fn: fn)
         def run(zero, tree):
             v, a, k = tree
             v = jax.tree.map(lambda x: _plain(x) if is_quantized(x) else x, v, is_leaf=is_quantized)
-            v = jax.lax.stop_gradient(_after(v, zero))  # the frozen base: no gradient
-            return clone_apply(dequantize(v), *a, method=method, **k)
+            return clone_apply(dequantize(frozen_codes(v, zero)), *a, method=method, **k)
 
         return recomputed_apply(run, (variables, args, kwargs), (args, kwargs))
 
@@ -776,6 +775,17 @@ def _check_factor_dtypes(module: Any, collection: str) -> None:
                     f"the compute dtype {np.dtype(q.dtype).name} of the quantized base there; "
                     "keep the factors in float32 (`LoraConfig(param_dtype=jnp.float32)`)"
                 )
+
+
+def frozen_codes(tree: Any, zero: jax.Array) -> Any:
+    """``tree`` with every `QArray` tied to ``zero`` (`_after`) and frozen (``stop_gradient``):
+    the quantized base gets no gradient; the layer's float params (a bias, a norm scale) keep
+    theirs, so ``also_train`` trains them as on a float base."""
+    return jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x) if is_quantized(x) else x,
+        _after(tree, zero),
+        is_leaf=is_quantized,
+    )
 
 
 def _zero_from(marker: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
@@ -52,12 +53,13 @@ def dequantized_call(layer: nnx.Module, method: str, args: tuple, kwargs: dict) 
     arrays and the call's arguments, recomputed in the backward pass (`quant._recomputed`).
 
     The copy is ``nnx.merge`` of the layer's pure state: state the base method changes (none for
-    flax's layers) is not written back. The frozen base gets no gradient (as linen)."""
+    flax's layers) is not written back. The `QArray`s get no gradient, the layer's float params
+    (a bias) theirs (as linen)."""
     graphdef, state = nnx.split(layer)
 
     def run(zero, tree):
         p, a, k = tree
-        p = quant.dequantize(jax.lax.stop_gradient(quant._after(p, zero)))
+        p = quant.dequantize(quant.frozen_codes(p, zero))
         copy = nnx.merge(graphdef, p)
         return getattr(super(_QuantLayer, copy), method)(*a, **k)
 
@@ -74,7 +76,7 @@ def lora_dequantized_call(
     adapter sees exactly the float weight's roles, the base the dequantized weight, and no
     full-precision weight is kept for the backward pass.
 
-    Only the ``nnx.LoRAParam`` factors get gradients (the frozen base: ``stop_gradient``). The
+    The `QArray`s get no gradient (``stop_gradient``), the factors and float params theirs. The
     copy's LoRA dropout draws from a key taken from the layer's own stream (advanced here), so
     masks differ between calls though the copy's state is not written back."""
     graphdef, lo, rest = nnx.split(layer, nnx.LoRAParam, ...)
@@ -89,7 +91,7 @@ def lora_dequantized_call(
 
     def f(zero, tree):
         lo, rest, kd, a, k = tree
-        rest = quant.dequantize(jax.lax.stop_gradient(quant._after(rest, zero)))
+        rest = quant.dequantize(quant.frozen_codes(rest, zero))
         copy = nnx.merge(graphdef, lo, rest)
         if kd is not None:
             copy.lora_rngs = nnx.RngStream(jax.random.wrap_key_data(kd, impl=impl), tag=stream.tag)
@@ -278,11 +280,17 @@ def dequantize_nnx(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def get_partition_spec(tree: Any, mesh: Any = None) -> Any:
+def get_partition_spec(tree: Any, mesh: Any = None, *, rules: Any = None) -> Any:
     """``nnx.get_partition_spec`` for a state (or model) with quantized weights: a Variable
     holding a `QArray` gets a `QArray` of ``PartitionSpec``s, one per array, from the
     Variable's sharding names by `quant.partition_names` (codes and block scales sharded like
     the kernel; with ``mesh``, a name whose mesh axes do not divide an axis is dropped there).
+
+    Logical names: flax's context rules (``nn.logical_axis_rules``) and a Variable's
+    ``sharding_rules`` apply as in ``nnx.get_partition_spec``. ``rules`` (logical axis rules,
+    as ``nn.logical_to_mesh_sharding`` takes) maps every Variable's names to mesh axes first,
+    the kernel's as a whole (``nn.logical_to_mesh_axes``), so its codes and scales get the
+    kernel's mesh axes: the specs are then for ``NamedSharding(mesh, spec)`` directly.
 
     >>> import jax, jax_lora
     >>> from flax import nnx
@@ -303,13 +311,19 @@ def get_partition_spec(tree: Any, mesh: Any = None) -> Any:
             axes = (name,) if isinstance(name, str) else tuple(name)
             return size % math.prod(sizes.get(a, 1) for a in axes) == 0
 
+    def spec_of(x: Any) -> Any:
+        spec = nnx.get_partition_spec(x)
+        if rules is None or not isinstance(spec, nnx.Variable) or spec.get_value() is None:
+            return spec
+        return spec.replace(nn.logical_to_mesh_axes(tuple(spec.get_value()), rules))
+
     def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable) and quant.is_quantized(x.get_value()):
             q = x.get_value()
-            names = tuple(nnx.get_partition_spec(x).get_value())
+            names = tuple(spec_of(x).get_value())
             names = names + (None,) * (q.ndim - len(names))
             per = quant.partition_names(q, names, fits)
             return x.replace(q.replace(**{f: PartitionSpec(*n) for f, n in per.items()}))
-        return nnx.get_partition_spec(x)
+        return spec_of(x)
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
