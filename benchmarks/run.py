@@ -511,26 +511,38 @@ def _interleaved(steps: dict, repeats: int, warmup: int = 1, seed: int = 0) -> d
 
 
 def step_flops(cfg: GPTConfig, rank: int) -> dict[str, float]:
-    """Matmul FLOPs per token of a ``floor`` step and of the ``lora_all`` branches on top of it.
+    """Matmul FLOPs per token of a ``floor`` and of a ``lora_all`` step.
 
     ``floor``: the dense layers and head forward plus their input gradient (frozen weights: no
     weight gradient), so 2x their forward; attention (``q kᵀ`` and ``p v``, full scores as the
     einsum computes them) forward plus backward (``dp``, ``dv``, ``dq``, ``dk``), so 3x its
     forward. ``branch``: each targeted ``(in, out)`` layer costs ``2·r·(in+out)`` forward and
-    twice that backward (``dh``, ``db``, ``da``, ``dx``). ``attention``/``dense``: the floor's
-    shares. The ratio ``1 + branch/floor`` is ~``1 + 3·r/d`` at the benchmark's shapes.
+    twice that backward (``dh``, ``db``, ``da``, ``dx``), ~``3·r/d`` of the floor.
+    ``first_qkv_dx``: what ``lora_all`` does not compute that ``floor`` does: the first layer's
+    q, k, v input gradient, base and branch (nothing trainable lies below them; the floor
+    trains the input scale). ``lora_all = floor + branch - first_qkv_dx``; ``dense`` and
+    ``attention`` are the floor's shares.
     """
     d, f = cfg.d_model, cfg.d_ff
     dense = 2 * 2 * cfg.matmul_params()  # forward + input gradient
     attention = 3 * cfg.layers * 2 * 2 * cfg.seq * d
     branch = 3 * cfg.layers * 2 * rank * (4 * (d + d) + (d + f) + (f + d))  # q,k,v,o; fc1, fc2
-    return {"floor": dense + attention, "dense": dense, "attention": attention, "branch": branch}
+    first_qkv_dx = 3 * 2 * d * (d + rank)
+    floor = dense + attention
+    return {
+        "floor": floor,
+        "lora_all": floor + branch - first_qkv_dx,
+        "dense": dense,
+        "attention": attention,
+        "branch": branch,
+        "first_qkv_dx": first_qkv_dx,
+    }
 
 
 def branch_flop_ratio(cfg: GPTConfig, rank: int) -> float:
     """``lora_all``'s step FLOPs over ``floor``'s (`step_flops`)."""
     c = step_flops(cfg, rank)
-    return 1 + c["branch"] / c["floor"]
+    return c["lora_all"] / c["floor"]
 
 
 def sweep(a, peers: list[str]) -> list[dict]:
@@ -547,6 +559,7 @@ def sweep(a, peers: list[str]) -> list[dict]:
             row["flop_ratio"] = branch_flop_ratio(_cfg(sa), r)
             fl = step_flops(_cfg(sa), r)
             row["attention_share"] = fl["attention"] / fl["floor"]
+            row["branch_over_floor"] = fl["branch"] / fl["floor"]  # the ~3·r/d the branch adds
             row |= {p: round_ratio(times, p, "floor")[0] for p in peers}
             row["spread"] = {p: list(round_ratio(times, p, "floor")[1:]) for p in peers}
             row["floor_ms"] = statistics.median(times["floor"]) * 1e3
