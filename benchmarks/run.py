@@ -567,8 +567,8 @@ def sweep(a, peers: list[str]) -> list[dict]:
             rows.append(row)
             print(
                 f"sweep d={d:<5} r={r:<3} "
-                + " ".join(f"{p} +{row[p] - 1:.1%}" for p in peers)
-                + f"  (FLOP model +{row['flop_ratio'] - 1:.1%}; floor {med['floor']:.0f} ms"
+                + " ".join(f"{p} {row[p] - 1:+.1%}" for p in peers)
+                + f"  (FLOP model {row['flop_ratio'] - 1:+.1%}; floor {med['floor']:.0f} ms"
                 f" x{repeats})",
                 flush=True,
             )
