@@ -12,7 +12,7 @@ from separate processes.
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
     python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10-15 min idle)
     python benchmarks/run.py --sweep-quick   # only the sweep: d 256/768/2048 x rank 8/64, 6 rounds
-    python benchmarks/run.py --sweep-only    # only the full sweep -> benchmarks/results/sweep.*
+    python benchmarks/run.py --sweep-only    # only the full sweep -> results/sweep.* (52 min loaded)
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
