@@ -12,6 +12,7 @@ from separate processes.
     python benchmarks/run.py --quick         # small model, < 60 s on 2 cores
     python benchmarks/run.py --sweep         # + d_model x rank for every peer (~10-15 min idle)
     python benchmarks/run.py --sweep-quick   # only the sweep: d 256/768/2048 x rank 8/64, 6 rounds
+    python benchmarks/run.py --sweep-only    # only the full sweep -> results/sweep.* (52 min loaded)
     python benchmarks/run.py --dtype bfloat16 --layers 12 --batch 16 --peak-tflops 790  # a GPU
     python benchmarks/run.py --json          # last line: one JSON object
 """
@@ -122,6 +123,12 @@ def parse_args(argv=None):
         action="store_true",
         help="only the SmolLM2-135M step peak RSS (3 fresh processes + the process baseline)",
     )
+    p.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the full sweep (--sweep-d x --sweep-ranks), no main table; "
+        "table + PNG + JSON under benchmarks/results/ (sweep.*)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument(
         "--rss-of", default=None, help=argparse.SUPPRESS
@@ -134,6 +141,10 @@ def parse_args(argv=None):
         a.sweep, a.sweep_d, a.sweep_ranks = True, "256,768,2048", "8,64"
         if a.sweep_png == "sweep.png":
             a.sweep_png = os.path.join(RESULTS, "sweep_quick.png")
+    if a.sweep_only:
+        a.sweep = True
+        if a.sweep_png == "sweep.png":
+            a.sweep_png = os.path.join(RESULTS, "sweep.png")
     if a.repeats is None:
         a.repeats = 6 if a.quick or a.sweep_quick else 10
     return a
@@ -545,13 +556,39 @@ def _interleaved(steps: dict, repeats: int, warmup: int = 1, seed: int = 0) -> d
     return time_rounds(steps, repeats, seed=seed)
 
 
-def branch_flop_ratio(cfg: GPTConfig, rank: int) -> float:
-    """The FLOP count of a ``lora_all`` step over a ``floor`` step: each targeted ``(in, out)``
-    layer's branch costs ``2·r·(in+out)`` per token forward and twice that backward (dh, db,
-    da, dx), against the floor's forward + input gradient (2x the forward); ~``1 + 3·r/d``."""
+def step_flops(cfg: GPTConfig, rank: int) -> dict[str, float]:
+    """Matmul FLOPs per token of a ``floor`` and of a ``lora_all`` step.
+
+    ``floor``: the dense layers and head forward plus their input gradient (frozen weights: no
+    weight gradient), so 2x their forward; attention (``q kᵀ`` and ``p v``, full scores as the
+    einsum computes them) forward plus backward (``dp``, ``dv``, ``dq``, ``dk``), so 3x its
+    forward. ``branch``: each targeted ``(in, out)`` layer costs ``2·r·(in+out)`` forward and
+    twice that backward (``dh``, ``db``, ``da``, ``dx``), ~``3·r/d`` of the floor.
+    ``first_qkv_dx``: what ``lora_all`` does not compute that ``floor`` does: the first layer's
+    q, k, v input gradient, base and branch (nothing trainable lies below them; the floor
+    trains the input scale). ``lora_all = floor + branch - first_qkv_dx``; ``dense`` and
+    ``attention`` are the floor's shares.
+    """
     d, f = cfg.d_model, cfg.d_ff
-    per_token = cfg.layers * 2 * rank * (4 * 2 * d + 2 * (d + f))  # q,k,v,o + fc1,fc2
-    return 1 + 3 * per_token / (2 * cfg.forward_flops(1))
+    dense = 2 * 2 * cfg.matmul_params()  # forward + input gradient
+    attention = 3 * cfg.layers * 2 * 2 * cfg.seq * d
+    branch = 3 * cfg.layers * 2 * rank * (4 * (d + d) + (d + f) + (f + d))  # q,k,v,o; fc1, fc2
+    first_qkv_dx = 3 * 2 * d * (d + rank)
+    floor = dense + attention
+    return {
+        "floor": floor,
+        "lora_all": floor + branch - first_qkv_dx,
+        "dense": dense,
+        "attention": attention,
+        "branch": branch,
+        "first_qkv_dx": first_qkv_dx,
+    }
+
+
+def branch_flop_ratio(cfg: GPTConfig, rank: int) -> float:
+    """``lora_all``'s step FLOPs over ``floor``'s (`step_flops`)."""
+    c = step_flops(cfg, rank)
+    return c["lora_all"] / c["floor"]
 
 
 def sweep(a, peers: list[str]) -> list[dict]:
@@ -566,6 +603,9 @@ def sweep(a, peers: list[str]) -> list[dict]:
             times = _interleaved(build(sa, ["floor", *peers]), repeats, seed=a.seed)
             row = {"d_model": d, "rank": r, "two_r_over_d": 2 * r / d}
             row["flop_ratio"] = branch_flop_ratio(_cfg(sa), r)
+            fl = step_flops(_cfg(sa), r)
+            row["attention_share"] = fl["attention"] / fl["floor"]
+            row["branch_over_floor"] = fl["branch"] / fl["floor"]  # the ~3·r/d the branch adds
             row |= {p: round_ratio(times, p, "floor")[0] for p in peers}
             row["spread"] = {p: list(round_ratio(times, p, "floor")[1:]) for p in peers}
             row["floor_ms"] = statistics.median(times["floor"]) * 1e3
@@ -573,8 +613,9 @@ def sweep(a, peers: list[str]) -> list[dict]:
             rows.append(row)
             print(
                 f"sweep d={d:<5} r={r:<3} "
-                + " ".join(f"{p} {row[p]:.3f}" for p in peers)
-                + f"  (FLOPs {row['flop_ratio']:.3f}, floor {med['floor']:.0f} ms x{repeats})",
+                + " ".join(f"{p} {row[p] - 1:+.1%}" for p in peers)
+                + f"  (FLOP model {row['flop_ratio'] - 1:+.1%}; floor {med['floor']:.0f} ms"
+                f" x{repeats})",
                 flush=True,
             )
     return rows
@@ -596,7 +637,8 @@ def sweep_table(rows: list[dict], peers: list[str]) -> str:
 
 
 def sweep_only(a, peers: list[str]) -> dict:
-    """``--sweep-quick``: the sweep alone; the table printed, PNG and JSON saved."""
+    """``--sweep-quick``/``--sweep-only``: the sweep alone; the table printed, PNG and JSON
+    saved."""
     t0 = time.perf_counter()
     rows = sweep(a, peers)
     os.makedirs(os.path.dirname(os.path.abspath(a.sweep_png)), exist_ok=True)
@@ -715,7 +757,7 @@ def main(a) -> dict:
     if a.twin:
         names.append("floor_twin")
     available = set(names) | {"lora_all"}
-    if a.sweep_quick:
+    if a.sweep_quick or a.sweep_only:
         return sweep_only(a, [p for p in SWEEP_PEERS if p in available])
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
