@@ -369,7 +369,9 @@ def read_gguf(path: str, *, keep_quantized: bool = False):
             w = from_gguf(t.data, qtype)  # torch layout (out, in), blocks along in
             unpermute = lambda a, n: jax.tree.map(lambda x: gguf_unpermute(x, n), a)  # noqa: E731
         else:
-            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            # a copy: an F32 tensor comes back as a view of the reader's memory map, which
+            # would keep the whole file mapped (and its pages resident) after the reader is gone
+            w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32, copy=True)
             w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists ne0 first
             unpermute = gguf_unpermute
         if kind == "attn_q":
