@@ -511,7 +511,8 @@ def from_gguf(raw: np.ndarray, qtype: str, *, axis: int = -1, dtype: Any = np.fl
         mins = None if mins is None else np.moveaxis(mins, -1, axis)
     n = np.ndim(codes)
     axis = axis - n if axis >= 0 else axis
-    keep = lambda a: None if a is None else jnp.asarray(np.ascontiguousarray(a))  # noqa: E731
+    # `jax.device_put`: ``jnp.asarray`` of a numpy array compiles a copy for every shape
+    keep = lambda a: None if a is None else jax.device_put(np.ascontiguousarray(a))  # noqa: E731
     return QArray(
         keep(codes), keep(d), keep(mins), qtype=qtype, block=32, axis=axis, dtype=np.dtype(dtype)
     )
@@ -525,7 +526,13 @@ def swap_last_axes(q: QArray) -> QArray:
     leaves = {k: getattr(q, k) for k in ("codes", "scales", "mins")}
     if q.scales_offset is not None:
         raise ValueError("swap_last_axes does not reorder double-quantized scales")
-    swapped = {k: None if v is None else jnp.swapaxes(v, -1, -2) for k, v in leaves.items()}
+
+    def swap(v):  # a concrete array: numpy's (eager jax would compile a transpose per shape)
+        if isinstance(v, jax.core.Tracer):
+            return jnp.swapaxes(v, -1, -2)
+        return jax.device_put(np.ascontiguousarray(np.swapaxes(np.asarray(v), -1, -2)))
+
+    swapped = {k: None if v is None else swap(v) for k, v in leaves.items()}
     return q.replace(**swapped, axis=-3 - q.axis)
 
 

@@ -182,3 +182,26 @@ def test_gguf_file_is_unmapped_once_the_reader_is_dropped(tmp_path):
     assert mapped == [], mapped
     norm = np.asarray(params["model"]["norm"]["weight"])
     assert norm.shape == (64,) and norm.dtype == np.float32
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "int8"])
+def test_chunked_cross_entropy_on_a_quantized_head(qtype):
+    # the tied embedding kept quantized (the GGUF's Q8_0, blocks along d): the loss and its
+    # gradient equal those on the dequantized table, which is never an input of the scan
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((96, 64)).astype(np.float32)
+    q = quant.quantize_array(table, qtype, axis=-1)
+    w = quant.dequantize_array(q)
+    h = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 96, (2, 5)), jnp.int32)
+
+    def loss(h, weight):
+        return lm_loss.chunked_cross_entropy(h, weight, y, chunk=4).sum()
+
+    got, got_g = jax.jit(jax.value_and_grad(loss))(h, q)
+    want, want_g = jax.jit(jax.value_and_grad(loss))(h, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-5, atol=1e-7)
+    # and through llama_head: the QArray itself, not a dequantized copy
+    head, tied = lm_loss.llama_head({"model": {"embed_tokens": {"embedding": q}}})
+    assert tied and quant.is_quantized(head)

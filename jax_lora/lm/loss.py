@@ -42,7 +42,8 @@ def chunked_cross_entropy(
     Args:
       hidden: ``(batch, seq, d)`` the final hidden states (after the last norm).
       weight: the head: ``(vocab, d)`` (a tied embedding table, ``transposed=True``) or
-        ``(d, vocab)`` (a Dense kernel, ``transposed=False``).
+        ``(d, vocab)`` (a Dense kernel, ``transposed=False``); or a frozen `jax_lora.QArray`
+        of either, dequantized inside each block (forward and backward).
       labels: ``(batch, seq)`` int token ids.
       chunk: tokens per block (the last block is padded).
 
@@ -67,28 +68,30 @@ def chunked_cross_entropy(
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     y = jnp.pad(labels.reshape(n), (0, pad)).reshape(-1, chunk)
     dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+    from ..quant import dequantize_array, is_quantized
 
     @jax.checkpoint
     def block(h, y):
+        # a quantized head (a `QArray`, frozen) is dequantized here, per block and again in the
+        # block's backward: no full-precision copy of the table lives across the step
+        w = dequantize_array(weight) if is_quantized(weight) else weight
         # contract d in place: ``weight.T`` would be a transposed copy of the table (113 MB)
         dims = (((1,), (1 if transposed else 0,)), ((), ()))
-        logits = jax.lax.dot_general(h.astype(dtype), weight.astype(dtype), dims)
+        logits = jax.lax.dot_general(h.astype(dtype), w.astype(dtype), dims)
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
 
     _, losses = jax.lax.scan(lambda c, hy: (c, block(*hy)), None, (h, y))
     return losses.reshape(-1)[:n].reshape(b, t)
 
 
-def llama_head(params: dict) -> tuple[jax.Array, bool]:
+def llama_head(params: dict) -> tuple[Any, bool]:
     """A `jax_lora.lm.llama.Llama`'s head from its params: ``(embedding (vocab, d), True)``
-    when tied, ``(lm_head kernel (d, vocab), False)`` otherwise (a quantized one -- a GGUF's own blocks --
-    comes back dequantized: it is frozen, and one copy is made per step)."""
-    from ..quant import dequantize_array, is_quantized
-
+    when tied, ``(lm_head kernel (d, vocab), False)`` otherwise (a quantized one -- a GGUF's own
+    blocks -- comes back as its `jax_lora.QArray`: `chunked_cross_entropy` dequantizes it one
+    block of tokens at a time)."""
     model = params["model"]
     tied = "lm_head" not in model
-    w = model["embed_tokens"]["embedding"] if tied else model["lm_head"]["kernel"]
-    return (dequantize_array(w) if is_quantized(w) else w), tied
+    return (model["embed_tokens"]["embedding"] if tied else model["lm_head"]["kernel"]), tied
 
 
 def llama_token_nll(
