@@ -312,17 +312,31 @@ def _release_and_reset_peak() -> float:
     return before
 
 
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def rss_child(a) -> None:
     """Prints ``{"rss": step peak, "load": loader peak}`` (MiB): the step's peak counts from
     after the GGUF's quantized tensors are read (the same for every configuration), so it holds
-    the base conversion, the compiled step and two steps."""
+    the base conversion, the compiled step and two steps. Every child alike runs with
+    ``MALLOC_ARENA_MAX=2`` and hands freed heap back (``malloc_trim``) after the conversion and
+    after the compilation."""
     cfg, qparams, _ = load_quantized(a.layers, tokenizer=False)
     load = _release_and_reset_peak()
     if a.rss_of != "baseline":  # baseline: imports, the XLA runtime and the GGUF's tensors
         params = make_base(a.rss_of, qparams, cfg, a)
         del qparams
+        _trim()  # what the conversion freed goes back to the OS (every configuration alike)
         step, _, lora, opt = build(a.rss_of, cfg, params, a)
         batch = np.zeros((a.batch, a.seq + 1), np.int32)
+        step = step.lower(lora, opt, params, batch).compile()
+        _trim()  # and what the compiler freed
         for _ in range(2):
             lora, opt, loss = step(lora, opt, params, batch)
             jax.block_until_ready(loss)
@@ -336,7 +350,10 @@ def rss_of(name: str, a) -> dict:
     args += ["--remat" if a.remat else "--no-remat", "--chunk", str(a.chunk)]
     args += ["--scan" if a.scan else "--no-scan"]
     args += ["--quant-embed" if a.quant_embed else "--no-quant-embed"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    # glibc's per-thread malloc arenas (up to 8 per core) hold freed heap that XLA's compiler
+    # threads leave behind: two arenas, the same in every child
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -205,3 +205,30 @@ def test_chunked_cross_entropy_on_a_quantized_head(qtype):
     # and through llama_head: the QArray itself, not a dequantized copy
     head, tied = lm_loss.llama_head({"model": {"embed_tokens": {"embedding": q}}})
     assert tied and quant.is_quantized(head)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_quantized_head_in_vocabulary_slices(transposed, monkeypatch):
+    # slices of 32 rows of a 96-row vocabulary: the same loss and gradient as the whole table
+    monkeypatch.setattr(lm_loss, "head_rows", 32)
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((96, 64)).astype(np.float32)
+    if transposed:
+        q = quant.quantize_array(table, "q8_0", axis=-1)  # blocks along d, rows = vocabulary
+    else:
+        q = quant.quantize_array(table.T, "nf4", axis=-2)  # a Dense head (d, vocab)
+    w = quant.dequantize_array(q)
+    h = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 96, (2, 5)), jnp.int32)
+
+    def loss(h, weight):
+        return lm_loss.chunked_cross_entropy(h, weight, y, transposed=transposed, chunk=4).sum()
+
+    got, got_g = jax.jit(jax.value_and_grad(loss))(h, q)
+    want, want_g = jax.jit(jax.value_and_grad(loss))(h, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-5, atol=1e-6)
+    # the compiled loss never holds the whole dequantized table (96 x 64 fp32 = 24 KiB)
+    m = jax.jit(jax.grad(loss)).lower(h, q).compile().memory_analysis()
+    if m is not None:
+        assert m.temp_size_in_bytes < table.nbytes, m.temp_size_in_bytes

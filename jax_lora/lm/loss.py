@@ -68,20 +68,47 @@ def chunked_cross_entropy(
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     y = jnp.pad(labels.reshape(n), (0, pad)).reshape(-1, chunk)
     dtype = jnp.promote_types(hidden.dtype, weight.dtype)
-    from ..quant import dequantize_array, is_quantized
+    from ..quant import is_quantized
+
+    # contract d in place: ``weight.T`` would be a transposed copy of the table (113 MB)
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
 
     @jax.checkpoint
     def block(h, y):
-        # a quantized head (a `QArray`, frozen) is dequantized here, per block and again in the
-        # block's backward: no full-precision copy of the table lives across the step
-        w = dequantize_array(weight) if is_quantized(weight) else weight
-        # contract d in place: ``weight.T`` would be a transposed copy of the table (113 MB)
-        dims = (((1,), (1 if transposed else 0,)), ((), ()))
-        logits = jax.lax.dot_general(h.astype(dtype), w.astype(dtype), dims)
+        if is_quantized(weight):  # frozen: dequantized here, a slice of the vocabulary at a time
+            logits = _quantized_head_logits(h.astype(dtype), weight, transposed, dims, dtype)
+        else:
+            logits = jax.lax.dot_general(h.astype(dtype), weight.astype(dtype), dims)
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
 
     _, losses = jax.lax.scan(lambda c, hy: (c, block(*hy)), None, (h, y))
     return losses.reshape(-1)[:n].reshape(b, t)
+
+
+#: rows of the vocabulary dequantized at a time from a quantized head (4096 x 576 fp32: 9 MB)
+head_rows = 4096
+
+
+def _quantized_head_logits(h, q, transposed: bool, dims, dtype) -> jax.Array:
+    """``h @ head`` for a frozen `jax_lora.QArray` head: the vocabulary in slices of at most
+    `head_rows`, each dequantized, used and dropped (`jax.checkpoint`: recomputed for the
+    backward), so no full-precision table is ever live. -> ``(tokens, vocab)``."""
+    from ..quant import dequantize_array
+
+    vax = 0 if transposed else 1
+    vocab = q.shape[vax]
+    k = next(k for k in range(1, vocab + 1) if vocab % k == 0 and vocab // k <= head_rows)
+    if k == 1 or q.ndim + q.axis == vax or q.scales_offset is not None:
+        # one slice, blocks along the vocabulary, or double-quantized scales (their own layout)
+        return jax.lax.dot_general(h, dequantize_array(q).astype(dtype), dims)
+    pieces = jax.tree.map(  # each array: vocab -> (k, vocab // k), the k slices leading
+        lambda x: jnp.moveaxis(x.reshape(x.shape[:vax] + (k, -1) + x.shape[vax + 1 :]), vax, 0), q
+    )
+    piece = jax.checkpoint(
+        lambda p: jax.lax.dot_general(h, dequantize_array(p).astype(dtype), dims)
+    )
+    out = jax.lax.map(piece, pieces)  # (k, tokens, vocab // k)
+    return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], vocab)
 
 
 def llama_head(params: dict) -> tuple[Any, bool]:
