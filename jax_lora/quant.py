@@ -405,12 +405,26 @@ def _quantize_np(x: np.ndarray, qtype, block, axis, double_quant, out_dtype) -> 
         return QArray(
             codes, jax.device_put(absmax), qtype=qtype, block=block, axis=axis, dtype=out_dtype
         )
-    # the scales' mean is XLA's float32 sum, in its order (a fused `jax.jit` of it differs in
-    # the last bit): jax ops on the small block scales, as before
-    sq, absmax2, offset = _double_quantize(jax.device_put(absmax), axis)
+    sq, absmax2, offset = (jax.device_put(v) for v in _double_quantize_np(absmax, axis))
     return QArray(
         codes, sq, None, absmax2, offset, qtype=qtype, block=block, axis=axis, dtype=out_dtype
     )
+
+
+def _double_quantize_np(scales: np.ndarray, axis: int):
+    """`_double_quantize` in numpy, bit for bit; only the mean of the scales is jax's own
+    (``jnp.mean``: XLA's float32 sum in its order, one small compiled function per shape)."""
+    moved = np.moveaxis(scales, scales.ndim + axis, -1)
+    flat = np.ascontiguousarray(moved.reshape(moved.shape[:-2] + (-1,)))
+    offset = np.asarray(jnp.mean(jax.device_put(flat), axis=-1))
+    x = flat - offset[..., None]
+    m = flat.shape[-1]
+    n2 = -(-m // DOUBLE_QUANT_BLOCK)
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n2 * DOUBLE_QUANT_BLOCK - m)])
+    blocks = xp.reshape(xp.shape[:-1] + (n2, DOUBLE_QUANT_BLOCK))
+    absmax2 = np.max(np.abs(blocks), axis=-1)
+    q = _nearest_np(_scaled_np(blocks, absmax2, blocks.ndim - 1), dynamic_map())
+    return q.reshape(xp.shape)[..., :m], absmax2, offset
 
 
 def _scaled_np(blocks: np.ndarray, absmax: np.ndarray, bax: int) -> np.ndarray:
