@@ -82,6 +82,14 @@ def parse_args(argv=None):
         "in every configuration alike (default on): with --remat, one layer's activations live "
         "at a time",
     )
+    p.add_argument(
+        "--quant-embed",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the QLoRA configurations (int8, nf4, nf4_dq) keep the tied embedding / LM head as "
+        "the GGUF's own Q8_0 blocks (dequantized in the layer and per block of the chunked "
+        "cross-entropy) instead of fp32; the same values, so the same perplexity",
+    )
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
@@ -117,11 +125,13 @@ def make_base(name: str, params, cfg=None, a=None):
         is_kernel = path[-1].key == "kernel"
         if name == "gguf_q4_1":
             return x
-        w = quant.dequantize_array(x) if quant.is_quantized(x) else x
+        if name == "lora_bf16":
+            return _bf16(x)
+        if name != "lora_fp32" and not is_kernel and a.quant_embed and quant.is_quantized(x):
+            return x  # --quant-embed: the tied embedding as the GGUF's Q8_0 blocks
+        w = _dequantized(x) if quant.is_quantized(x) else x
         if name == "lora_fp32":
             return w
-        if name == "lora_bf16":
-            return w.astype(jnp.bfloat16)
         if not is_kernel:  # QLoRA quantizes the linear layers; embedding and norms stay
             return w
         qtype = "nf4" if name.startswith("nf4") else name
@@ -130,6 +140,19 @@ def make_base(name: str, params, cfg=None, a=None):
     if not a.scan:
         return jax.tree_util.tree_map_with_path(one, params, is_leaf=quant.is_quantized)
     return stacked_map(one, params)
+
+
+# one compiled function per tensor shape (eager jax ops would compile and keep one per op and
+# shape); the quantizer itself runs in numpy (`quant.quantize_array` of a concrete array)
+_dequantized = jax.jit(quant.dequantize_array)
+_bf16 = jax.jit(
+    lambda x: (quant.dequantize_array(x) if quant.is_quantized(x) else x).astype(jnp.bfloat16)
+)
+
+
+def _stack(*xs):
+    """``jnp.stack(xs)`` through numpy (no compiled kernel per shape)."""
+    return jax.device_put(np.stack([np.asarray(x) for x in xs]))
 
 
 def stacked_map(one, params) -> dict:
@@ -143,7 +166,7 @@ def stacked_map(one, params) -> dict:
     stacked = []
     for j, (path, _) in enumerate(leaves[0][0]):
         converted = [one(path, layer[0][j][1]) for layer in leaves]
-        stacked.append(jax.tree.map(lambda *xs: jnp.stack(xs), *converted))
+        stacked.append(jax.tree.map(_stack, *converted))
         del converted
     out = jax.tree_util.tree_map_with_path(one, {"model": model}, is_leaf=quant.is_quantized)
     out["model"]["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
@@ -183,7 +206,7 @@ def qwix_base(cfg, params, a):
         key = tuple(k.key for k in path)
         if key[0] != "model":  # a decoder layer's weight, stacked under model/layers
             key = ("model", "layers_0", *key)
-        w = quant.dequantize_array(x) if quant.is_quantized(x) else x
+        w = _dequantized(x) if quant.is_quantized(x) else x
         return tu.flatten_dict(qwix.quantize_params(tu.unflatten_dict({key: w}), unrolled))[key]
 
     if a.scan:  # qwix quantizes a scanned kernel per layer (its tiles are per layer)
@@ -289,17 +312,31 @@ def _release_and_reset_peak() -> float:
     return before
 
 
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def rss_child(a) -> None:
     """Prints ``{"rss": step peak, "load": loader peak}`` (MiB): the step's peak counts from
     after the GGUF's quantized tensors are read (the same for every configuration), so it holds
-    the base conversion, the compiled step and two steps."""
+    the base conversion, the compiled step and two steps. Every child alike runs with
+    ``MALLOC_ARENA_MAX=2`` and hands freed heap back (``malloc_trim``) after the conversion and
+    after the compilation."""
     cfg, qparams, _ = load_quantized(a.layers, tokenizer=False)
     load = _release_and_reset_peak()
     if a.rss_of != "baseline":  # baseline: imports, the XLA runtime and the GGUF's tensors
         params = make_base(a.rss_of, qparams, cfg, a)
         del qparams
+        _trim()  # what the conversion freed goes back to the OS (every configuration alike)
         step, _, lora, opt = build(a.rss_of, cfg, params, a)
         batch = np.zeros((a.batch, a.seq + 1), np.int32)
+        step = step.lower(lora, opt, params, batch).compile()
+        _trim()  # and what the compiler freed
         for _ in range(2):
             lora, opt, loss = step(lora, opt, params, batch)
             jax.block_until_ready(loss)
@@ -312,7 +349,11 @@ def rss_of(name: str, a) -> dict:
     args += ["--layers", str(a.layers)] if a.layers else []
     args += ["--remat" if a.remat else "--no-remat", "--chunk", str(a.chunk)]
     args += ["--scan" if a.scan else "--no-scan"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    args += ["--quant-embed" if a.quant_embed else "--no-quant-embed"]
+    # glibc's per-thread malloc arenas (up to 8 per core) hold freed heap that XLA's compiler
+    # threads leave behind: two arenas, the same in every child
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -337,6 +378,7 @@ def main(a) -> dict:
 
     report: dict = {"configs": names, "layers": cfg.num_hidden_layers, "seq": a.seq}
     report.update(batch=a.batch, rank=a.rank, remat=a.remat, chunk=a.chunk, scan=a.scan)
+    report.update(quant_embed=a.quant_embed)
     kernels = [
         x
         for path, x in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=quant.is_quantized)[0]

@@ -335,10 +335,13 @@ def quantize_array(
             "with `targets`."
         )
     out_dtype = np.dtype(w_dtype if dtype is None else dtype)
-    x = jnp.asarray(w, jnp.float32)
+    if isinstance(w, jax.core.Tracer):  # under a transformation: jax ops
+        return _quantize(jnp.asarray(w, jnp.float32), qtype, block, axis, double_quant, out_dtype)
+    # a concrete array: numpy (each eager jax op would compile and keep an XLA kernel per shape)
+    x = np.asarray(w, np.float32)
     if qtype in ("q4_0", "q4_1", "q8_0"):
-        return _quantize_gguf(np.asarray(x), qtype, axis, out_dtype)
-    return _quantize(x, qtype, block, axis, double_quant, out_dtype)
+        return _quantize_gguf(x, qtype, axis, out_dtype)
+    return _quantize_np(x, qtype, block, axis, double_quant, out_dtype)
 
 
 def _quantize(x, qtype, block, axis, double_quant, out_dtype) -> QArray:
@@ -364,6 +367,79 @@ def _quantize(x, qtype, block, axis, double_quant, out_dtype) -> QArray:
     return QArray(
         codes, sq, None, absmax2, offset, qtype=qtype, block=block, axis=axis, dtype=out_dtype
     )
+
+
+def _quantize_np(x: np.ndarray, qtype, block, axis, double_quant, out_dtype) -> QArray:
+    """`_quantize` in numpy, bit for bit (the same fp32 operations; no XLA kernel compiled:
+    the results go to the device with `jax.device_put`, since ``jnp.asarray`` of a numpy array
+    compiles a copy per shape)."""
+    f32 = np.float32
+    if qtype in _PER_CHANNEL:
+        absmax = np.max(np.abs(x), axis=x.ndim + axis, keepdims=True)
+        # XLA turns the division by a constant into a product with its fp32 reciprocal
+        scale = absmax * (f32(1.0) / f32(127.0 if qtype == "int8" else _FP8_MAX))
+        safe = np.where(scale == 0, f32(1.0), scale)
+        if qtype == "int8":
+            codes = np.clip(np.round(x / safe), f32(-127), f32(127)).astype(np.int8)
+        else:
+            codes = np.clip(x / safe, f32(-_FP8_MAX), f32(_FP8_MAX)).astype(jnp.float8_e4m3fn)
+        return QArray(
+            jax.device_put(codes), jax.device_put(scale), qtype=qtype, block=x.shape[axis], axis=axis,
+            dtype=out_dtype,
+        )  # fmt: skip
+    ax = x.ndim + axis
+    blocks = x.reshape(x.shape[:ax] + (x.shape[ax] // block, block) + x.shape[ax + 1 :])
+    absmax = np.max(np.abs(blocks), axis=ax + 1)
+    scaled = _scaled_np(blocks, absmax, ax + 1)
+    del blocks
+    if qtype == "nf4":
+        q = _nearest_np(scaled, NF4_TABLE)
+    else:  # int4: symmetric levels -7..7, stored + 8 (an all-zero block: NaN -> 0, as XLA)
+        q = np.nan_to_num(np.round(scaled * f32(7.0)) + f32(8.0), nan=0.0).astype(np.uint8)
+    del scaled
+    pairs = q.reshape(x.shape[:ax] + (x.shape[ax] // 2, 2) + x.shape[ax + 1 :])
+    hi = np.take(pairs, 0, axis=ax + 1)
+    lo = np.take(pairs, 1, axis=ax + 1)
+    codes = jax.device_put((hi << np.uint8(4)) | lo)
+    if not double_quant:
+        return QArray(
+            codes, jax.device_put(absmax), qtype=qtype, block=block, axis=axis, dtype=out_dtype
+        )
+    sq, absmax2, offset = (jax.device_put(v) for v in _double_quantize_np(absmax, axis))
+    return QArray(
+        codes, sq, None, absmax2, offset, qtype=qtype, block=block, axis=axis, dtype=out_dtype
+    )
+
+
+def _double_quantize_np(scales: np.ndarray, axis: int):
+    """`_double_quantize` in numpy, bit for bit; only the mean of the scales is jax's own
+    (``jnp.mean``: XLA's float32 sum in its order, one small compiled function per shape)."""
+    moved = np.moveaxis(scales, scales.ndim + axis, -1)
+    flat = np.ascontiguousarray(moved.reshape(moved.shape[:-2] + (-1,)))
+    offset = np.asarray(jnp.mean(jax.device_put(flat), axis=-1))
+    x = flat - offset[..., None]
+    m = flat.shape[-1]
+    n2 = -(-m // DOUBLE_QUANT_BLOCK)
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n2 * DOUBLE_QUANT_BLOCK - m)])
+    blocks = xp.reshape(xp.shape[:-1] + (n2, DOUBLE_QUANT_BLOCK))
+    absmax2 = np.max(np.abs(blocks), axis=-1)
+    q = _nearest_np(_scaled_np(blocks, absmax2, blocks.ndim - 1), dynamic_map())
+    return q.reshape(xp.shape)[..., :m], absmax2, offset
+
+
+def _scaled_np(blocks: np.ndarray, absmax: np.ndarray, bax: int) -> np.ndarray:
+    """`_absmax_scaled`'s ``blocks / absmax`` in [-1, 1]. XLA:CPU flushes its float32 floor
+    ``1e-38`` (a denormal) to zero, so an all-zero block divides by zero there: NaN, kept
+    here (its codes then dequantize to ``code * 0 = 0`` all the same)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.float32(1.0) / np.where(absmax < np.finfo(np.float32).tiny, 0, absmax)
+        return np.clip(blocks * np.expand_dims(inv, bax), np.float32(-1.0), np.float32(1.0))
+
+
+def _nearest_np(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """`_nearest` in numpy (NaN -> the last index, as XLA's)."""
+    mid = (table[:-1] + table[1:]) / np.float32(2.0)
+    return np.searchsorted(mid, values, side="left").astype(np.uint8)
 
 
 def _block_scales(q: QArray) -> jax.Array:
@@ -449,7 +525,8 @@ def from_gguf(raw: np.ndarray, qtype: str, *, axis: int = -1, dtype: Any = np.fl
         mins = None if mins is None else np.moveaxis(mins, -1, axis)
     n = np.ndim(codes)
     axis = axis - n if axis >= 0 else axis
-    keep = lambda a: None if a is None else jnp.asarray(np.ascontiguousarray(a))  # noqa: E731
+    # `jax.device_put`: ``jnp.asarray`` of a numpy array compiles a copy for every shape
+    keep = lambda a: None if a is None else jax.device_put(np.ascontiguousarray(a))  # noqa: E731
     return QArray(
         keep(codes), keep(d), keep(mins), qtype=qtype, block=32, axis=axis, dtype=np.dtype(dtype)
     )
@@ -463,7 +540,13 @@ def swap_last_axes(q: QArray) -> QArray:
     leaves = {k: getattr(q, k) for k in ("codes", "scales", "mins")}
     if q.scales_offset is not None:
         raise ValueError("swap_last_axes does not reorder double-quantized scales")
-    swapped = {k: None if v is None else jnp.swapaxes(v, -1, -2) for k, v in leaves.items()}
+
+    def swap(v):  # a concrete array: numpy's (eager jax would compile a transpose per shape)
+        if isinstance(v, jax.core.Tracer):
+            return jnp.swapaxes(v, -1, -2)
+        return jax.device_put(np.ascontiguousarray(np.swapaxes(np.asarray(v), -1, -2)))
+
+    swapped = {k: None if v is None else swap(v) for k, v in leaves.items()}
     return q.replace(**swapped, axis=-3 - q.axis)
 
 

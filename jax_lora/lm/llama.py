@@ -276,7 +276,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
         for p in path:
             d = d.setdefault(p, {})
         d[name] = (
-            arr if isinstance(arr, QArray) else jnp.asarray(np.ascontiguousarray(arr), jnp.float32)
+            arr
+            if isinstance(arr, QArray)
+            else jax.device_put(np.ascontiguousarray(arr, np.float32))  # no compiled copy
         )
     n_want = len(jax.tree.leaves(want))
     n_have = len(jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))

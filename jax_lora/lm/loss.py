@@ -42,7 +42,8 @@ def chunked_cross_entropy(
     Args:
       hidden: ``(batch, seq, d)`` the final hidden states (after the last norm).
       weight: the head: ``(vocab, d)`` (a tied embedding table, ``transposed=True``) or
-        ``(d, vocab)`` (a Dense kernel, ``transposed=False``).
+        ``(d, vocab)`` (a Dense kernel, ``transposed=False``); or a frozen `jax_lora.QArray`
+        of either, dequantized inside each block (forward and backward).
       labels: ``(batch, seq)`` int token ids.
       chunk: tokens per block (the last block is padded).
 
@@ -67,28 +68,57 @@ def chunked_cross_entropy(
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     y = jnp.pad(labels.reshape(n), (0, pad)).reshape(-1, chunk)
     dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+    from ..quant import is_quantized
+
+    # contract d in place: ``weight.T`` would be a transposed copy of the table (113 MB)
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
 
     @jax.checkpoint
     def block(h, y):
-        # contract d in place: ``weight.T`` would be a transposed copy of the table (113 MB)
-        dims = (((1,), (1 if transposed else 0,)), ((), ()))
-        logits = jax.lax.dot_general(h.astype(dtype), weight.astype(dtype), dims)
+        if is_quantized(weight):  # frozen: dequantized here, a slice of the vocabulary at a time
+            logits = _quantized_head_logits(h.astype(dtype), weight, transposed, dims, dtype)
+        else:
+            logits = jax.lax.dot_general(h.astype(dtype), weight.astype(dtype), dims)
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
 
     _, losses = jax.lax.scan(lambda c, hy: (c, block(*hy)), None, (h, y))
     return losses.reshape(-1)[:n].reshape(b, t)
 
 
-def llama_head(params: dict) -> tuple[jax.Array, bool]:
-    """A `jax_lora.lm.llama.Llama`'s head from its params: ``(embedding (vocab, d), True)``
-    when tied, ``(lm_head kernel (d, vocab), False)`` otherwise (a quantized one -- a GGUF's own blocks --
-    comes back dequantized: it is frozen, and one copy is made per step)."""
-    from ..quant import dequantize_array, is_quantized
+#: rows of the vocabulary dequantized at a time from a quantized head (4096 x 576 fp32: 9 MB)
+head_rows = 4096
 
+
+def _quantized_head_logits(h, q, transposed: bool, dims, dtype) -> jax.Array:
+    """``h @ head`` for a frozen `jax_lora.QArray` head: the vocabulary in slices of at most
+    `head_rows`, each dequantized, used and dropped (`jax.checkpoint`: recomputed for the
+    backward), so no full-precision table is ever live. -> ``(tokens, vocab)``."""
+    from ..quant import dequantize_array
+
+    vax = 0 if transposed else 1
+    vocab = q.shape[vax]
+    k = next(k for k in range(1, vocab + 1) if vocab % k == 0 and vocab // k <= head_rows)
+    if k == 1 or q.ndim + q.axis == vax or q.scales_offset is not None:
+        # one slice, blocks along the vocabulary, or double-quantized scales (their own layout)
+        return jax.lax.dot_general(h, dequantize_array(q).astype(dtype), dims)
+    pieces = jax.tree.map(  # each array: vocab -> (k, vocab // k), the k slices leading
+        lambda x: jnp.moveaxis(x.reshape(x.shape[:vax] + (k, -1) + x.shape[vax + 1 :]), vax, 0), q
+    )
+    piece = jax.checkpoint(
+        lambda p: jax.lax.dot_general(h, dequantize_array(p).astype(dtype), dims)
+    )
+    out = jax.lax.map(piece, pieces)  # (k, tokens, vocab // k)
+    return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], vocab)
+
+
+def llama_head(params: dict) -> tuple[Any, bool]:
+    """A `jax_lora.lm.llama.Llama`'s head from its params: ``(embedding (vocab, d), True)``
+    when tied, ``(lm_head kernel (d, vocab), False)`` otherwise (a quantized one -- a GGUF's own
+    blocks -- comes back as its `jax_lora.QArray`: `chunked_cross_entropy` dequantizes it one
+    block of tokens at a time)."""
     model = params["model"]
     tied = "lm_head" not in model
-    w = model["embed_tokens"]["embedding"] if tied else model["lm_head"]["kernel"]
-    return (dequantize_array(w) if is_quantized(w) else w), tied
+    return (model["embed_tokens"]["embedding"] if tied else model["lm_head"]["kernel"]), tied
 
 
 def llama_token_nll(
