@@ -100,6 +100,48 @@ def test_also_train_bias_of_a_quantized_layer_gets_state_and_the_codes_none(kind
     assert sizes == sorted([D, D, 4 * D, 4 * D, 4 * D, 4 * D])
 
 
+class SetupW(nn.Module):
+    """A ``setup`` container: its own weight ``w (8, 8)`` and a shared-scope child's ``v``."""
+
+    def setup(self):
+        self.w = self.param("w", nn.initializers.normal(0.5), (8, 8))
+        self.down = EinsumV()
+        nn.share_scope(self, self.down)
+
+    def __call__(self, x):
+        return self.down(x @ self.w)
+
+
+class EinsumV(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum("...H,HF->...F", x, self.param("v", nn.initializers.normal(0.5), (8, 8)))
+
+
+class SetupWModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return SetupW(name="mix")(x)
+
+
+@pytest.mark.parametrize("qtype,block", [("int8", None), ("nf4", 8)])
+def test_linen_setup_weight_quantized_as_int8_is_refused_like_nf4(qtype, block):
+    """int8 codes have the weight's shape, so flax's shape check in ``setup`` passed and the
+    container's call met the `QArray` itself: "unsupported operand type(s) for @"."""
+    xf = jax.random.normal(jax.random.key(4), (2, 5, 8))
+    params = SetupWModel().init(jax.random.key(0), xf)["params"]
+    wrapped = jax_lora.wrap(SetupWModel(), jax_lora.LoraConfig(rank=4, targets="mix/(w|v)"))
+    kw = {} if block is None else {"block": block}
+    qp = quant.quantize(params, qtype, targets="mix/(w|v)", axis=-1, **kw)
+    with pytest.raises(ValueError, match=r"'mix' \(.*SetupW\).*`setup` creates"):
+        jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, xf)
+    qp = quant.quantize(params, qtype, targets="mix/v", axis=-1, **kw)  # the advice works
+    lora = _perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, xf))
+    assert jax.tree.map(jnp.shape, lora) == {"mix": {"v": {"a": (8, 4), "b": (4, 8)}}}
+    y = wrapped.apply({"params": qp, "lora": lora}, xf)
+    assert_close(y, wrapped.apply({"params": quant.dequantize(qp), "lora": lora}, xf), 1e-6)
+
+
 # ----------------------- 2. NNX: custom weights of nnx.vmap stacks, 2 stack axes, PEFT files
 
 
