@@ -258,3 +258,30 @@ def test_lazy_names_star_import_dir_and_missing_attribute():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".")
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ---------------------------- 4. quant_nnx.get_partition_spec(rules=) and a Variable's rules
+
+
+@pytest.mark.parametrize(
+    "local,rules",
+    [
+        ((("embed", "data"), ("mlp", "model")), (("embed", "data"), ("mlp", "model"))),
+        ((("embed", "data"),), (("mlp", "model"),)),  # each names one axis
+    ],
+)
+def test_partition_spec_rules_compose_with_a_variables_own_sharding_rules(local, rules):
+    """``rules=`` was applied to the names the Variable's own ``sharding_rules`` had already
+    mapped to mesh axes ('data', 'model'), which no rule names: every spec came back
+    ``P(None, None)``, the codes silently replicated."""
+    from jax_lora import quant_nnx
+
+    init = nnx.with_partitioning(
+        nnx.initializers.lecun_normal(), ("embed", "mlp"), sharding_rules=local
+    )
+    with nnx.use_eager_sharding(False):
+        m = nnx.Linear(64, 64, kernel_init=init, rngs=nnx.Rngs(0))
+    jax_lora.quantize(m, "nf4")
+    spec = quant_nnx.get_partition_spec(nnx.state(m), rules=rules)["kernel"].get_value()
+    want = jax.sharding.PartitionSpec("data", "model")
+    assert (spec.codes, spec.scales) == (want, want)
