@@ -285,3 +285,16 @@ def test_partition_spec_rules_compose_with_a_variables_own_sharding_rules(local,
     spec = quant_nnx.get_partition_spec(nnx.state(m), rules=rules)["kernel"].get_value()
     want = jax.sharding.PartitionSpec("data", "model")
     assert (spec.codes, spec.scales) == (want, want)
+
+
+def test_partition_spec_rules_compose_with_context_rules():
+    from jax_lora import quant_nnx
+
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    with nnx.use_eager_sharding(False):
+        m = nnx.Linear(64, 64, kernel_init=init, rngs=nnx.Rngs(0))
+    jax_lora.quantize(m, "nf4")
+    with nn.logical_axis_rules((("embed", "data"),)):
+        spec = quant_nnx.get_partition_spec(nnx.state(m), rules=(("mlp", "model"),))
+    want = jax.sharding.PartitionSpec("data", "model")
+    assert spec["kernel"].get_value().codes == want
