@@ -298,3 +298,15 @@ def test_partition_spec_rules_compose_with_context_rules():
         spec = quant_nnx.get_partition_spec(nnx.state(m), rules=(("mlp", "model"),))
     want = jax.sharding.PartitionSpec("data", "model")
     assert spec["kernel"].get_value().codes == want
+
+
+def test_dir_lists_the_lazy_submodules_without_importing_them():
+    """``jax_lora.checkpoint``/``.peft`` are attributes (PEP 562) but ``dir`` (tab completion)
+    did not list them until first use."""
+    code = (
+        "import sys, jax_lora\n"
+        "d = dir(jax_lora)\n"
+        "print('checkpoint' in d, 'peft' in d, 'orbax.checkpoint' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".")
+    assert out.stdout.split() == ["True", "True", "False"], out.stderr[-2000:]
