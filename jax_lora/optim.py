@@ -40,7 +40,8 @@ def _check_not_quantized(patterns: tuple[str, ...], quantized: Mapping[str, Any]
     optax, or would build state for them): a pattern reaching one is refused by path."""
     for pattern in patterns:
         for path, q in quantized.items():
-            subs = [path] + [f"{path}/{f}" for f in ("codes", "scales", "mins")]
+            arrays = jax.tree_util.tree_flatten_with_path(q)[0]  # codes, scales, statistics
+            subs = [path] + [f"{path}/{'/'.join(key_name(k) for k in kp)}" for kp, _ in arrays]
             if any(re.fullmatch(pattern, p) for p in subs):
                 raise ValueError(
                     f"`also_train` pattern {pattern!r} matches the quantized weight '{path}' "

@@ -91,6 +91,18 @@ def test_also_train_reaching_a_quantized_weight_is_refused_by_path(kind, pattern
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), tree, before))
 
 
+def test_also_train_reaching_double_quant_statistics_is_refused():
+    """The double-quant fields (``scales_scale``, ``scales_offset``) are arrays of the `QArray`
+    too: a pattern that also matches a float param used to train them."""
+    wrapped = jax_lora.wrap(LTwo(), jax_lora.LoraConfig(rank=4, targets="fc"))
+    v = wrapped.init(jax.random.key(0), X)
+    qp = quant.quantize(v["params"], "nf4", targets="fc", block=16, double_quant=True)
+    tree = {"params": qp, "lora": v["lora"]}
+    assert qp["fc"]["kernel"].scales_scale is not None
+    with pytest.raises(ValueError, match=r"quantized weight 'fc/kernel' \(nf4"):
+        jax_lora.trainable_mask(tree, also_train=r"head/bias|fc/kernel/scales_scale")
+
+
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_also_train_bias_of_a_quantized_layer_gets_state_and_the_codes_none(kind):
     tree = _linen_quantized() if kind == "linen" else _nnx_quantized()
