@@ -300,10 +300,15 @@ class _Interceptor:
         flax's shape check fails on the codes: the layer's methods then run on clones that set
         up on the dequantized weights (`quant.dequantized_call`)."""
         try:
-            return next_fun(*args, **kwargs)
+            out = next_fun(*args, **kwargs)
         except flax.errors.ScopeParamShapeError:
             self.setup_cut.add(id(module))
             return None
+        # int8 codes have the weight's shape: flax's check passes and `setup` holds the QArray
+        held = jax.tree.leaves(dict(vars(module)), is_leaf=quant.is_quantized)
+        if any(quant.is_quantized(x) for x in held):
+            self.setup_cut.add(id(module))
+        return out
 
     def _in_tree(self, module: nn.Module) -> bool:
         """Whether ``module`` belongs to the wrapped model (not to a nested ``apply``)."""

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from . import quant
 from .trees import COLLECTION, key_name
 
 TRAIN, FREEZE = "lora", "frozen"
@@ -32,6 +33,22 @@ def _check_matched(patterns: tuple[str, ...], paths: list[str]) -> None:
                 "re.fullmatch against the '/'-joined param path, without the collection name, "
                 f"e.g. 'head/kernel' or r'head/.*'). Candidate paths:\n{listing}"
             )
+
+
+def _check_not_quantized(patterns: tuple[str, ...], quantized: Mapping[str, Any]) -> None:
+    """A quantized weight's codes cannot be trained (an optimizer step on them fails deep in
+    optax, or would build state for them): a pattern reaching one is refused by path."""
+    for pattern in patterns:
+        for path, q in quantized.items():
+            arrays = jax.tree_util.tree_flatten_with_path(q)[0]  # codes, scales, statistics
+            subs = [path] + [f"{path}/{'/'.join(key_name(k) for k in kp)}" for kp, _ in arrays]
+            if any(re.fullmatch(pattern, p) for p in subs):
+                raise ValueError(
+                    f"`also_train` pattern {pattern!r} matches the quantized weight '{path}' "
+                    f"({q.qtype}, shape {tuple(q.shape)}): its codes are frozen (LoRA adapts "
+                    "it). Narrow the pattern to the layer's float params (e.g. "
+                    f"'{path.rpartition('/')[0] or path}/bias'), or `dequantize` it to train it."
+                )
 
 
 def _patterns(also_train: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -57,6 +74,12 @@ def _nnx_mask(state: nnx.State, patterns: tuple[str, ...]) -> Any:
         for p, (_, v) in zip(paths, leaves, strict=True)
         if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
     ]
+    quantized = {
+        p: v.get_value()
+        for p, (_, v) in zip(paths, leaves, strict=True)
+        if isinstance(v, nnx.Param) and quant.is_quantized(v.get_value())
+    }
+    _check_not_quantized(patterns, quantized)
     _check_matched(patterns, frozen)
 
     def label(path, v):
@@ -91,8 +114,13 @@ def trainable_mask(variables: Any, *, also_train: str | Sequence[str] | None = N
             "({'params': ..., 'lora': ...}) or an nnx.State from nnx.state(model); "
             f"got {keys}."
         )
-    params = jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]
-    _check_matched(patterns, ["/".join(key_name(k) for k in path) for path, _ in params])
+    params = jax.tree_util.tree_flatten_with_path(
+        variables.get("params", {}), is_leaf=quant.is_quantized
+    )[0]
+    paths = ["/".join(key_name(k) for k in path) for path, _ in params]
+    quantized = {p: v for p, (_, v) in zip(paths, params, strict=True) if quant.is_quantized(v)}
+    _check_not_quantized(patterns, quantized)
+    _check_matched(patterns, paths)
 
     def label(path, _):
         names = [key_name(k) for k in path]

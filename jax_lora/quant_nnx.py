@@ -315,7 +315,11 @@ def get_partition_spec(tree: Any, mesh: Any = None, *, rules: Any = None) -> Any
         spec = nnx.get_partition_spec(x)
         if rules is None or not isinstance(spec, nnx.Variable) or spec.get_value() is None:
             return spec
-        return spec.replace(nn.logical_to_mesh_axes(tuple(spec.get_value()), rules))
+        meta = x.get_metadata()
+        names = meta.get("out_sharding") or tuple(spec.get_value())  # the logical names
+        # `rules` first, then the Variable's own and the context's (as nnx.get_partition_spec)
+        combined = (*rules, *meta.get("sharding_rules", ()), *(nn.get_logical_axis_rules() or ()))
+        return spec.replace(nn.logical_to_mesh_axes(tuple(names), combined))
 
     def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable) and quant.is_quantized(x.get_value()):
