@@ -82,6 +82,13 @@ def parse_args(argv=None):
         "in every configuration alike (default on): with --remat, one layer's activations live "
         "at a time",
     )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the training rounds: stop after the round that passes it (every "
+        "configuration then has the same number of steps, reported as steps_done)",
+    )
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
@@ -137,7 +144,9 @@ def stacked_map(one, params) -> dict:
     results stacked per weight (`llama.stack_layers`' layout) one weight at a time, so no
     second copy of the model is made."""
     model = dict(params["model"])
-    layers = [model.pop(k) for k in sorted(model) if k.startswith("layers_")]
+    # by layer index: as strings, layers_10 would come before layers_2
+    names = sorted((k for k in model if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    layers = [model.pop(k) for k in names]
     leaves = [jax.tree_util.tree_flatten_with_path(x, is_leaf=quant.is_quantized) for x in layers]
     treedef = leaves[0][1]
     stacked = []
@@ -232,6 +241,13 @@ def play_ids(tok, name: str) -> np.ndarray:
     return np.array(tok.encode(text[max(text.find("ACT I"), 0) :]).ids, np.int32)
 
 
+def perplexity(nll, lora, base, windows: np.ndarray) -> float:
+    """exp of the mean next-token NLL over ``windows: (n, seq + 1)``, one window at a time
+    (``nll(lora, base, (1, seq + 1))`` -> that window's mean NLL); all windows are equally long,
+    so the mean of the window means is the mean over all tokens."""
+    return float(np.exp(np.mean([float(nll(lora, base, w[None])) for w in windows])))
+
+
 def build(name: str, cfg, params, a):
     """(step, nll, lora, opt_state) for one configuration."""
     if name == "qwix_nf4":
@@ -258,6 +274,18 @@ def build(name: str, cfg, params, a):
         return optax.apply_updates(lora, u), opt, loss
 
     return step, jax.jit(nll), lora, tx.init(lora)
+
+
+def round_order(names: list[str], rng: np.random.Generator) -> list[str]:
+    """The configurations of one timing round in a fresh random order, so that none always runs
+    right after the same neighbour (caches, allocator, the other jobs' load)."""
+    return [names[j] for j in rng.permutation(len(names))]
+
+
+def progress(what: str, t0: float, losses: dict | None = None) -> None:
+    """One line on stderr (the JSON stays stdout's last line): elapsed seconds and the losses."""
+    text = " ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
+    print(f"[{time.perf_counter() - t0:7.1f} s] {what} {text}", file=sys.stderr, flush=True)
 
 
 def peak_rss_mib() -> float:
@@ -328,12 +356,13 @@ def main(a) -> dict:
     starts = np.linspace(0, len(test) - n, a.eval_windows).astype(int)
     eval_batch = np.stack([test[s : s + n] for s in starts])
     rng = np.random.default_rng(0)
+    t_main = time.perf_counter()
     bases = {name: make_base(name, qparams, cfg, a) for name in names}
     runs = {name: build(name, cfg, bases[name], a) for name in names}
+    progress("bases built", t_main)
 
     def ppl(name, lora):
-        nll = runs[name][1]
-        return float(np.exp(np.mean([float(nll(lora, bases[name], b[None])) for b in eval_batch])))
+        return perplexity(runs[name][1], lora, bases[name], eval_batch)
 
     report: dict = {"configs": names, "layers": cfg.num_hidden_layers, "seq": a.seq}
     report.update(batch=a.batch, rank=a.rank, remat=a.remat, chunk=a.chunk, scan=a.scan)
@@ -361,13 +390,17 @@ def main(a) -> dict:
         return {k: getattr(m, f"{k}_size_in_bytes", 0) / 2**20 for k in keys} if m else None
 
     report["step_memory_mib"] = {name: memory(name) for name in names}
+    progress("steps compiled", t_main)
     report["ppl_before"] = {name: ppl(name, state[name][0]) for name in names}
+    progress("ppl before", t_main, report["ppl_before"])
     times: dict[str, list[float]] = {name: [] for name in names}
     losses = {name: [] for name in names}
     total = max(a.steps, a.rounds + 1)
+    order_rng = np.random.default_rng(1)  # its own stream: the batches stay those of rng
+    t_start = time.perf_counter()
     for i in range(total):  # interleaved: each round runs every configuration once
         batch = np.stack([train[s : s + n] for s in rng.integers(0, len(train) - n, a.batch)])
-        for name in names:
+        for name in round_order(names, order_rng):
             step = runs[name][0]
             if i >= a.steps and i > a.rounds:
                 continue
@@ -379,8 +412,14 @@ def main(a) -> dict:
             if i < a.steps:
                 state[name] = [lora, opt]
                 losses[name].append(float(loss))
+        progress(f"round {i + 1}/{total}", t_start, {k: v[-1] for k, v in losses.items() if v})
+        if a.time_budget and time.perf_counter() - t_start > a.time_budget and i >= a.rounds:
+            break  # out of time: every configuration has trained the same number of steps
+    report["steps_done"] = len(losses[names[0]])
     report["step_s"] = {name: float(np.median(times[name])) for name in names}
+    report["losses"] = losses
     report["ppl_after"] = {name: ppl(name, state[name][0]) for name in names}
+    progress("ppl after", t_main, report["ppl_after"])
     children = {} if a.no_rss else {name: rss_of(name, a) for name in ["baseline", *names]}
     rss = {name: c["rss"] for name, c in children.items()}
     report["peak_rss_mib"] = rss or None
@@ -405,7 +444,7 @@ def main(a) -> dict:
     )
     print(
         f"SmolLM2-135M, {cfg.num_hidden_layers} layers, seq {a.seq}, batch {a.batch}, "
-        f"rank {a.rank} on all linear layers; {a.steps} steps"
+        f"rank {a.rank} on all linear layers; {report['steps_done']} of {a.steps} steps"
     )
     print(f"{'config':<10} {'bytes/w':>8} {'step s':>8} {'RSS MiB':>8} {'ppl 0':>8} {'ppl N':>8}")
     for name in names:
