@@ -21,12 +21,10 @@ compiled with XLA:CPU's memory-optimised scheduler; ``step_memory_mib`` is the c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -37,6 +35,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # proc_memory, as run.py
+import proc_memory
+
 import jax_lora
 from jax_lora import quant
 from jax_lora.lm import llama
@@ -89,6 +90,13 @@ def parse_args(argv=None):
         help="the QLoRA configurations (int8, nf4, nf4_dq) keep the tied embedding / LM head as "
         "the GGUF's own Q8_0 blocks (dequantized in the layer and per block of the chunked "
         "cross-entropy) instead of fp32; the same values, so the same perplexity",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the training rounds: stop after the round that passes it (every "
+        "configuration then has the same number of steps, reported as steps_done)",
     )
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -160,7 +168,9 @@ def stacked_map(one, params) -> dict:
     results stacked per weight (`llama.stack_layers`' layout) one weight at a time, so no
     second copy of the model is made."""
     model = dict(params["model"])
-    layers = [model.pop(k) for k in sorted(model) if k.startswith("layers_")]
+    # by layer index: as strings, layers_10 would come before layers_2
+    names = sorted((k for k in model if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    layers = [model.pop(k) for k in names]
     leaves = [jax.tree_util.tree_flatten_with_path(x, is_leaf=quant.is_quantized) for x in layers]
     treedef = leaves[0][1]
     stacked = []
@@ -255,6 +265,13 @@ def play_ids(tok, name: str) -> np.ndarray:
     return np.array(tok.encode(text[max(text.find("ACT I"), 0) :]).ids, np.int32)
 
 
+def perplexity(nll, lora, base, windows: np.ndarray) -> float:
+    """exp of the mean next-token NLL over ``windows: (n, seq + 1)``, one window at a time
+    (``nll(lora, base, (1, seq + 1))`` -> that window's mean NLL); all windows are equally long,
+    so the mean of the window means is the mean over all tokens."""
+    return float(np.exp(np.mean([float(nll(lora, base, w[None])) for w in windows])))
+
+
 def build(name: str, cfg, params, a):
     """(step, nll, lora, opt_state) for one configuration."""
     if name == "qwix_nf4":
@@ -283,42 +300,16 @@ def build(name: str, cfg, params, a):
     return step, jax.jit(nll), lora, tx.init(lora)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS: /proc's VmHWM starts afresh at exec (getrusage's ru_maxrss
-    would report the parent's peak in a child)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def round_order(names: list[str], rng: np.random.Generator) -> list[str]:
+    """The configurations of one timing round in a fresh random order, so that none always runs
+    right after the same neighbour (caches, allocator, the other jobs' load)."""
+    return [names[j] for j in rng.permutation(len(names))]
 
 
-def _release_and_reset_peak() -> float:
-    """Free what the GGUF reader left (its parsed fields: ~160 MB of small Python objects),
-    hand the freed heap back to the OS, and restart the peak at the current RSS (Linux); ->
-    the peak so far (the loader's)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = peak_rss_mib()
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return before
-
-
-def _trim() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def progress(what: str, t0: float, losses: dict | None = None) -> None:
+    """One line on stderr (the JSON stays stdout's last line): elapsed seconds and the losses."""
+    text = " ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
+    print(f"[{time.perf_counter() - t0:7.1f} s] {what} {text}", file=sys.stderr, flush=True)
 
 
 def rss_child(a) -> None:
@@ -328,19 +319,19 @@ def rss_child(a) -> None:
     ``MALLOC_ARENA_MAX=2`` and hands freed heap back (``malloc_trim``) after the conversion and
     after the compilation."""
     cfg, qparams, _ = load_quantized(a.layers, tokenizer=False)
-    load = _release_and_reset_peak()
+    load = proc_memory.release_and_reset_peak()
     if a.rss_of != "baseline":  # baseline: imports, the XLA runtime and the GGUF's tensors
         params = make_base(a.rss_of, qparams, cfg, a)
         del qparams
-        _trim()  # what the conversion freed goes back to the OS (every configuration alike)
+        proc_memory.release_heap()  # what the conversion freed goes back to the OS (all alike)
         step, _, lora, opt = build(a.rss_of, cfg, params, a)
         batch = np.zeros((a.batch, a.seq + 1), np.int32)
         step = step.lower(lora, opt, params, batch).compile()
-        _trim()  # and what the compiler freed
+        proc_memory.release_heap()  # and what the compiler freed
         for _ in range(2):
             lora, opt, loss = step(lora, opt, params, batch)
             jax.block_until_ready(loss)
-    print(json.dumps({"rss": peak_rss_mib(), "load": load}))
+    print(json.dumps({"rss": proc_memory.peak_rss_mib(), "load": load}))
 
 
 def rss_of(name: str, a) -> dict:
@@ -369,12 +360,13 @@ def main(a) -> dict:
     starts = np.linspace(0, len(test) - n, a.eval_windows).astype(int)
     eval_batch = np.stack([test[s : s + n] for s in starts])
     rng = np.random.default_rng(0)
+    t_main = time.perf_counter()
     bases = {name: make_base(name, qparams, cfg, a) for name in names}
     runs = {name: build(name, cfg, bases[name], a) for name in names}
+    progress("bases built", t_main)
 
     def ppl(name, lora):
-        nll = runs[name][1]
-        return float(np.exp(np.mean([float(nll(lora, bases[name], b[None])) for b in eval_batch])))
+        return perplexity(runs[name][1], lora, bases[name], eval_batch)
 
     report: dict = {"configs": names, "layers": cfg.num_hidden_layers, "seq": a.seq}
     report.update(batch=a.batch, rank=a.rank, remat=a.remat, chunk=a.chunk, scan=a.scan)
@@ -403,13 +395,17 @@ def main(a) -> dict:
         return {k: getattr(m, f"{k}_size_in_bytes", 0) / 2**20 for k in keys} if m else None
 
     report["step_memory_mib"] = {name: memory(name) for name in names}
+    progress("steps compiled", t_main)
     report["ppl_before"] = {name: ppl(name, state[name][0]) for name in names}
+    progress("ppl before", t_main, report["ppl_before"])
     times: dict[str, list[float]] = {name: [] for name in names}
     losses = {name: [] for name in names}
     total = max(a.steps, a.rounds + 1)
+    order_rng = np.random.default_rng(1)  # its own stream: the batches stay those of rng
+    t_start = time.perf_counter()
     for i in range(total):  # interleaved: each round runs every configuration once
         batch = np.stack([train[s : s + n] for s in rng.integers(0, len(train) - n, a.batch)])
-        for name in names:
+        for name in round_order(names, order_rng):
             step = runs[name][0]
             if i >= a.steps and i > a.rounds:
                 continue
@@ -421,8 +417,14 @@ def main(a) -> dict:
             if i < a.steps:
                 state[name] = [lora, opt]
                 losses[name].append(float(loss))
+        progress(f"round {i + 1}/{total}", t_start, {k: v[-1] for k, v in losses.items() if v})
+        if a.time_budget and time.perf_counter() - t_start > a.time_budget and i >= a.rounds:
+            break  # out of time: every configuration has trained the same number of steps
+    report["steps_done"] = len(losses[names[0]])
     report["step_s"] = {name: float(np.median(times[name])) for name in names}
+    report["losses"] = losses
     report["ppl_after"] = {name: ppl(name, state[name][0]) for name in names}
+    progress("ppl after", t_main, report["ppl_after"])
     children = {} if a.no_rss else {name: rss_of(name, a) for name in ["baseline", *names]}
     rss = {name: c["rss"] for name, c in children.items()}
     report["peak_rss_mib"] = rss or None
@@ -447,7 +449,7 @@ def main(a) -> dict:
     )
     print(
         f"SmolLM2-135M, {cfg.num_hidden_layers} layers, seq {a.seq}, batch {a.batch}, "
-        f"rank {a.rank} on all linear layers; {a.steps} steps"
+        f"rank {a.rank} on all linear layers; {report['steps_done']} of {a.steps} steps"
     )
     print(f"{'config':<10} {'bytes/w':>8} {'step s':>8} {'RSS MiB':>8} {'ppl 0':>8} {'ppl N':>8}")
     for name in names:
