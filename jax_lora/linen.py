@@ -13,12 +13,13 @@ import contextvars
 import dataclasses
 import itertools
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.core
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import dora, factors, quant, weights
@@ -125,6 +126,28 @@ class _Probe:
 _PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar(
     "jax_lora_probe", default=None
 )
+
+
+def _gathered_lookup(module: nn.Embed, whole: Callable[..., Any]) -> Callable[..., Any]:
+    """A quantized ``nn.Embed``'s lookup that dequantizes only the rows it takes
+    (`quant.take_dequantized`), bit-identical to ``nn.Embed.__call__`` on the dequantized table;
+    ``whole`` (that call) where the table cannot be gathered so (blocks along the rows, double
+    quantization, a single-row table). LoRA on the table itself does not come here: its call
+    runs `_evaluate_quantized`, and ``whole`` only when the adapters are off."""
+
+    def call(inputs: Any) -> Any:
+        q = module.variables.get("params", {}).get("embedding")
+        if not quant.is_quantized(q) or module.num_embeddings == 1:
+            return whole(inputs)
+        if not quant.can_take(q):
+            return whole(inputs)
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        rows = quant.take_dequantized(jax.lax.stop_gradient(q), inputs)
+        (rows,) = module.promote_dtype(rows, dtype=module.dtype, inexact=False)
+        return rows
+
+    return call
 
 
 def _unintercepted(fn):
@@ -286,6 +309,8 @@ class _Interceptor:
             if method == "setup":
                 return self._quantized_setup(module, next_fun, args, kwargs)
             next_fun = quant.dequantized_call(module, method, COLLECTION, _unintercepted)
+            if method == "__call__" and type(module).__call__ is nn.Embed.__call__:
+                next_fun = _gathered_lookup(module, next_fun)
         if isinstance(module, SUPPORTED_LINEN):
             if method != "__call__":
                 return next_fun(*args, **kwargs)

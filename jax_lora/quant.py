@@ -965,3 +965,77 @@ def dequantized_evaluate(fn: Any, values: list[Any], trainable: Any, marker: jax
         return fn(dense, trainable)
 
     return _recomputed(run)(marker, values, trainable)
+
+
+# ------------------------------------------------------------------ row lookup (embedding)
+
+
+def _untakeable(q: QArray, axis: int) -> str | None:
+    """Why `take` cannot gather ``q`` along ``axis`` (None: it can)."""
+    if q.scales_offset is not None:
+        return f"{q!r} is double-quantized (its scales span several rows)"
+    if q.axis % q.ndim == axis % q.ndim and q.qtype not in _PER_CHANNEL:
+        return f"the quantization blocks of {q!r} run along axis {axis}"
+    return None
+
+
+def can_take(q: QArray, axis: int = 0) -> bool:
+    """Whether `take` gathers ``q`` along ``axis`` (else it raises ValueError)."""
+    return _untakeable(q, axis) is None
+
+
+def take(q: QArray, ids: jax.Array, axis: int = 0) -> QArray:
+    """The slices ``ids`` of ``q`` along ``axis`` (``jnp.take(dequantize_array(q), ids, axis)``
+    without dequantizing the rest): codes, scales and mins gathered, the blocks untouched.
+
+    ``q: (..., n, ...)`` (``n`` at ``axis``), ``ids: (i...)`` -> a `QArray` of shape
+    ``(..., i..., ...)``. Negative ids count from the end (once), other out-of-range ids are
+    clipped (`take_dequantized` fills them with NaN, as ``jnp.take``). Raises ValueError where
+    the quantization blocks run along ``axis`` (a row's block straddles other rows) or ``q`` is
+    double-quantized (its scales are laid out across rows): dequantize the whole array there.
+    """
+    why = _untakeable(q, axis)
+    if why is not None:
+        raise ValueError(f"take: {why}; dequantize the whole array instead")
+    q = _plain(q)
+    nd = q.ndim
+    ax = axis % nd
+    qax = q.axis % nd
+    n = q.shape[ax]
+    ids = jnp.asarray(ids)
+    idx = jnp.where(ids < 0, ids + n, ids) if jnp.issubdtype(ids.dtype, jnp.signedinteger) else ids
+    k = ids.ndim
+
+    def gather(x):
+        if x is None:
+            return None
+        if x.shape[ax] == 1 and n != 1:  # per-channel scales: one for all rows
+            return x.reshape(x.shape[:ax] + (1,) * k + x.shape[ax + 1 :])
+        return jnp.take(x, idx, axis=ax, mode="clip")
+
+    pos = qax if qax < ax else qax + k - 1
+    return q.replace(
+        codes=gather(q.codes),
+        scales=gather(q.scales),
+        mins=gather(q.mins),
+        axis=pos - (nd + k - 1),
+    )
+
+
+def take_dequantized(q: QArray, ids: jax.Array, axis: int = 0) -> jax.Array:
+    """``jnp.take(dequantize_array(q), ids, axis=axis)`` (its default ``mode="fill"``: NaN for
+    ids out of ``[-n, n)``), bit for bit, dequantizing only the rows taken (`take`).
+
+    ``q: (..., n, ...)``, ``ids: (i...)`` integer -> ``(..., i..., ...)`` in ``q.dtype``."""
+    nd = q.ndim
+    ax = axis % nd
+    n = q.shape[ax]
+    ids = jnp.asarray(ids)
+    rows = dequantize_array(take(q, ids, axis))
+    valid = ids < n
+    if jnp.issubdtype(ids.dtype, jnp.signedinteger):
+        valid = valid & (ids >= -n)
+    valid = jnp.broadcast_to(
+        valid.reshape((1,) * ax + ids.shape + (1,) * (nd - ax - 1)), rows.shape
+    )
+    return jnp.where(valid, rows, jnp.array(jnp.nan, rows.dtype))

@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -134,9 +135,33 @@ class QuantConv(_QuantLayer, nnx.Conv):
     """``nnx.Conv`` with a quantized ``kernel (window..., in, out)``. Made by `quantize`."""
 
 
+def _lookup(self: Any, inputs: Any, out_sharding: Any = None) -> Any:
+    """A quantized ``nnx.Embed``'s lookup, dequantizing only the rows taken
+    (`quant.take_dequantized`): bit-identical to ``nnx.Embed.__call__`` on the dequantized
+    table. The whole table (`dequantized_call`) where it cannot be gathered so (blocks along
+    the rows, double quantization, one row), with ``out_sharding`` or LoRA factors of its own."""
+    q = self.embedding.get_value()
+    plain = (
+        out_sharding is None
+        and quant.is_quantized(q)
+        and quant.can_take(q)
+        and self.num_embeddings != 1
+        and not any(isinstance(v, nnx.LoRAParam) for v in vars(self).values())
+    )
+    if not plain:
+        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+        return dequantized_call(self, "__call__", (inputs,), kw)
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+        raise ValueError("Input type must be an integer or unsigned integer.")
+    rows = quant.take_dequantized(jax.lax.stop_gradient(q), inputs)
+    (rows,) = self.promote_dtype((rows,), dtype=self.dtype, inexact=False)
+    return rows
+
+
 class QuantEmbed(_QuantLayer, nnx.Embed):
     """``nnx.Embed`` with a quantized ``embedding`` (``__call__`` and ``attend``)."""
 
+    __call__ = _lookup
     attend = _attend
 
 
