@@ -172,8 +172,12 @@ def test_resume_is_bit_exact_across_processes(files, straight, tmp_path):
 
 def test_ctrl_c_saves_and_exits(files, tmp_path):
     out = str(tmp_path / "run")
+    # a shell's background job starts with SIGINT ignored, and so would the child (Python then
+    # installs no KeyboardInterrupt handler): give it the handler an interactive run has
+    main = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    main += "runpy.run_module('jax_lora.cli', run_name='__main__', alter_sys=True)"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jax_lora.cli", "train", "--model", files["hf"]]
+        [sys.executable, "-c", main, "train", "--model", files["hf"]]
         + ["--data", files["data"], "--out", out, "--iters", "100000", "--seq", "16"]
         + ["--report-every", "1", "--save-every", "100000", "--val-every", "100000"],
         cwd=ROOT,
