@@ -172,8 +172,12 @@ def test_resume_is_bit_exact_across_processes(files, straight, tmp_path):
 
 def test_ctrl_c_saves_and_exits(files, tmp_path):
     out = str(tmp_path / "run")
+    # a shell's background job starts with SIGINT ignored, and so would the child (Python then
+    # installs no KeyboardInterrupt handler): give it the handler an interactive run has
+    main = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    main += "runpy.run_module('jax_lora.cli', run_name='__main__', alter_sys=True)"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jax_lora.cli", "train", "--model", files["hf"]]
+        [sys.executable, "-c", main, "train", "--model", files["hf"]]
         + ["--data", files["data"], "--out", out, "--iters", "100000", "--seq", "16"]
         + ["--report-every", "1", "--save-every", "100000", "--val-every", "100000"],
         cwd=ROOT,
@@ -500,7 +504,7 @@ def test_lora_dropout_runs_in_training_only(trained):
 
 
 def test_smollm2_shakespeare_train_eval_export_fuse(tmp_path, capsys):
-    """40 iterations lower the held-out perplexity; the PEFT export on transformers'
+    """10 iterations lower the held-out perplexity (~56 -> ~41); the PEFT export on transformers'
     LlamaForCausalLM and the fused HF folder both give our adapted logits (<= 1e-4 relative)."""
     import importlib.util
 
@@ -519,9 +523,9 @@ def test_smollm2_shakespeare_train_eval_export_fuse(tmp_path, capsys):
         text = pathlib.Path(shakespeare_play(name)).read_text(encoding="utf-8", errors="replace")
         (data / file).write_text(text[text.find("ACT I") :][:60_000])
     out = str(tmp_path / "run")
-    argv = ["train", "--model", "smollm2", "--data", str(data), "--out", out, "--iters", "40"]
-    argv += ["--batch", "2", "--seq", "64", "--lr", "2e-3", "--report-every", "20"]
-    argv += ["--val-every", "40", "--val-batches", "2", "--save-every", "40"]
+    argv = ["train", "--model", "smollm2", "--data", str(data), "--out", out, "--iters", "10"]
+    argv += ["--batch", "2", "--seq", "64", "--lr", "2e-3", "--report-every", "5"]
+    argv += ["--val-every", "10", "--val-batches", "2", "--save-every", "10"]
     status, text, err = _run(argv, capsys)
     assert status == 0, err
     status, text, err = _run(["eval", "--adapter", out, "--batches", "2", "--seq", "128"], capsys)

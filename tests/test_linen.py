@@ -371,15 +371,19 @@ def _mixed_precision(cls, shape):
     model = cls(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     cfg = LoraConfig(rank=4)
     wrapped = jax_lora.wrap(model, cfg)
-    v = wrapped.init(KEY, x)
+    # jitted: the dtypes are the traced program's either way, and op-by-op the encoder's
+    # forward and grad took ~20 s of CPU
+    v = jax.jit(wrapped.init)(KEY, x)
     assert all(t.dtype == jnp.bfloat16 for t in jax.tree.leaves(v["params"]))
     assert all(t.dtype == jnp.float32 for t in jax.tree.leaves(v["lora"]))
     v["lora"] = _randomize(v["lora"])
-    y = wrapped.apply(v, x)
+    y = jax.jit(wrapped.apply)(v, x)
     assert y.dtype == jnp.bfloat16
-    g = jax.grad(
-        lambda lora: jnp.sum(
-            wrapped.apply({"params": v["params"], "lora": lora}, x).astype(jnp.float32)
+    g = jax.jit(
+        jax.grad(
+            lambda lora: jnp.sum(
+                wrapped.apply({"params": v["params"], "lora": lora}, x).astype(jnp.float32)
+            )
         )
     )(v["lora"])
     assert all(
@@ -388,7 +392,7 @@ def _mixed_precision(cls, shape):
     ref_params = _manual_merge(
         jax.tree.map(lambda t: t.astype(jnp.float32), v["params"]), v["lora"], cfg.scale
     )
-    want = cls().apply({"params": ref_params}, x.astype(jnp.float32))
+    want = jax.jit(cls().apply)({"params": ref_params}, x.astype(jnp.float32))
     # bf16 has an 8-bit mantissa: relative error of a few 1e-2 after two blocks.
     err = (
         np.abs(np.asarray(y, np.float32) - np.asarray(want)).max() / np.abs(np.asarray(want)).max()
