@@ -15,3 +15,17 @@ def assert_close(got, want, rel: float = 1e-5) -> None:
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         err = max_rel_err(g, w)
         assert err <= rel, f"max-abs error / max|want| = {err:.3g} > {rel:.3g}"
+
+
+def perturbed(tree, seed: int = 11):
+    """``tree``'s leaves moved off their init by 0.05·N(0, 1) (key ``seed``, one subkey per
+    leaf): b = 0 at init would hide a missing LoRA branch."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _check import assert_close
+from _check import assert_close, perturbed
 from flax import nnx
 
 import jax_lora
@@ -24,23 +24,14 @@ D = 16
 X = jax.random.normal(jax.random.key(1), (5, D))
 
 
+def _perturbed(tree):
+    return perturbed(tree, seed=3)
+
+
 @pytest.fixture(autouse=True)
 def _standard_promotion():
     with jax.numpy_dtype_promotion("standard"):  # optax and nnx internals
         yield
-
-
-def _perturbed(tree, seed=3):
-    """Factors moved off their init: b = 0 would hide a missing branch."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
 
 
 # ----------------------------------------- 1. also_train that reaches a quantized weight

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _check import assert_close
+from _check import assert_close, perturbed
 from flax import nnx
 
 import jax_lora
@@ -28,19 +28,6 @@ QTYPES = ["nf4", "int8"]
 
 def _cfg(use_dora):
     return jax_lora.LoraConfig(rank=4, alpha=8, targets="|".join(LAYERS), use_dora=use_dora)
-
-
-def _perturbed(lora):
-    """Factors (and magnitudes) moved off their init: b = 0 would hide a missing branch."""
-    leaves, tree = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(11), len(leaves))
-    return jax.tree.unflatten(
-        tree,
-        [
-            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
 
 
 # ----------------------------------------------------------------------------------- linen
@@ -72,7 +59,7 @@ def test_linen_quantized_conv_embed_custom_dense_equal_dequantized_float_model(q
     cfg = _cfg(use_dora)
     wrapped = jax_lora.wrap(LNet(), cfg)
     variables = wrapped.init(jax.random.key(0), IDS)
-    lora = _perturbed(variables["lora"])
+    lora = perturbed(variables["lora"])
     assert set(lora) == set(LAYERS)
     if use_dora:
         assert lora["conv"]["kernel"]["m"].shape == (D,)
@@ -168,7 +155,7 @@ def _nnx_pair(qtype, order, use_dora):
     with jax_lora.disabled():
         base = model(IDS)
     fresh_is_base = float(jnp.abs(model(IDS) - base).max() / jnp.abs(base).max())
-    lora = _perturbed(jax_lora.lora_state(dense))
+    lora = perturbed(jax_lora.lora_state(dense))
     jax_lora.load_lora(model, lora)
     jax_lora.load_lora(dense, lora)
     return model, dense, fresh_is_base
@@ -359,7 +346,7 @@ def test_linen_dora_with_dropout_on_quantized_dense_equals_dequantized_float_mod
     cfg = jax_lora.LoraConfig(rank=4, targets=r"c\d", use_dora=True, dropout=0.3)
     wrapped = jax_lora.wrap(LDenseDeep(), cfg)
     variables = wrapped.init(jax.random.key(0), x)
-    lora = _perturbed(variables["lora"])
+    lora = perturbed(variables["lora"])
     qp = jax_lora.quantize(variables["params"], qtype)
     dp = jax_lora.dequantize(qp)
 

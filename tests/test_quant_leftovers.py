@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from _check import assert_close, max_rel_err
+from _check import assert_close, max_rel_err, perturbed
 from flax import nnx
 
 import jax_lora
@@ -30,19 +30,6 @@ X = jax.random.normal(jax.random.key(1), (2, 5, D))
 def _standard_promotion():
     with jax.numpy_dtype_promotion("standard"):  # optax and nnx internals
         yield
-
-
-def _perturbed(tree, seed=11):
-    """Factors moved off their init: b = 0 would hide a missing branch."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
 
 
 # ------------------------------------------------------- 1. also_train next to a QArray
@@ -85,10 +72,10 @@ def test_linen_also_train_params_of_quantized_layers_get_the_float_gradient(qtyp
     cfg = jax_lora.LoraConfig(rank=4, alpha=8, targets="fc|conv|custom")
     wrapped = jax_lora.wrap(LBias(), cfg)
     v = wrapped.init(jax.random.key(0), X)
-    lora = _perturbed(v["lora"])
+    lora = perturbed(v["lora"])
     qp = quant.quantize(v["params"], qtype, targets="fc|conv|custom/w|frozen")
     dp = quant.dequantize(qp)
-    extra = {p: _perturbed(dp[p.split("/")[0]][p.split("/")[1]], 3) for p in ALSO}
+    extra = {p: perturbed(dp[p.split("/")[0]][p.split("/")[1]], 3) for p in ALSO}
 
     def loss(params, extra, lora):
         y = wrapped.apply({"params": _sub(params, extra), "lora": lora}, X)
@@ -146,7 +133,7 @@ def test_nnx_also_train_params_of_quantized_layers_get_the_float_gradient(order)
     for p in ALSO:  # biases off zero
         layer, name = p.split("/")
         var = getattr(model, layer).__dict__[name]
-        var.set_value(_perturbed(var.get_value(), 3))
+        var.set_value(perturbed(var.get_value(), 3))
     cfg = jax_lora.LoraConfig(rank=4, alpha=8, targets=["fc", "conv", "custom/w"])
     qtargets = ["fc", "conv", "custom/w", "frozen"]
     if order == "quantize_then_wrap":
@@ -154,7 +141,7 @@ def test_nnx_also_train_params_of_quantized_layers_get_the_float_gradient(order)
     jax_lora.wrap(model, cfg, rngs=nnx.Rngs(3), example=(X,))
     if order == "wrap_then_quantize":
         jax_lora.quantize(model, "nf4", targets=qtargets)
-    jax_lora.load_lora(model, _perturbed(jax_lora.lora_state(model)))
+    jax_lora.load_lora(model, perturbed(jax_lora.lora_state(model)))
     assert quant.is_quantized(model.frozen.kernel.get_value())
     dense = jax_lora.dequantize(nnx.clone(model))  # the float base with the same values
     g, want = nnx.jit(_extra_and_lora_grads)(model), _extra_and_lora_grads(dense)
@@ -214,7 +201,7 @@ def test_linen_setup_container_with_quantized_children_equals_dequantized_float_
     params = FFWModel().init(jax.random.key(0), XF)["params"]
     qp = quant.quantize(params, "nf4", targets=FFW_TARGETS, axis=-1, block=8)
     wrapped = jax_lora.wrap(FFWModel(), jax_lora.LoraConfig(rank=4, alpha=6, targets=FFW_TARGETS))
-    lora = _perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF))
+    lora = perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF))
     shapes = jax.tree.map(jnp.shape, lora)  # one adapter per gating slice, as on a float base
     assert shapes == {
         "mlp": {
@@ -269,7 +256,7 @@ def test_linen_setup_container_making_a_quantized_weight_itself_is_refused_by_pa
         jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF)
     # the advice works: its setup weight left float, the child's quantized
     qp = quant.quantize(params, "nf4", targets="mix/v", axis=-1, block=8)
-    lora = _perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF))
+    lora = perturbed(jax_lora.init_lora(wrapped, jax.random.key(1), {"params": qp}, XF))
     on_float = jax_lora.init_lora(wrapped, jax.random.key(1), {"params": params}, XF)
     assert jax.tree.map(jnp.shape, lora) == jax.tree.map(jnp.shape, on_float)  # as on float
     assert "v" in lora["mix"]
@@ -432,7 +419,7 @@ def test_nnx_scanned_stack_of_quantized_kernels_equals_dequantized_float_stack(k
         jax_lora.quantize(model, "nf4", **kw)
     q = model.blocks.fc.kernel.get_value()
     assert quant.is_quantized(q) and q.shape == (n, D, D) and q.codes.shape == (n, D // 2, D)
-    lora = _perturbed(jax_lora.lora_state(model))
+    lora = perturbed(jax_lora.lora_state(model))
     assert jax.tree.map(jnp.shape, lora) == {"blocks": {"fc": {"a": (n, D, 4), "b": (n, 4, D)}}}
     jax_lora.load_lora(model, lora)
     dense = jax_lora.dequantize(nnx.clone(model))  # the float stack with the same values
@@ -489,7 +476,7 @@ def test_nnx_scanned_stack_of_custom_weights_gets_per_layer_factors():
     model = CStack(n, nnx.Rngs(0))
     cfg = jax_lora.LoraConfig(rank=4, alpha=8, targets=["blocks/c/w"])
     jax_lora.wrap(model, cfg, rngs=nnx.Rngs(1), example=(x,))
-    lora = _perturbed(jax_lora.lora_state(model))  # one (in, r), (r, out) pair per layer
+    lora = perturbed(jax_lora.lora_state(model))  # one (in, r), (r, out) pair per layer
     assert jax.tree.map(jnp.shape, lora) == {
         "blocks": {"c": {"w": {"a": (n, D, 4), "b": (n, 4, D)}}}
     }
@@ -529,7 +516,7 @@ def test_nnx_scanned_stack_of_custom_weights_with_dropout():
     cfg = jax_lora.LoraConfig(rank=4, alpha=8, targets=["blocks/c/w"])
     jax_lora.wrap(model, dataclasses.replace(cfg, dropout=0.5), rngs=nnx.Rngs(1), example=(x,))
     jax_lora.wrap(ref, cfg, rngs=nnx.Rngs(1), example=(x,))
-    lora = _perturbed(jax_lora.lora_state(model))
+    lora = perturbed(jax_lora.lora_state(model))
     jax_lora.load_lora(model, lora)
     jax_lora.load_lora(ref, lora)
     assert model.blocks.c.lora_rngs.key[...].shape == (n,)
