@@ -19,7 +19,6 @@ from typing import Any
 import flax.core
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import dora, factors, quant, weights
@@ -137,13 +136,9 @@ def _gathered_lookup(module: nn.Embed, whole: Callable[..., Any]) -> Callable[..
 
     def call(inputs: Any) -> Any:
         q = module.variables.get("params", {}).get("embedding")
-        if not quant.is_quantized(q) or module.num_embeddings == 1:
+        rows = quant.embed_rows(q, inputs, module.num_embeddings)
+        if rows is None:
             return whole(inputs)
-        if not quant.can_take(q):
-            return whole(inputs)
-        if not jnp.issubdtype(inputs.dtype, jnp.integer):
-            raise ValueError("Input type must be an integer or unsigned integer.")
-        rows = quant.take_dequantized(jax.lax.stop_gradient(q), inputs)
         (rows,) = module.promote_dtype(rows, dtype=module.dtype, inexact=False)
         return rows
 

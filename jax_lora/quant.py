@@ -1022,6 +1022,19 @@ def take(q: QArray, ids: jax.Array, axis: int = 0) -> QArray:
     )
 
 
+def embed_rows(q: Any, inputs: jax.Array, num_embeddings: int) -> jax.Array | None:
+    """A quantized embedding table's lookup (``nn.Embed``/``nnx.Embed.__call__``) with only the
+    rows taken dequantized (`take_dequantized`, no gradient to the codes), before the layer's
+    dtype promotion; None where the table cannot be gathered so (not a `QArray`, blocks along
+    the rows, double quantization, or one row, which flax broadcasts): the caller then
+    dequantizes the whole table. ``q: (n, d)``, ``inputs: (i...)`` integer -> ``(i..., d)``."""
+    if not is_quantized(q) or not can_take(q) or num_embeddings == 1:
+        return None
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+        raise ValueError("Input type must be an integer or unsigned integer.")
+    return take_dequantized(jax.lax.stop_gradient(q), inputs)
+
+
 def take_dequantized(q: QArray, ids: jax.Array, axis: int = 0) -> jax.Array:
     """``jnp.take(dequantize_array(q), ids, axis=axis)`` (its default ``mode="fill"``: NaN for
     ids out of ``[-n, n)``), bit for bit, dequantizing only the rows taken (`take`).

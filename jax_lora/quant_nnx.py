@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -140,20 +139,13 @@ def _lookup(self: Any, inputs: Any, out_sharding: Any = None) -> Any:
     (`quant.take_dequantized`): bit-identical to ``nnx.Embed.__call__`` on the dequantized
     table. The whole table (`dequantized_call`) where it cannot be gathered so (blocks along
     the rows, double quantization, one row), with ``out_sharding`` or LoRA factors of its own."""
-    q = self.embedding.get_value()
-    plain = (
-        out_sharding is None
-        and quant.is_quantized(q)
-        and quant.can_take(q)
-        and self.num_embeddings != 1
-        and not any(isinstance(v, nnx.LoRAParam) for v in vars(self).values())
-    )
-    if not plain:
+    own_lora = any(isinstance(v, nnx.LoRAParam) for v in vars(self).values())
+    rows = None
+    if out_sharding is None and not own_lora:
+        rows = quant.embed_rows(self.embedding.get_value(), inputs, self.num_embeddings)
+    if rows is None:
         kw = {} if out_sharding is None else {"out_sharding": out_sharding}
         return dequantized_call(self, "__call__", (inputs,), kw)
-    if not jnp.issubdtype(inputs.dtype, jnp.integer):
-        raise ValueError("Input type must be an integer or unsigned integer.")
-    rows = quant.take_dequantized(jax.lax.stop_gradient(q), inputs)
     (rows,) = self.promote_dtype((rows,), dtype=self.dtype, inexact=False)
     return rows
 
