@@ -795,6 +795,7 @@ def wrap(
     name: str | None = None,
     rngs: Any = None,
     example: Any = None,
+    stack_axis: int | None = None,
 ) -> Any:
     """Add LoRA to ``module``: a module transformation.
 
@@ -806,6 +807,7 @@ def wrap(
         (paths matched by ``targets`` then start with it).
       rngs: NNX only: ``nnx.Rngs`` for the factor init and LoRA dropout (see `wrap_nnx`).
       example: NNX only: an example call ``(args...)`` / ``(args, kwargs)`` (see `wrap_nnx`).
+      stack_axis: NNX only: the axis ``nnx.vmap`` stacked layers along (see `wrap_nnx`).
 
     An ``nnx.Module`` is adapted in place instead (graph surgery, see `jax_lora.nnx.wrap_nnx`)
     and returned.
@@ -832,7 +834,7 @@ def wrap(
     if isinstance(module, nnx.Module):
         from .nnx import wrap_nnx
 
-        return wrap_nnx(module, config, rngs=rngs, example=example)
+        return wrap_nnx(module, config, rngs=rngs, example=example, stack_axis=stack_axis)
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"jax_lora.wrap expects a flax.linen.Module or an nnx.Module, got {type(module).__name__}"

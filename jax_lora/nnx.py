@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import importlib
+import itertools
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -79,33 +80,149 @@ def _init_geometry(layer: nnx.Module, path: str) -> factors.Geometry:
     )
 
 
-def _stacked(geom: factors.Geometry, layer: nnx.Module, path: str) -> factors.Geometry:
-    """Layers made under ``nnx.vmap`` (run with ``nnx.scan``) hold kernels with extra leading
-    (layer) axes; the factors get the same axes: ``a: (L, in..., r)``, ``b: (L, r, out...)``."""
+def _stack_fits(shape: tuple[int, ...], per_layer: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every placement (sorted axis positions in ``shape``) of the stack axes that leaves
+    ``per_layer``: ``nnx.vmap`` records no ``out_axes``, so this is all the shape can say."""
+    extra = len(shape) - len(per_layer)
+    if extra < 0:
+        return []
+    return [
+        pos
+        for pos in itertools.combinations(range(len(shape)), extra)
+        if tuple(d for i, d in enumerate(shape) if i not in pos) == per_layer
+    ]
+
+
+def _stack_position(
+    shape: tuple[int, ...], per_layer: tuple[int, ...], stack_axis: int | None, what: str
+) -> tuple[int, ...]:
+    """The positions of the stack axes of a weight of ``shape`` (``()``: not stacked).
+
+    ``stack_axis`` (`wrap_nnx`): the single stack axis (``nnx.vmap``'s ``out_axes``), ``0`` also
+    for several leading ones; ``None``: read off the shapes, refused when they fit more than one
+    placement (``D`` layers of ``(D, D)`` kernels stacked along axis 0, 1 or 2 look the same)."""
+    fits = _stack_fits(shape, per_layer)
+    extra = len(shape) - len(per_layer)
+    if extra == 0 and fits:
+        return ()
+    lead = tuple(range(max(extra, 0)))
+    if stack_axis is not None and extra > 0:
+        k = stack_axis + len(shape) if stack_axis < 0 else stack_axis
+        want = lead if k == 0 else (k,)
+        if (k != 0 and extra != 1) or want not in fits:
+            raise ValueError(
+                f"{what} has shape {shape}, one layer's is {per_layer}: `stack_axis={stack_axis}` "
+                f"does not fit it (stack axes that do: {_placements(fits)}). Give the axis "
+                "`nnx.vmap` stacked the layers along (its `out_axes`)."
+            )
+        return want
+    if len(fits) == 1 and (fits[0] == lead or extra == 1):
+        return fits[0]
+    if not fits:
+        raise ValueError(f"{what} has shape {shape}, expected (stack..., {per_layer})")
+    if len(fits) == 1:
+        raise ValueError(
+            f"{what} has shape {shape}, one layer's is {per_layer}: stacked along axes "
+            f"{fits[0]}; LoRA follows one stack axis, or several leading ones (nested `nnx.vmap` "
+            "with the default `out_axes=0`)"
+        )
+    raise ValueError(
+        f"{what} has shape {shape}, one layer's is {per_layer}: the layers may be stacked along "
+        f"{_placements(fits)}, and `nnx.vmap` leaves no record of which (its `out_axes`). Pass "
+        "`stack_axis=` to `jax_lora.wrap`: 0 for `nnx.vmap`'s default `out_axes=0`, else its "
+        "`out_axes` (the factors are then stacked along the same axis, as if `nnx.vmap` had "
+        "made them with the layer)."
+    )
+
+
+def _placements(fits: list[tuple[int, ...]]) -> str:
+    if not fits:
+        return "none"
+    return " or ".join(f"axis {p[0]}" if len(p) == 1 else f"axes {p}" for p in fits)
+
+
+def _stacked(
+    geom: factors.Geometry, layer: nnx.Module, path: str, stack_axis: int | None = None
+) -> tuple[factors.Geometry, int | None]:
+    """Layers made under ``nnx.vmap`` (run with ``nnx.scan``) hold kernels with extra (layer)
+    axes; the factors get the same axes: ``a: (L, in..., r)``, ``b: (L, r, out...)`` for
+    leading ones. Returns the geometry with the stack axes leading and, for a stack along a
+    non-leading axis ``k``, ``k`` (as `wrap_nnx`'s ``stack_axis``; the kernel's own position is
+    ``k % kernel.ndim``): the factors are stored with their stack axis there."""
     kernel = tuple(layer.kernel.shape)
     per_layer = geom.lead_shape + geom.in_shape + geom.out_shape
-    extra = len(kernel) - len(per_layer)
-    if extra < 0 or kernel[extra:] != per_layer:
-        raise ValueError(
-            f"the kernel at '{path}' has shape {kernel}, expected (stack..., {per_layer})"
-        )
-    return dataclasses.replace(geom, lead_shape=kernel[:extra] + geom.lead_shape)
+    pos = _stack_position(kernel, per_layer, stack_axis, f"the kernel at '{path}'")
+    lead = tuple(kernel[i] for i in pos)
+    geom = dataclasses.replace(geom, lead_shape=lead + geom.lead_shape)
+    if pos == tuple(range(len(pos))):
+        return geom, None
+    k = stack_axis if stack_axis is not None else pos[0]
+    b_ndim = len(geom.lead_shape) + 1 + len(geom.out_shape)
+    for name, ndim in (("a", len(geom.a_shape) + 1), ("b", b_ndim)):
+        if not -ndim <= k < ndim:
+            raise ValueError(
+                f"the kernel at '{path}' has shape {kernel}, stacked along axis {pos[0]}: the "
+                f"factor `{name}` ({ndim} axes with the stack) has no axis {k} to stack along. "
+                "Give `stack_axis` counted from the end (nnx.vmap's `out_axes=-1`)."
+            )
+    return geom, k
 
 
-def _factor_metadata(layer: nnx.Module, geom: factors.Geometry) -> tuple[dict, dict]:
+def _factor_metadata(
+    layer: nnx.Module, geom: factors.Geometry, kpos: int | None = None
+) -> tuple[dict, dict]:
     """Partitioning for ``lora_a``/``lora_b`` inherited from the kernel's metadata, as in linen:
     ``a`` takes the (leading and) input-axis names, ``b`` the output-axis names; the rank axis is
-    replicated. Empty when the kernel carries no names."""
+    replicated. Empty when the kernel carries no names. For a kernel stacked along axis
+    ``kpos``, the names are for the factors with their stack axis leading (see `_names_at`)."""
     meta = dict(layer.kernel.get_metadata())
     key = next((k for k in ("out_sharding", "sharding_names", "sharding") if meta.get(k)), None)
     names = meta.get(key) if key else None
     if names is None or len(names) != layer.kernel.ndim:
         return {}, {}
+    if kpos is not None:
+        names = (names[kpos], *names[:kpos], *names[kpos + 1 :])
     n = len(geom.lead_shape) + len(geom.in_shape)
     return {**meta, key: (*names[:n], None)}, {
         **meta,
         key: (*names[: len(geom.lead_shape)], None, *names[n:]),
     }
+
+
+def _names_at(meta: dict | None, k: int) -> dict | None:
+    """``meta`` with the first (stack) axis name of its partitioning moved to axis ``k``."""
+    if meta is None:
+        return None
+    out = dict(meta)
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = out.get(key)
+        if isinstance(names, tuple) and names:
+            rest = list(names[1:])
+            rest.insert(k if k >= 0 else len(names) + k, names[0])
+            out[key] = tuple(rest)
+    return out
+
+
+def _lead_first(x: Any, kpos: int | None) -> Any:
+    """``x`` with its stack axis ``kpos`` moved first (unchanged for ``None``)."""
+    return x if kpos is None else jnp.moveaxis(x, kpos, 0)
+
+
+def _stored(t: jax.Array, k: int | None) -> jax.Array:
+    """A stack-first factor as the layer stores it: its stack axis moved to ``k``."""
+    return t if k is None else jnp.moveaxis(t, 0, k)
+
+
+def _factors_lead_first(layer: Any) -> tuple[jax.Array, jax.Array, jax.Array | None, int | None]:
+    """``(a, b, m or None, kernel stack axis)`` of a Linear/LinearGeneral/Einsum with LoRA, the
+    factors with their stack axis leading (`lora_state`'s layout) whatever `wrap_nnx` stored."""
+    a, b = layer.lora_a[...], layer.lora_b[...]
+    m = layer.lora_m[...] if hasattr(layer, "lora_m") else None
+    k = getattr(layer, "lora_stack_axis", None)
+    if k is None:
+        return a, b, m, None
+    a, b, m = (None if t is None else jnp.moveaxis(t, k, 0) for t in (a, b, m))
+    return a, b, m, k % layer.kernel.ndim
 
 
 class _LoraLayer(nnx.Module):
@@ -482,6 +599,7 @@ def wrap_nnx(
     *,
     rngs: nnx.Rngs | None = None,
     example: tuple | None = None,
+    stack_axis: int | None = None,
 ) -> nnx.Module:
     """Add LoRA to an initialised NNX model, in place; returns ``model``.
 
@@ -495,6 +613,14 @@ def wrap_nnx(
       example: ``(args...)`` or ``(args, kwargs)`` for one call ``model(*args, **kwargs)``,
         run abstractly (``nnx.eval_shape``, no compute) to read the axis roles of weights held
         by layers other than flax's Linear/LinearGeneral/Einsum/Conv/Embed.
+      stack_axis: the axis along which ``nnx.vmap`` stacked layers (its ``out_axes``; ``0``
+        also for nested leading stacks), for every stacked layer of the model. Default: read
+        off the kernel's shape, and refused where it fits several axes (``D`` layers of a
+        ``Linear(D, D)``: ``(D, D, D)``). A Linear/LinearGeneral/Einsum stacked along axis
+        ``k`` gets its factors stacked along ``k`` too (``a: (in, L, r)``, ``b: (r, L, out)``
+        for ``k = 1``), as if ``nnx.vmap`` had made them with the layer, so the model's own
+        ``nnx.scan(in_axes=k)`` slices them per layer; ``lora_state`` still gives them (and
+        takes them, ``load_lora``) stack-first. Other layers' weights stack along leading axes.
 
     The factors are ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
     ``nnx.DiffState(0, nnx.LoRAParam)`` select them. Flax's layers become `LoraLinear`,
@@ -588,11 +714,18 @@ def wrap_nnx(
                 shape = tuple(np.shape(getattr(module, n).get_value()))
                 seen = found.get(("shape", path, n), shape)
                 stack = shape[: len(shape) - len(seen)]
-                if stack + tuple(seen) != shape:
+                fits = _stack_fits(shape, tuple(seen))
+                if stack + tuple(seen) != shape or (
+                    stack
+                    and (stack_axis not in (None, 0) or (stack_axis is None and len(fits) > 1))
+                ):
+                    if stack_axis is None and len(fits) > 1:  # the ambiguity error
+                        _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'")
                     raise ValueError(
                         f"the weight '{wpath}' has shape {shape} but its layer's call used it "
-                        f"as {seen}: LoRA follows layers stacked along leading axes only "
-                        "(`nnx.vmap` + `nnx.scan`)"
+                        f"as {seen} (stack axes that fit: {_placements(fits)}): LoRA follows "
+                        f"the stacks of {class_name(module)} along leading axes only "
+                        "(`nnx.vmap` + `nnx.scan` with the default axis 0; `stack_axis=0`)"
                     )
                 geom, why = weights.decide(
                     config.for_path(wpath), wpath, class_name(module), tuple(seen), uses
@@ -623,9 +756,9 @@ def wrap_nnx(
     # Everything is checked before the model changes: a refused wrap leaves it as it was.
     plans = []
     for path, layer in targets:
-        geom = _stacked(_init_geometry(layer, path), layer, path)
+        geom, k = _stacked(_init_geometry(layer, path), layer, path, stack_axis)
         factors.check_rank(geom, config.rank_for(path), path)
-        plans.append((path, layer, geom))
+        plans.append((path, layer, geom, k))
     wplans = []
     for path, (layer, geoms) in generic.items():
         fgs = {n: _flat_geometry(g) for n, g in geoms.items()}
@@ -633,35 +766,40 @@ def wrap_nnx(
             factors.check_rank(fg, config.rank_for(weight_path(path, n)), weight_path(path, n))
         wplans.append((path, layer, geoms, fgs))
     config.check_patterns(
-        [p for p, _, _ in plans] + [weight_path(p, n) for p, _, g, _ in wplans for n in g]
+        [p for p, *_ in plans] + [weight_path(p, n) for p, _, g, _ in wplans for n in g]
     )
     modes = [
         (path.split("/") if path else [], m.deterministic)
         for path, m in _modules(model)
         if isinstance(getattr(m, "deterministic", None), bool)
     ]
-    for path, layer, geom in plans:
-        meta_a, meta_b = _factor_metadata(layer, geom)
+    for path, layer, geom, k in plans:
+        kpos = None if k is None else k % layer.kernel.ndim  # the stack axis in the kernel
+        meta_a, meta_b = _factor_metadata(layer, geom, kpos)
         cfg = config.for_path(path)  # this layer's rank and alpha (rank_pattern, ...)
-        layer.lora_a = nnx.LoRAParam(factors.init_a(rngs.params(), geom, cfg), **meta_a)
-        layer.lora_b = nnx.LoRAParam(factors.init_b(geom, cfg), **meta_b)
+        a, b = factors.init_a(rngs.params(), geom, cfg), factors.init_b(geom, cfg)
         stack = geom.lead_shape[
             : len(geom.lead_shape) - len(_init_geometry(layer, path).lead_shape)
         ]
         injected = ["lora_a", "lora_b", *_common(layer, path, config, rngs, modes, stack)]
         layer.lora_scale = cfg.scale
+        m = meta_m = None
         if config.use_dora:  # DoRA's magnitude m: (lead..., out...), PEFT's init ‖W + s·a@b‖
-            m = dora.init_magnitude(
-                quant.dequantize(layer.kernel.get_value()),
-                layer.lora_a[...],
-                layer.lora_b[...],
-                cfg.scale,
-            )
+            kernel = quant.dequantize(layer.kernel.get_value())
+            m = dora.init_magnitude(_lead_first(kernel, kpos), a, b, cfg.scale)
             nl = len(geom.lead_shape)  # partitioned as b without its rank axis
             meta_m = {
-                k: v[:nl] + v[nl + 1 :] if isinstance(v, tuple) and len(v) == m.ndim + 1 else v
-                for k, v in meta_b.items()
+                key: v[:nl] + v[nl + 1 :] if isinstance(v, tuple) and len(v) == m.ndim + 1 else v
+                for key, v in meta_b.items()
             }
+        if k is not None:  # stored as `nnx.vmap(out_axes=k)` would have made them
+            a, b, m = (None if t is None else jnp.moveaxis(t, 0, k) for t in (a, b, m))
+            meta_a, meta_b, meta_m = (_names_at(t, k) for t in (meta_a, meta_b, meta_m))
+            layer.lora_stack_axis = k
+            injected.append("lora_stack_axis")
+        layer.lora_a = nnx.LoRAParam(a, **meta_a)
+        layer.lora_b = nnx.LoRAParam(b, **meta_b)
+        if m is not None:
             layer.lora_m = nnx.LoRAParam(m.astype(config.param_dtype), **meta_m)
             injected.append("lora_m")
         layer.lora_injected = tuple(injected)
@@ -792,10 +930,14 @@ def lora_state(model: nnx.Module) -> dict[str, Any]:
             node = out
             for part in where.split("/") if where else []:
                 node = node.setdefault(part, {})
-            node.update(a=getattr(layer, a)[...], b=getattr(layer, b)[...])
+            va, vb = getattr(layer, a)[...], getattr(layer, b)[...]
             m_name = a[: -len("a")] + "m"  # lora_m / <weight>_lora_m (DoRA)
-            if hasattr(layer, m_name):
-                node[dora.MAGNITUDE] = getattr(layer, m_name)[...]
+            vm = getattr(layer, m_name)[...] if hasattr(layer, m_name) else None
+            if not _by_weight(layer):  # a stack along a non-leading axis: stored there
+                va, vb, vm, _ = _factors_lead_first(layer)
+            node.update(a=va, b=vb)
+            if vm is not None:
+                node[dora.MAGNITUDE] = vm
     return out
 
 
@@ -806,14 +948,15 @@ def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
     check_same_layout(lora, lora_state(model), "`lora` tree")
     flat = {path_str(p): n for p, n in factors.factor_nodes(lora)}
     for path, layer in adapted_layers(model):
+        k = None if _by_weight(layer) else getattr(layer, "lora_stack_axis", None)
         for where, a, b in _factor_slots(layer, path):
             va, vb = getattr(layer, a), getattr(layer, b)
-            va[...] = jnp.asarray(flat[where]["a"], va[...].dtype)
-            vb[...] = jnp.asarray(flat[where]["b"], vb[...].dtype)
+            va[...] = _stored(jnp.asarray(flat[where]["a"], va[...].dtype), k)
+            vb[...] = _stored(jnp.asarray(flat[where]["b"], vb[...].dtype), k)
             m_name = a[: -len("a")] + "m"  # lora_m / <weight>_lora_m (DoRA)
             if hasattr(layer, m_name):
                 vm = getattr(layer, m_name)
-                vm[...] = jnp.asarray(flat[where]["m"], vm[...].dtype)
+                vm[...] = _stored(jnp.asarray(flat[where]["m"], vm[...].dtype), k)
 
 
 def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> nnx.Module:
@@ -836,17 +979,17 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
                     sign * dict(f.lora_scale)[n],
                 )
                 w[...] = (w[...].astype(d.dtype) + d).astype(w[...].dtype)
-        elif hasattr(f, "lora_m"):  # DoRA; unmerging needs the norm of the adapted model's kernel
-            a, b, m, s = f.lora_a[...], f.lora_b[...], f.lora_m[...], f.lora_scale
-            if sign > 0:
-                layer.kernel[...] = dora.merge_kernel(layer.kernel[...], a, b, m, s)
+        else:  # factors and kernel with the stack axis leading (`_factors_lead_first`)
+            a, b, m, kpos = _factors_lead_first(f)
+            w, s = _lead_first(layer.kernel[...], kpos), f.lora_scale
+            if m is None:
+                w = factors.fold(w, a, b, sign * s)
+            elif sign > 0:  # DoRA; unmerging needs the norm of the adapted model's kernel
+                w = dora.merge_kernel(w, a, b, m, s)
             else:
-                norm = dora.weight_norm(f.kernel[...], a, b, s)
-                layer.kernel[...] = dora.unmerge_kernel(layer.kernel[...], a, b, m, norm, s)
-        else:
-            layer.kernel[...] = factors.fold(
-                layer.kernel[...], f.lora_a[...], f.lora_b[...], sign * f.lora_scale
-            )
+                norm = dora.weight_norm(_lead_first(f.kernel[...], kpos), a, b, s)
+                w = dora.unmerge_kernel(w, a, b, m, norm, s)
+            layer.kernel[...] = w if kpos is None else jnp.moveaxis(w, 0, kpos)
         if is_adapted(layer):
             for name in layer.lora_injected:
                 delattr(layer, name)
