@@ -279,10 +279,60 @@ def quantize_nnx(
             f"nothing to quantize: {what} matches no weight of the model (weights: {seen[:20]}); "
             "give a weight path ('conv/kernel') or a module path ('conv')"
         )
-    for module, var, q in plans:
+    fresh = [_fresh_magnitude(module, var, q) for module, var, q in plans]
+    for (module, var, q), m in zip(plans, fresh, strict=True):
         var.set_value(q)
+        if m is not None:
+            m[0].set_value(m[1])
         object.__setattr__(module, "__class__", _quantized_class(type(module)))
     return model
+
+
+def _fresh_magnitude(module: nnx.Module, var: nnx.Param, q: quant.QArray) -> Any:
+    """``(m Variable, new m)`` when ``var`` is a DoRA-adapted weight whose magnitude is still
+    PEFT's init for the float weight, ``‖W + s·a@b‖`` (to 4 ulp of ``m``'s dtype): the same
+    init for the dequantized weight, as quantizing first then wrapping (PEFT's order) makes it,
+    so a fresh adapter keeps the quantized model's outputs. A trained ``m`` is the adapter's:
+    kept (its direction is then the quantized weight's). ``None`` otherwise."""
+    from . import dora
+    from .nnx import _by_weight, _factors_lead_first, _stored, is_adapted
+
+    if not is_adapted(module):
+        return None
+    name = next(n for n, v in vars(module).items() if v is var)
+    if _by_weight(module):
+        geoms = dict(module.lora_geoms)
+        mvar = getattr(module, f"{name}_lora_m", None)
+        if mvar is None or name not in geoms:
+            return None
+        a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
+        s, geom = dict(module.lora_scale)[name], geoms[name]
+        m = mvar[...]
+
+        def norm(w):
+            return dora.weight_norm_stored(w, a, b, s, geom)
+
+        def store(t):
+            return t
+    else:
+        mvar = getattr(module, "lora_m", None)
+        if name != "kernel" or mvar is None:
+            return None
+        a, b, m, kpos = _factors_lead_first(module)
+        k = getattr(module, "lora_stack_axis", None)
+
+        def norm(w):
+            w = w if kpos is None else jax.numpy.moveaxis(w, kpos, 0)
+            return dora.init_magnitude(w, a, b, module.lora_scale)
+
+        def store(t):
+            return _stored(t, k)
+
+    old = norm(var.get_value()).astype(m.dtype)
+    eps = float(jax.numpy.finfo(m.dtype).eps)
+    if not bool(jax.numpy.all(jax.numpy.abs(m - old) <= 4 * eps * jax.numpy.abs(old))):
+        return None
+    return mvar, store(norm(quant.dequantize_array(q)).astype(m.dtype))
 
 
 def dequantize_nnx(model: nnx.Module) -> nnx.Module:
