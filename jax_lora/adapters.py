@@ -859,8 +859,14 @@ def wrap_nnx_adapters(
     for k, config in pairs:  # everything is checked before the model changes
         clone = nnx.clone(model)
         wrap_nnx(clone, config, rngs=rngs)
-        for path, _ in adapted_layers(clone):
+        for path, layer in adapted_layers(clone):
             base = type(modules[path])
+            if getattr(layer, "lora_stack_axis", None) is not None:  # (jax_lora.nnx.wrap_nnx)
+                raise ValueError(
+                    f"'{path}' is stacked along axis {layer.lora_stack_axis % layer.kernel.ndim} "
+                    f"(kernel {tuple(layer.kernel.shape)}): named adapters follow stacks along "
+                    "leading axes only (`nnx.vmap`'s default `out_axes=0`)"
+                )
             if base not in _MULTI_NNX:
                 raise ValueError(
                     f"adapter {k!r} adapts '{path}' ({base.__name__}); named adapters adapt "

@@ -196,3 +196,35 @@ def test_custom_weight_stacks_refuse_to_guess():
         jax_lora.wrap(CustomStack(4, 4, 1, nnx.Rngs(0)), cfg, example=(x,), stack_axis=1)
     model = jax_lora.wrap(CustomStack(4, 4, 0, nnx.Rngs(0)), cfg, example=(x,), stack_axis=0)
     assert model.layers.w_lora_a.shape == (4, 4, 2)
+
+
+def test_named_adapters_refuse_a_non_leading_stack():
+    # named adapters store the factors stack-first: a scan along axis 1 would slice them wrong
+    model = Stack(3, 8, 8, 1, nnx.Rngs(0))
+    cfg = LoraConfig(rank=2)
+    with pytest.raises(ValueError, match=r"'blocks/fc'.*stacked along axis 1.*leading"):
+        jax_lora.wrap(model, {"one": cfg, "two": cfg})
+    assert type(model.blocks.fc) is nnx.Linear
+
+
+def test_factors_of_a_non_leading_stack_inherit_partitioning_at_the_stack_axis():
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+
+    class PBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 8, kernel_init=init, rngs=rngs)
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=1, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return PBlock(rngs)
+
+    with nnx.use_eager_sharding(False):
+        model = create(nnx.Rngs(0))
+        jax_lora.wrap(model, LoraConfig(rank=2, use_dora=True), rngs=nnx.Rngs(1))
+    spec = nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam))
+    P = jax.sharding.PartitionSpec
+    assert model.fc.kernel.shape == (8, 3, 8)
+    assert spec["fc"]["lora_a"].get_value() == P("embed", "layers", None)
+    assert spec["fc"]["lora_b"].get_value() == P(None, "layers", "mlp")
+    assert spec["fc"]["lora_m"].get_value() == P("mlp", "layers")
