@@ -95,11 +95,21 @@ class Stack(nnx.Module):
         return body(x, self.fc)
 
 
+@pytest.mark.parametrize("order", ["wrap_then_quantize", "quantize_then_wrap"])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_nnx_stacked_wrap_then_quantize_starts_at_the_quantized_base(axis):
-    model = jax_lora.wrap(Stack(3, axis, nnx.Rngs(0)), dataclasses.replace(CFG, targets=["fc"]))
-    jax_lora.quantize(model, "int8", axis=-2 if axis == 0 else 0)  # blocks along `in`
+def test_nnx_stacked_dora_on_a_quantized_base_starts_at_the_quantized_base(axis, order):
+    """Stacks along the leading axis and along axis 1 (`stack_axis`, tests/test_nnx_stack_axis)."""
+    model, cfg = Stack(3, axis, nnx.Rngs(0)), dataclasses.replace(CFG, targets=["fc"])
+    qaxis = -2 if axis == 0 else 0  # blocks along `in`
+    if order == "quantize_then_wrap":
+        jax_lora.quantize(model, "int8", axis=qaxis)
+    jax_lora.wrap(model, cfg)
+    if order == "wrap_then_quantize":
+        jax_lora.quantize(model, "int8", axis=qaxis)
     assert_close(model(X), _quantized_base(model), TOL)
+    m = jax_lora.lora_state(model)["fc"]["m"]  # stack-first (3, D): ‖dequantized W‖ per layer
+    w = jnp.moveaxis(quant.dequantize_array(model.fc.kernel.get_value()), axis, 0)
+    assert_close(m, jnp.linalg.norm(w, axis=1), TOL)
 
 
 # ----------------------------------------------------------------------------------- linen

@@ -66,6 +66,7 @@ def _reference(kernel, bias, lora, x, axis, n):
 def _check_against_reference(model, axis, n, x):
     lora = _random_lora(model)
     jax_lora.load_lora(model, lora)
+    assert jax.tree.all(jax.tree.map(np.array_equal, jax_lora.lora_state(model), lora))
     kernel, bias = model.blocks.fc.kernel[...], model.blocks.fc.bias[...]
     node = lora["blocks"]["fc"]
     want = _reference(kernel, bias, node, x, axis, n)
