@@ -620,7 +620,9 @@ def wrap_nnx(
         ``k`` gets its factors stacked along ``k`` too (``a: (in, L, r)``, ``b: (r, L, out)``
         for ``k = 1``), as if ``nnx.vmap`` had made them with the layer, so the model's own
         ``nnx.scan(in_axes=k)`` slices them per layer; ``lora_state`` still gives them (and
-        takes them, ``load_lora``) stack-first. Other layers' weights stack along leading axes.
+        takes them, ``load_lora``) stack-first. Its LoRA dropout stream (scalar keys per layer)
+        stacks along axis 0: scan with ``nnx.StateAxes({nnx.RngState: 0, ...: k})``. Other
+        layers' weights stack along leading axes only.
 
     The factors are ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
     ``nnx.DiffState(0, nnx.LoRAParam)`` select them. Flax's layers become `LoraLinear`,

@@ -229,3 +229,32 @@ def test_factors_of_a_non_leading_stack_inherit_partitioning_at_the_stack_axis()
     assert spec["fc"]["lora_a"].get_value() == P("embed", "layers", None)
     assert spec["fc"]["lora_b"].get_value() == P(None, "layers", "mlp")
     assert spec["fc"]["lora_m"].get_value() == P("mlp", "layers")
+
+
+class StackDrop(Stack):
+    """A non-leading stack with LoRA dropout: the per-layer dropout keys are scalars, so their
+    stream is stacked along axis 0; the scan slices ``nnx.RngState`` there."""
+
+    def __call__(self, x):
+        axes = nnx.StateAxes({nnx.RngState: 0, ...: self.axis})
+
+        @nnx.scan(in_axes=(nnx.Carry, axes), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_dropout_on_a_non_leading_stack():
+    x = jax.random.normal(jax.random.key(2), (2, 8))
+    model = StackDrop(3, 8, 8, 1, nnx.Rngs(0))
+    jax_lora.wrap(model, LoraConfig(rank=2, dropout=0.5), rngs=nnx.Rngs(1))
+    ref = jax_lora.wrap(StackDrop(3, 8, 8, 1, nnx.Rngs(0)), LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    assert model.blocks.fc.lora_rngs.key[...].shape == (3,)
+    lora = jax.tree.map(lambda t: t + 0.3, jax_lora.lora_state(model))
+    jax_lora.load_lora(model, lora)
+    jax_lora.load_lora(ref, lora)
+    y1, y2 = model(x), model(x)
+    assert np.abs(np.asarray(y1 - y2)).max() > 1e-3  # masks differ between calls
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(ref(x)))
