@@ -665,6 +665,11 @@ def wrap_nnx(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
+    if stack_axis is not None and not isinstance(stack_axis, (int, np.integer)):
+        raise TypeError(
+            f"`stack_axis` must be an int (the `out_axes` of the `nnx.vmap` that stacked the "
+            f"layers) or None, got {stack_axis!r}"
+        )
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     candidates, targets = [], []
     generic: dict[str, tuple[nnx.Module, dict[str, weights.WeightGeometry]]] = {}

@@ -138,6 +138,9 @@ def test_stack_axis_that_does_not_fit_is_refused():
         ValueError, match=r"'blocks/fc' has shape \(8, 3, 8\).*`stack_axis=0`.*axis 1"
     ):
         jax_lora.wrap(model, LoraConfig(rank=2), stack_axis=0)
+    with pytest.raises(TypeError, match=r"`stack_axis` must be an int.*\(1,\)"):
+        jax_lora.wrap(model, LoraConfig(rank=2), stack_axis=(1,))
+    assert type(model.blocks.fc) is nnx.Linear
 
 
 def test_dora_on_a_non_leading_stack_starts_at_the_base_and_merges():
