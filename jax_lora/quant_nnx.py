@@ -244,7 +244,9 @@ def quantize_nnx(
 
     Works before or after `jax_lora.wrap`, a layer gets the same class either way; a weight with
     LoRA factors (Linear/LinearGeneral/Einsum, or ``nnx.Conv``/``nnx.Embed``/custom weights
-    adapted weight by weight, `lora_dequantized_call`) keeps them. Everything is checked and
+    adapted weight by weight, `lora_dequantized_call`) keeps them; a DoRA magnitude still at its
+    init is re-measured on the dequantized weight (`_fresh_magnitude`), so the order does not
+    matter for a fresh adapter (PEFT's is quantize, then wrap). Everything is checked and
     quantized before the model changes: a refused call leaves it as it was. Returns ``model``."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
