@@ -316,8 +316,9 @@ def rss_child(a) -> None:
     """Prints ``{"rss": step peak, "load": loader peak}`` (MiB): the step's peak counts from
     after the GGUF's quantized tensors are read (the same for every configuration), so it holds
     the base conversion, the compiled step and two steps. Every child alike runs with
-    ``MALLOC_ARENA_MAX=2`` and hands freed heap back (``malloc_trim``) after the conversion and
-    after the compilation."""
+    ``MALLOC_ARENA_MAX=2`` and `proc_memory.LEAN_MALLOC_ENV` (a fixed 1 MiB mmap threshold, so
+    the step's freed multi-MiB buffers leave RSS) and hands freed heap back (``malloc_trim``)
+    after the conversion and after the compilation."""
     cfg, qparams, _ = load_quantized(a.layers, tokenizer=False)
     load = proc_memory.release_and_reset_peak()
     if a.rss_of != "baseline":  # baseline: imports, the XLA runtime and the GGUF's tensors
@@ -342,8 +343,10 @@ def rss_of(name: str, a) -> dict:
     args += ["--scan" if a.scan else "--no-scan"]
     args += ["--quant-embed" if a.quant_embed else "--no-quant-embed"]
     # glibc's per-thread malloc arenas (up to 8 per core) hold freed heap that XLA's compiler
-    # threads leave behind: two arenas, the same in every child
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    # threads leave behind: two arenas, the same in every child; and a fixed mmap threshold
+    # (`proc_memory.LEAN_MALLOC_ENV`): else glibc raises it to the largest block freed so far
+    # and the step's freed activations stay in the heap (SmolLM2 nf4 step: -38 MiB of peak)
+    env = {**proc_memory.child_env(), "MALLOC_ARENA_MAX": "2"}
     out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -929,7 +929,14 @@ def _recomputed(f):
         return (jnp.zeros_like(marker), *grads)
 
     g.defvjp(fwd, bwd)
-    return g
+
+    def call(marker, *xs):
+        # the marker only orders the computation: no cotangent. A zero one would be padded to
+        # the shape of the input it is an element of, and XLA hoists that zero buffer out of
+        # an `nn.scan` of layers, alive for the whole backward pass (8 MiB for SmolLM2)
+        return g(jax.lax.stop_gradient(marker), *xs)
+
+    return call
 
 
 # ------------------------------------------------------------- any layer (jax_lora.weights)
