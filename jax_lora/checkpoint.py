@@ -511,6 +511,11 @@ class AdapterCheckpointer:
                 f"`like` must be the model's lora tree, got {type(like).__name__} "
                 f"{like!r}; the step is keyword-only: restore(like, step={like!r})"
             )
+        if isinstance(like, dict) and ("params" in like or "lora" in like):
+            raise ValueError(
+                "pass the `lora` tree itself (variables['lora']) as `like`, not the whole "
+                "variables dict: an adapter checkpoint holds the factors only"
+            )
         self.wait()
         steps = self._steps()
         if step is None:
