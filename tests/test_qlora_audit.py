@@ -206,3 +206,59 @@ def test_gguf_q4_0_q8_0_load_kept_quantized_bit_identical_without_an_fp32_copy(t
 
 def t_hf(i, mod, proj):
     return f"model.layers.{i}.{mod}.{proj}.weight"
+
+
+# ------------------------------------------------------------------------- quantizer edges
+
+
+def _codes(q, column=0):
+    """The unpacked 4-bit codes of one output column of a Dense QArray (high nibble first)."""
+    c = np.asarray(q.codes)[:, column]
+    return np.stack([c >> 4, c & 15], -1).reshape(-1)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nf4_exact_midpoints_round_to_the_lower_level_as_bitsandbytes(jit):
+    """Deliverable 5's tie rule, which real weights never hit: a value exactly between two NF4
+    levels takes the lower one (bitsandbytes' ``torch.bucketize(x, midpoints)``, checked
+    against its ``quantize_4bit`` when it is installed). No test failed when ties went up."""
+    t = quant.NF4_TABLE
+    mid = (t[:-1] + t[1:]) / np.float32(2)
+    col = np.concatenate([mid, [1.0], np.zeros(48)]).astype(np.float32)  # absmax 1; mid < 0 too
+    w = np.stack([col, col[::-1]], axis=1)  # (64, 2): a Dense kernel, one block per column
+    q = jax.jit(quant.quantize_array, static_argnums=1)(w, "nf4") if jit else None
+    q = q if jit else quant.quantize_array(w, "nf4")
+    want = np.concatenate([np.arange(15), [15], np.full(48, 7)])
+    np.testing.assert_array_equal(_codes(q), want)
+    np.testing.assert_array_equal(_codes(q, 1), want[::-1])
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    packed, _ = bnbf.quantize_4bit(torch.from_numpy(w.T.copy()), blocksize=64, quant_type="nf4")
+    b = packed.numpy().reshape(-1)
+    np.testing.assert_array_equal(np.stack([b >> 4, b & 15], -1).reshape(-1)[:64], want)
+
+
+def test_double_quant_over_several_second_level_blocks_matches_numpy():
+    """Double quantization when the flattened scales span more than one block of 256 and the
+    last is padded (``(128, 200)``: 400 scales -> blocks of 256 + 144): the paper's recipe in
+    numpy (tests/test_quant.py covers one block only)."""
+    w = np.random.default_rng(7).standard_normal((128, 200)).astype(np.float32)
+    dq = quant.quantize_array(w, "nf4", double_quant=True)
+    absmax = np.abs(w.T.reshape(-1, 64)).max(axis=1)  # (out, in // 64), row-major: 400
+    offset = np.float32(dq.scales_offset)  # XLA's float32 mean (its summation order)
+    assert offset == pytest.approx(absmax.mean(dtype=np.float64), rel=1e-6)
+    x = absmax - offset
+    code = quant.dynamic_map()
+    a2 = np.array([np.abs(x[:256]).max(), np.abs(x[256:]).max()], np.float32)
+    scaled = x * np.repeat(np.float32(1) / a2, [256, 144])
+    want_q = np.abs(scaled[:, None] - code).argmin(-1)
+    assert dq.scales.shape == (400,) and dq.scales_scale.shape == (2,)
+    np.testing.assert_array_equal(np.asarray(dq.scales_scale), a2)
+    np.testing.assert_array_equal(np.asarray(dq.scales), want_q)
+    got = np.asarray(quant._block_scales(dq)).T.reshape(-1)  # (2, 200) -> bnb order
+    np.testing.assert_allclose(got, code[want_q] * np.repeat(a2, [256, 144]) + offset, rtol=1e-6)
