@@ -264,3 +264,24 @@ def test_nnx_split_merge_state_pickle_and_orbax_round_trips(tmp_path):
     for name, out in outs.items():
         tol = 1e-6 if name == "nnx.jit" else 0  # XLA's fusion vs the eager ops
         assert float(jnp.max(jnp.abs(out - y))) <= tol * float(jnp.max(jnp.abs(y))), name
+
+
+def test_adapter_checkpoint_refuses_a_tree_holding_the_base(tmp_path):
+    """`AdapterCheckpointer.save` wrote the 4-bit base when given the NNX model, its state or
+    a quantized params tree (only a dict with 'params'/'lora' keys was refused); nothing is
+    written now and the folder stays empty of steps."""
+    cfg = jax_lora.LoraConfig(rank=4)
+    model = jax_lora.wrap(jax_lora.quantize(NNet(nnx.Rngs(0)), "nf4"), cfg)
+    q = quant.quantize({"fc": {"kernel": jnp.asarray(W)}}, "nf4")
+    with jax_lora.AdapterCheckpointer(tmp_path / "ck") as ck:
+        with pytest.raises(ValueError, match=r"lora_state\(model\).*not the NNX NNet"):
+            ck.save(1, model, cfg)
+        with pytest.raises(ValueError, match=r"not the NNX State"):
+            ck.save(1, nnx.state(model), cfg)
+        with pytest.raises(ValueError, match=r"'fc0/kernel'.*quantized base weight"):
+            ck.save(1, nnx.to_pure_dict(nnx.state(model)), cfg)
+        with pytest.raises(ValueError, match=r"'fc/kernel'.*quantized base weight"):
+            ck.save(1, q, cfg)
+        assert ck.save(1, jax_lora.lora_state(model), cfg)
+        ck.wait()
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["1"]
