@@ -987,7 +987,9 @@ def _recomputed(f):
 
     def bwd(res, ct):
         marker, xs = res
-        first = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
+        first = [  # non-empty: an empty batch's cotangent has no element to depend on
+            c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating) and c.size
+        ]
         zero = _zero_from(first[0].reshape(-1)[0]) if first else jnp.zeros((), jnp.float32)
         grads = jax.vjp(lambda *xs: tied(zero, *xs), *xs)[1](ct)
         return (jnp.zeros_like(marker), *grads)

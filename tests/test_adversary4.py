@@ -285,3 +285,23 @@ def test_adapter_checkpoint_refuses_a_tree_holding_the_base(tmp_path):
         assert ck.save(1, jax_lora.lora_state(model), cfg)
         ck.wait()
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["1"]
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_gradient_of_an_empty_batch_is_zero(kind):
+    """An empty batch (a last, empty shard of data): the forward pass gave ``(0, 16)`` but the
+    backward pass's recomputation indexed the empty cotangent (IndexError)."""
+    x = jnp.zeros((0, D))
+    if kind == "linen":
+        _, _, q, wrapped, lora = _linen()
+        g = jax.grad(lambda lo: jnp.sum(wrapped.apply({"params": q, "lora": lo}, x)))(lora)
+        leaves, want = jax.tree.leaves(g), len(jax.tree.leaves(lora))
+    else:
+        model = jax_lora.wrap(
+            jax_lora.quantize(NNet(nnx.Rngs(0)), "nf4"), jax_lora.LoraConfig(rank=4)
+        )
+        g = nnx.grad(lambda m: jnp.sum(m(x)), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        leaves, want = jax.tree.leaves(g), len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    assert len(leaves) == want > 0
+    for leaf in leaves:
+        np.testing.assert_array_equal(np.asarray(leaf), 0)
