@@ -348,7 +348,9 @@ def quantize_array(
     x = np.asarray(w, np.float32)
     _check_finite(x, path)
     if qtype in ("q4_0", "q4_1", "q8_0"):
-        return _quantize_gguf(x, qtype, axis, out_dtype)
+        q = _quantize_gguf(x, qtype, axis, out_dtype)
+        _check_fp16_scales(q, path)
+        return q
     return _quantize_np(x, qtype, block, axis, double_quant, out_dtype)
 
 
@@ -376,6 +378,17 @@ def _check_finite(x: np.ndarray, path: str) -> None:
         f"value(s) (the first, {x[first]}, at index {first}), which would spread over its "
         "whole quantization block; fix or leave out this weight (`targets`)"
     )
+
+
+def _check_fp16_scales(q: QArray, path: str) -> None:
+    """GGUF's float16 block scales (and q4_1's minima) overflow past 65504: refused."""
+    for name in ("scales", "mins"):
+        v = getattr(q, name)
+        if v is not None and not np.isfinite(np.asarray(v)).all():
+            raise ValueError(
+                f"cannot quantize '{path}' as {q.qtype}: its block {name} overflow GGUF's "
+                f"float16 (largest finite 65504); use nf4, int4 or int8, or rescale the weight"
+            )
 
 
 def _quantize_gguf_traced(w: jax.Array, qtype: str, axis: int, out_dtype) -> QArray:

@@ -305,3 +305,16 @@ def test_gradient_of_an_empty_batch_is_zero(kind):
     assert len(leaves) == want > 0
     for leaf in leaves:
         np.testing.assert_array_equal(np.asarray(leaf), 0)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_gguf_scales_overflowing_float16_are_refused(qtype):
+    """GGUF stores block scales in float16: a block whose scale passes 65504 (|w| ~ 5e5 for
+    q4_0, 8e6 for q8_0) decoded to inf/NaN without a word; refused now, naming the path."""
+    pytest.importorskip("gguf")
+    w = W.copy()
+    w[:32, 2] *= 1e7
+    with pytest.raises(ValueError, match=r"'fc/kernel'.*float16"):
+        quant.quantize({"fc": {"kernel": jnp.asarray(w)}}, qtype)
+    ok = quant.quantize_array(W * 1e3, qtype)  # large but representable: fine
+    assert np.isfinite(np.asarray(quant.dequantize_array(ok))).all()
