@@ -112,7 +112,9 @@ def _check_factor_dtypes(layer: nnx.Module) -> None:
     for name, f in vars(layer).items():
         if not isinstance(f, nnx.LoRAParam):
             continue
-        f_dtype = np.dtype(f.get_value().dtype)
+        f_dtype = np.dtype(getattr(f.get_value(), "dtype", np.float32))
+        if not jnp.issubdtype(f_dtype, jnp.floating):
+            continue
         for q in qs:
             if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
                 path = getattr(layer, "lora_path", type(layer).__name__)

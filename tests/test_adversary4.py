@@ -318,3 +318,26 @@ def test_gguf_scales_overflowing_float16_are_refused(qtype):
         quant.quantize({"fc": {"kernel": jnp.asarray(w)}}, qtype)
     ok = quant.quantize_array(W * 1e3, qtype)  # large but representable: fine
     assert np.isfinite(np.asarray(quant.dequantize_array(ok))).all()
+
+
+def test_nnx_adapter_from_a_float_model_loads_into_a_quantized_one(tmp_path):
+    """Train (here: perturb) on the float NNX model, checkpoint, restore into the quantized
+    model: the same adapter, and the output of the float model on the dequantized base."""
+    cfg = jax_lora.LoraConfig(rank=4)
+    x = jax.random.normal(jax.random.key(1), (4, D))
+    float_model = jax_lora.wrap(NNet(nnx.Rngs(0)), cfg)
+    nnx.update(float_model, perturbed(nnx.state(float_model, nnx.LoRAParam)))
+    with jax_lora.AdapterCheckpointer(tmp_path / "ck") as ck:
+        ck.save(1, jax_lora.lora_state(float_model), cfg)
+        ck.wait()
+        r = ck.restore()
+    qmodel = jax_lora.wrap(jax_lora.quantize(NNet(nnx.Rngs(0)), "nf4"), r.config)
+    jax_lora.load_lora(qmodel, r.lora)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax_lora.lora_state(qmodel),
+        jax_lora.lora_state(float_model),
+    )
+    dense = jax_lora.dequantize(jax_lora.quantize(NNet(nnx.Rngs(0)), "nf4"))
+    nnx.update(float_model, nnx.state(dense, nnx.Param))  # the float model on the nf4 values
+    assert_close(qmodel(x), float_model(x), 1e-6)
