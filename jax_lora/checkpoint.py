@@ -198,6 +198,28 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(np.array, meta.unbox(tree))
 
 
+def _check_factors_only(lora: Any) -> None:
+    """The frozen base never goes into an adapter checkpoint: an NNX model or state, or a tree
+    holding a quantized base weight (`jax_lora.QArray`), is refused."""
+    import sys
+
+    from .quant import is_quantized
+    from .trees import keypath_str
+
+    nnx = sys.modules.get("flax.nnx")  # not imported: `lora` cannot be one of its objects
+    if nnx is not None and isinstance(lora, (nnx.Module, nnx.State)):
+        raise ValueError(
+            f"pass the factors (`jax_lora.lora_state(model)`), not the NNX "
+            f"{type(lora).__name__}: the frozen base is never written to an adapter checkpoint"
+        )
+    for kp, x in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_quantized)[0]:
+        if is_quantized(x):
+            raise ValueError(
+                f"'{keypath_str(kp)}' is a quantized base weight ({x!r}), not a LoRA factor: "
+                "pass the `lora` tree only (variables['lora'], `jax_lora.lora_state(model)`)"
+            )
+
+
 def _rebox(like: Any, values: Any) -> Any:
     """``values`` (unboxed, like's structure) in like's boxes, where like has them."""
     return jax.tree.map(
@@ -329,6 +351,7 @@ class AdapterCheckpointer:
                 "pass the `lora` tree itself (variables['lora']), not the whole variables dict: "
                 "the frozen base is never written to an adapter checkpoint"
             )
+        _check_factors_only(lora)
         self.wait()
         self._lock_for_writing()
         if step in self._steps():
@@ -510,6 +533,11 @@ class AdapterCheckpointer:
             raise TypeError(
                 f"`like` must be the model's lora tree, got {type(like).__name__} "
                 f"{like!r}; the step is keyword-only: restore(like, step={like!r})"
+            )
+        if isinstance(like, dict) and ("params" in like or "lora" in like):
+            raise ValueError(
+                "pass the `lora` tree itself (variables['lora']) as `like`, not the whole "
+                "variables dict: an adapter checkpoint holds the factors only"
             )
         self.wait()
         steps = self._steps()

@@ -231,9 +231,13 @@ def _absmax_scaled(blocks: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     clamped to [-1, 1], computed as bitsandbytes does (times the fp32 reciprocal)."""
     bax = blocks.ndim + axis
     absmax = jnp.max(jnp.abs(blocks), axis=bax)
-    inv = jnp.float32(1.0) / jnp.maximum(absmax, jnp.float32(1e-38))
-    scaled = jnp.clip(blocks * jnp.expand_dims(inv, bax), -1.0, 1.0)
-    return absmax, scaled
+    # an absmax above 2**126 has a subnormal reciprocal, which XLA:CPU flushes to zero: such
+    # blocks are scaled by 1/4 first, on both sides (exact; not a constant, which XLA would
+    # fold into the reciprocal), as `_scaled_np`
+    s = jnp.where(absmax > jnp.float32(2.0**126), jnp.float32(0.25), jnp.float32(1.0))
+    inv = jnp.float32(1.0) / jnp.maximum(absmax * s, jnp.float32(1e-38))
+    scaled = (blocks * jnp.expand_dims(s, bax)) * jnp.expand_dims(inv, bax)
+    return absmax, jnp.clip(scaled, -1.0, 1.0)
 
 
 # ---------------------------------------------------------------------- double quantization
@@ -313,6 +317,7 @@ def quantize_array(
         raise ValueError(f"unknown qtype {qtype!r} for '{path}'; expected one of {QTYPES}")
     if isinstance(w, QArray):
         raise ValueError(f"'{path}' is already quantized ({w!r}); dequantize it first")
+    _check_options(path, block, axis, dtype)
     w_dtype = np.dtype(getattr(w, "dtype", np.float32))
     if not jnp.issubdtype(w_dtype, jnp.floating):
         raise ValueError(f"cannot quantize '{path}': dtype {w_dtype} is not a floating dtype")
@@ -335,18 +340,85 @@ def quantize_array(
             "with `targets`."
         )
     out_dtype = np.dtype(w_dtype if dtype is None else dtype)
+    if isinstance(w, jax.core.Tracer) and qtype in _GGUF_BYTES:  # gguf's numpy encoder
+        return _quantize_gguf_traced(jnp.asarray(w, jnp.float32), qtype, axis, out_dtype)
     if isinstance(w, jax.core.Tracer):  # under a transformation: jax ops
         return _quantize(jnp.asarray(w, jnp.float32), qtype, block, axis, double_quant, out_dtype)
     # a concrete array: numpy (each eager jax op would compile and keep an XLA kernel per shape)
     x = np.asarray(w, np.float32)
+    _check_finite(x, path)
     if qtype in ("q4_0", "q4_1", "q8_0"):
-        return _quantize_gguf(x, qtype, axis, out_dtype)
+        q = _quantize_gguf(x, qtype, axis, out_dtype)
+        _check_fp16_scales(q, path)
+        return q
     return _quantize_np(x, qtype, block, axis, double_quant, out_dtype)
+
+
+def _check_options(path: str, block: Any, axis: Any, dtype: Any) -> None:
+    """`quantize_array`'s options: integers where they must be, a floating ``dtype``."""
+    for name, v in (("block", block), ("axis", axis)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise ValueError(f"`{name}`={v!r} for '{path}' must be an integer")
+    if dtype is not None and not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"`dtype`={np.dtype(dtype).name} for '{path}' is not a floating dtype: it is what "
+            "the layers compute with (e.g. jnp.float32 or jnp.bfloat16)"
+        )
+
+
+def _check_finite(x: np.ndarray, path: str) -> None:
+    """A NaN/inf weight would spread over its whole block (or channel): refused. A float64
+    sum first, so that a finite kernel costs no kernel-sized temporary."""
+    if np.isfinite(np.sum(x, dtype=np.float64)):
+        return
+    bad = ~np.isfinite(x)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"cannot quantize '{path}' of shape {x.shape}: it has {int(bad.sum())} non-finite "
+        f"value(s) (the first, {x[first]}, at index {first}), which would spread over its "
+        "whole quantization block; fix or leave out this weight (`targets`)"
+    )
+
+
+def _check_fp16_scales(q: QArray, path: str) -> None:
+    """GGUF's float16 block scales (and q4_1's minima) overflow past 65504: refused."""
+    for name in ("scales", "mins"):
+        v = getattr(q, name)
+        if v is not None and not np.isfinite(np.asarray(v)).all():
+            raise ValueError(
+                f"cannot quantize '{path}' as {q.qtype}: its block {name} overflow GGUF's "
+                f"float16 (largest finite 65504); use nf4, int4 or int8, or rescale the weight"
+            )
+
+
+def _quantize_gguf_traced(w: jax.Array, qtype: str, axis: int, out_dtype) -> QArray:
+    """`_quantize_gguf` of a traced array (under ``jax.jit``, ``vmap``, ``eval_shape``): gguf's
+    numpy encoder through ``jax.pure_callback``, bit for bit the concrete result."""
+    shape = list(w.shape)
+    ax = len(shape) + axis
+    codes_shape, scales_shape = list(shape), list(shape)
+    if qtype != "q8_0":
+        codes_shape[ax] //= 2
+    scales_shape[ax] //= 32
+    out = [
+        jax.ShapeDtypeStruct(tuple(codes_shape), np.int8 if qtype == "q8_0" else np.uint8),
+        jax.ShapeDtypeStruct(tuple(scales_shape), np.float16),
+    ]
+    if qtype == "q4_1":
+        out.append(jax.ShapeDtypeStruct(tuple(scales_shape), np.float16))
+
+    def host(x):
+        q = _quantize_gguf(np.asarray(x, np.float32), qtype, axis, out_dtype)
+        return tuple(np.asarray(a) for a in (q.codes, q.scales, q.mins) if a is not None)
+
+    res = jax.pure_callback(host, tuple(out), w, vmap_method="sequential")
+    mins = res[2] if qtype == "q4_1" else None
+    return QArray(res[0], res[1], mins, qtype=qtype, block=32, axis=axis, dtype=out_dtype)
 
 
 def _quantize(x, qtype, block, axis, double_quant, out_dtype) -> QArray:
     if qtype in _PER_CHANNEL:
-        absmax = jnp.max(jnp.abs(x), axis=x.ndim + axis, keepdims=True)
+        absmax = jnp.max(jnp.abs(x), axis=x.ndim + axis, keepdims=True, initial=0.0)
         top = 127.0 if qtype == "int8" else _FP8_MAX
         scale = absmax / jnp.float32(top)
         safe = jnp.where(scale == 0, jnp.float32(1.0), scale)
@@ -375,7 +447,7 @@ def _quantize_np(x: np.ndarray, qtype, block, axis, double_quant, out_dtype) -> 
     compiles a copy per shape)."""
     f32 = np.float32
     if qtype in _PER_CHANNEL:
-        absmax = np.max(np.abs(x), axis=x.ndim + axis, keepdims=True)
+        absmax = np.max(np.abs(x), axis=x.ndim + axis, keepdims=True, initial=np.float32(0))
         # XLA turns the division by a constant into a product with its fp32 reciprocal
         scale = absmax * (f32(1.0) / f32(127.0 if qtype == "int8" else _FP8_MAX))
         safe = np.where(scale == 0, f32(1.0), scale)
@@ -432,8 +504,13 @@ def _scaled_np(blocks: np.ndarray, absmax: np.ndarray, bax: int) -> np.ndarray:
     ``1e-38`` (a denormal) to zero, so an all-zero block divides by zero there: NaN, kept
     here (its codes then dequantize to ``code * 0 = 0`` all the same)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.float32(1.0) / np.where(absmax < np.finfo(np.float32).tiny, 0, absmax)
-        return np.clip(blocks * np.expand_dims(inv, bax), np.float32(-1.0), np.float32(1.0))
+        big = absmax > np.float32(2.0**126)  # a subnormal reciprocal: as `_absmax_scaled`
+        s = np.where(big, np.float32(0.25), np.float32(1.0)) if big.any() else None
+        a = absmax if s is None else absmax * s
+        inv = np.float32(1.0) / np.where(a < np.finfo(np.float32).tiny, 0, a)
+        scaled = blocks if s is None else blocks * np.expand_dims(s, bax)
+        scaled = scaled * np.expand_dims(inv, bax)
+        return np.clip(scaled, np.float32(-1.0), np.float32(1.0))
 
 
 def _nearest_np(values: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -923,7 +1000,9 @@ def _recomputed(f):
 
     def bwd(res, ct):
         marker, xs = res
-        first = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
+        first = [  # non-empty: an empty batch's cotangent has no element to depend on
+            c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating) and c.size
+        ]
         zero = _zero_from(first[0].reshape(-1)[0]) if first else jnp.zeros((), jnp.float32)
         grads = jax.vjp(lambda *xs: tied(zero, *xs), *xs)[1](ct)
         return (jnp.zeros_like(marker), *grads)

@@ -16,6 +16,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -55,6 +57,7 @@ def dequantized_call(layer: nnx.Module, method: str, args: tuple, kwargs: dict) 
     The copy is ``nnx.merge`` of the layer's pure state: state the base method changes (none for
     flax's layers) is not written back. The `QArray`s get no gradient, the layer's float params
     (a bias) theirs (as linen)."""
+    _check_factor_dtypes(layer)
     graphdef, state = nnx.split(layer)
 
     def run(zero, tree):
@@ -79,6 +82,7 @@ def lora_dequantized_call(
     The `QArray`s get no gradient (``stop_gradient``), the factors and float params theirs. The
     copy's LoRA dropout draws from a key taken from the layer's own stream (advanced here), so
     masks differ between calls though the copy's state is not written back."""
+    _check_factor_dtypes(layer)
     graphdef, lo, rest = nnx.split(layer, nnx.LoRAParam, ...)
     lo, rest = nnx.to_pure_dict(lo), nnx.to_pure_dict(rest)
     stream = getattr(layer, "lora_rngs", None)
@@ -99,6 +103,26 @@ def lora_dequantized_call(
 
     tree = (lo, rest, key_data, args, kwargs)
     return quant.recomputed_apply(f, tree, (args, kwargs), dynamic=_numeric)
+
+
+def _check_factor_dtypes(layer: nnx.Module) -> None:
+    """As linen (`quant._check_factor_dtypes`): LoRA factors narrower than the quantized base's
+    compute dtype lose the update's bits."""
+    qs = [v.get_value() for _, v in _own_params(layer) if quant.is_quantized(v.get_value())]
+    for name, f in vars(layer).items():
+        if not isinstance(f, nnx.LoRAParam):
+            continue
+        f_dtype = np.dtype(getattr(f.get_value(), "dtype", np.float32))
+        if not jnp.issubdtype(f_dtype, jnp.floating):
+            continue
+        for q in qs:
+            if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
+                path = getattr(layer, "lora_path", type(layer).__name__)
+                raise ValueError(
+                    f"the LoRA factor '{path}/{name}' is {f_dtype}, narrower than the compute "
+                    f"dtype {np.dtype(q.dtype).name} of the quantized base there; keep the "
+                    "factors in float32 (`LoraConfig(param_dtype=jnp.float32)`)"
+                )
 
 
 def plain_base(cls: type) -> type:
