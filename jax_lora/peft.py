@@ -700,7 +700,10 @@ def _check_magnitude(where: str, name: str, kind: str, m: np.ndarray, out: int, 
 
 
 def _flax_paths(
-    names: list[str], name_to_path: Callable[[str], str], stacked: Mapping[str, str | None]
+    names: list[str],
+    name_to_path: Callable[[str], str],
+    stacked: Mapping[str, str | None],
+    source: str = "the adapter",
 ) -> dict[str, tuple[str, int | None]]:
     """``{torch name: (Flax path, layer index in a stack or None)}``; refuses collisions."""
     patterns = [
@@ -727,7 +730,7 @@ def _flax_paths(
         if template is not None and key not in matched:
             seen = ", ".join(repr(name_to_path(n)) for n in names[:3])
             raise ValueError(
-                f"`stacked`[{key!r}] is {template!r}, which matches no module of the adapter "
+                f"`stacked`[{key!r}] is {template!r}, which matches no module of {source} "
                 f"(their Flax paths: {seen}{', ...' if len(names) > 3 else ''}); give the "
                 "per-layer path the adapter was exported with, or drop the key"
             )
@@ -791,7 +794,7 @@ def import_peft(
     stacked = dict(stacked or {})
     _check_templates(stacked)
     name_to_path = _mapper(flax_path, lambda n: n.replace(".", "/"), "flax_path")
-    where = _flax_paths(sorted(pairs), name_to_path, stacked)
+    where = _flax_paths(sorted(pairs), name_to_path, stacked, f"the adapter in {directory}")
     like = meta.unbox(like) if like is not None else None
     flat_like = {path_str(p): n for p, n in factor_nodes(like)} if like is not None else {}
     layers: dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}

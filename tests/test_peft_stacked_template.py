@@ -83,7 +83,7 @@ def test_import_names_a_template_that_matches_no_module(tmp_path, with_like):
         jax_lora.import_peft(tmp_path / "ad", like=like, stacked={"blocks": "layers/{i}"})
     msg = str(err.value)
     assert "`stacked`['blocks'] is 'layers/{i}'" in msg
-    assert "matches no module" in msg
+    assert f"matches no module of the adapter in {tmp_path / 'ad'}" in msg
     assert "'h/0/fc'" in msg  # shows what the adapter's paths look like
 
 
