@@ -161,7 +161,10 @@ def main() -> None:
     )(params, eval_batch[:1, :-1])
     print(jax_lora.param_report({"params": params, "lora": lora}))
 
-    def nll(lora, batch):
+    # the base is an argument of every jitted function, never closed over: a closed-over array
+    # is baked into the executable as a constant (a second copy of the base per function, and
+    # XLA constant-folds e.g. the transposed fp32 tied embedding at compile time)
+    def nll(lora, params, batch):
         logits = wrapped.apply({"params": params, "lora": lora}, batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
@@ -172,14 +175,16 @@ def main() -> None:
             np.exp(
                 np.mean(
                     [
-                        float(eval_nll(lora, eval_batch[i : i + 4]))
+                        float(eval_nll(lora, params, eval_batch[i : i + 4]))
                         for i in range(0, len(eval_batch), 4)
                     ]
                 )
             )
         )
 
-    forward = jax.jit(lambda lora, ids: wrapped.apply({"params": params, "lora": lora}, ids))
+    forward = jax.jit(
+        lambda lora, params, ids: wrapped.apply({"params": params, "lora": lora}, ids)
+    )
 
     def greedy(lora):
         prompt = tok.encode(args.prompt).ids
@@ -187,7 +192,7 @@ def main() -> None:
         buf = np.zeros((1, len(prompt) + args.sample_tokens), np.int32)
         buf[0, : len(prompt)] = prompt
         for i in range(len(prompt), buf.shape[1]):  # no KV cache: recompute, fine for a demo
-            buf[0, i] = int(jnp.argmax(forward(lora, buf)[0, i - 1]))
+            buf[0, i] = int(jnp.argmax(forward(lora, params, buf)[0, i - 1]))
         return tok.decode(buf[0].tolist())
 
     ppl_before, sample_before = perplexity(lora), greedy(lora)
@@ -196,8 +201,8 @@ def main() -> None:
     opt = tx.init(lora)
 
     @jax.jit
-    def step(lora, opt, batch):
-        loss, g = jax.value_and_grad(nll)(lora, batch)
+    def step(lora, opt, params, batch):
+        loss, g = jax.value_and_grad(nll)(lora, params, batch)
         u, opt = tx.update(g, opt, lora)
         return optax.apply_updates(lora, u), opt, loss
 
@@ -205,7 +210,7 @@ def main() -> None:
     bar = tqdm(range(args.steps), desc="LoRA", disable=args.no_progress)
     for _ in bar:
         starts = rng.integers(0, len(train_ids) - n, args.batch)
-        lora, opt, loss = step(lora, opt, np.stack([train_ids[s : s + n] for s in starts]))
+        lora, opt, loss = step(lora, opt, params, np.stack([train_ids[s : s + n] for s in starts]))
         losses.append(float(loss))
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     ppl_after, sample_after = perplexity(lora), greedy(lora)

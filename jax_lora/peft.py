@@ -233,12 +233,38 @@ def _stack_key(stacked: Mapping[str, str | None], path: str) -> str | None:
     return max(keys, key=len) if keys else None
 
 
+def _template_problem(template: str) -> tuple[str, str | None] | None:
+    """What is wrong with a `stacked` per-layer template, and a fixed one if it is clear."""
+    if template.count("{i}") != 1:
+        return f"it holds '{{i}}' {template.count('{i}')} times", None
+    if "{" in template.replace("{i}", "") or "}" in template.replace("{i}", ""):
+        return "it has braces other than '{i}'", None
+    if "." in template:  # the torch side's separator; import reads '.' back as '/'
+        fixed = template.replace(".", "/")
+        return "it has a '.', but Flax paths join their parts with '/'", fixed
+    if "" in template.split("/"):
+        fixed = "/".join(p for p in template.split("/") if p)
+        return "it has an empty part (a leading, trailing or doubled '/')", fixed
+    return None
+
+
 def _check_templates(stacked: Mapping[str, str | None]) -> None:
     for key, template in stacked.items():
-        if template is not None and template.count("{i}") != 1:
+        if template is None:
+            continue
+        if not isinstance(template, str):
+            raise TypeError(
+                f"`stacked`[{key!r}] is {template!r}; expected a per-layer path like 'layers/{{i}}'"
+                " or None"
+            )
+        problem = _template_problem(template)
+        if problem is not None:
+            what, fixed = problem
+            hint = f"; did you mean {fixed!r}?" if fixed and not _template_problem(fixed) else ""
             raise ValueError(
-                f"`stacked`[{key!r}] is {template!r}; it must hold '{{i}}' once, where the layer "
-                f"index goes (e.g. 'layers/{{i}}')"
+                f"`stacked`[{key!r}] is {template!r}: {what}. It is the Flax path layer i would "
+                f"have unrolled, parts joined by '/', with '{{i}}' once where the layer index "
+                f"goes (e.g. 'layers/{{i}}'){hint}"
             )
 
 
@@ -309,7 +335,8 @@ def export_peft(
         Default: ``/`` -> ``.``. Two layers may not share a torch name.
       base_model_name_or_path: recorded in ``adapter_config.json``.
       stacked: layer stacks (``nn.scan``, ``nnx.vmap``): ``{scanned module path: per-layer
-        path}``, the latter with ``{i}`` for the layer index, e.g. ``{"blocks": "block_{i}"}``
+        path}``, the latter a Flax path (parts joined by ``/``, not ``.``) holding ``{i}`` once
+        for the layer index, checked here, e.g. ``{"blocks": "block_{i}"}``
         exports ``blocks/fc1`` (``a (L, in, r)``, ``b (L, r, out)``) as the L layers
         ``block_0/fc1`` ... (then named by ``torch_name``). ``{path: None}`` declares factors
         unstacked. Factors that fit both readings (``a (n, in, r)``, ``b (n, r, out)``) must
@@ -673,7 +700,10 @@ def _check_magnitude(where: str, name: str, kind: str, m: np.ndarray, out: int, 
 
 
 def _flax_paths(
-    names: list[str], name_to_path: Callable[[str], str], stacked: Mapping[str, str | None]
+    names: list[str],
+    name_to_path: Callable[[str], str],
+    stacked: Mapping[str, str | None],
+    source: str = "the adapter",
 ) -> dict[str, tuple[str, int | None]]:
     """``{torch name: (Flax path, layer index in a stack or None)}``; refuses collisions."""
     patterns = [
@@ -682,6 +712,7 @@ def _flax_paths(
         if t is not None
     ]
     where: dict[str, tuple[str, int | None]] = {}
+    matched: set[str] = set()
     for name in names:
         path, index = name_to_path(name), None
         if not path or "" in path.split("/"):
@@ -692,8 +723,17 @@ def _flax_paths(
             m = pattern.fullmatch(path)
             if m:
                 path, index = key + (m[2] or ""), int(m[1])
+                matched.add(key)
                 break
         where[name] = (path, index)
+    for key, template in stacked.items():
+        if template is not None and key not in matched:
+            seen = ", ".join(repr(name_to_path(n)) for n in names[:3])
+            raise ValueError(
+                f"`stacked`[{key!r}] is {template!r}, which matches no module of {source} "
+                f"(their Flax paths: {seen}{', ...' if len(names) > 3 else ''}); give the "
+                "per-layer path the adapter was exported with, or drop the key"
+            )
     seen: dict[tuple[str, int | None], str] = {}
     for name, spot in where.items():
         if spot in seen:
@@ -739,7 +779,8 @@ def import_peft(
         dtypes, and is checked: every layer must be present with matching shapes. Without it,
         factors are 2-D.
       stacked: as in `export_peft`: ``{"blocks": "block_{i}"}`` stacks the modules whose Flax
-        path is ``block_<i>/...`` into ``blocks/...`` factors ``a (L, in..., r)``.
+        path is ``block_<i>/...`` into ``blocks/...`` factors ``a (L, in..., r)``; a template
+        that matches no module is refused.
 
     Returns:
       ``(lora, config)`` with ``config.targets`` naming exactly the imported layers.
@@ -753,7 +794,7 @@ def import_peft(
     stacked = dict(stacked or {})
     _check_templates(stacked)
     name_to_path = _mapper(flax_path, lambda n: n.replace(".", "/"), "flax_path")
-    where = _flax_paths(sorted(pairs), name_to_path, stacked)
+    where = _flax_paths(sorted(pairs), name_to_path, stacked, f"the adapter in {directory}")
     like = meta.unbox(like) if like is not None else None
     flat_like = {path_str(p): n for p, n in factor_nodes(like)} if like is not None else {}
     layers: dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
