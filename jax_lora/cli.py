@@ -129,10 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval(ns) -> None:
-    import jax
 
     from .lm import data as data_lib
-    from .lm.train import evaluate, load_adapter, nll
+    from .lm.train import eval_loss, evaluate, load_adapter
 
     ad = load_adapter(ns.adapter, ns.model)
     seq = ns.seq or ad.run["seq"]
@@ -147,7 +146,7 @@ def _eval(ns) -> None:
     # the base model: the adapter switched off (zeroing a DoRA magnitude would zero W)
     plain = ad.wrapped.clone(enabled=False)
     for name, model in (("base", plain), (f"adapter (step {ad.step})", ad.wrapped)):
-        loss_fn = jax.jit(lambda lo, ids, m, model=model: nll(model, params, lo, ids, m))
+        loss_fn = eval_loss(model, params)
         loss, ppl = evaluate(
             loss_fn, ad.lora, stream, count=ns.batches * batch, batch=batch, seq=seq
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -124,6 +125,14 @@ def nll(wrapped, params, lora, ids, mask, dropout_key=None):
     loss = lm_loss.llama_token_nll(wrapped.apply, v, ids[:, :-1], ids[:, 1:], rngs=rngs)
     m = mask.astype(loss.dtype)
     return (loss * m).sum() / jnp.maximum(m.sum(), 1.0), m.sum()
+
+
+def eval_loss(wrapped, params):
+    """``(lora, ids, mask) -> (mean nll, token count)`` on the base ``params``, compiled once.
+    The base goes into the executable as an argument: a jitted closure over it would bake the
+    whole model into the executable as a constant, a second copy of the base in memory."""
+    jitted = jax.jit(lambda p, lo, ids, mask: nll(wrapped, p, lo, ids, mask))
+    return functools.partial(jitted, params)
 
 
 def make_step(wrapped, tx):
@@ -247,7 +256,7 @@ def train(a: TrainArgs, log=print) -> int:
         return start
 
     step = make_step(wrapped, tx)
-    loss_fn = jax.jit(lambda lo, ids, mask: nll(wrapped, params, lo, ids, mask))
+    loss_fn = eval_loss(wrapped, params)
     saved = ck.latest_step() or 0
     done = start
 
