@@ -46,14 +46,14 @@ def main() -> None:
     )
     tx = optax.adam(2e-3)
 
-    # examples/causal_lm.py's loop body, as written there
-    def nll(lora, batch):
+    # examples/causal_lm.py's loop body, as written there (the base passed in, not closed over)
+    def nll(lora, params, batch):
         logits = wrapped.apply({"params": params, "lora": lora}, batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
     @jax.jit
-    def example_step(lora, opt, batch):
-        loss, g = jax.value_and_grad(nll)(lora, batch)
+    def example_step(lora, opt, params, batch):
+        loss, g = jax.value_and_grad(nll)(lora, params, batch)
         u, opt = tx.update(g, opt, lora)
         return optax.apply_updates(lora, u), opt, loss
 
@@ -62,7 +62,9 @@ def main() -> None:
 
     def example(lora, opt, i):
         starts = rng.integers(0, len(ids) - n, a.batch)
-        lora, opt, loss = example_step(lora, opt, np.stack([ids[s : s + n] for s in starts]))
+        lora, opt, loss = example_step(
+            lora, opt, params, np.stack([ids[s : s + n] for s in starts])
+        )
         float(loss)
         return lora, opt
 
