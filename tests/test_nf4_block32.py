@@ -236,3 +236,48 @@ def test_benchmark_nf4_b32_dq_base_from_q4_1_blocks():
     )
     assert bench.make_base("nf4", params, None, a)["lm"]["kernel"].block == 64
     assert not quant.is_quantized(base["norm"]["weight"])
+
+
+def _quant_error():
+    """benchmarks/quant_error.py (it imports benchmarks/quant.py as ``quant``)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "quant_error.py")
+    spec = importlib.util.spec_from_file_location("bench_quant_error", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quant_error_references_against_independent_numpy():
+    """The analysis script's own quantizers: its least-squares NF4 with the scale grid ``[1]``
+    is plain NF4 block 32 (`np_nf4_b32`) and the full grid never has a larger block error;
+    `dq8` equals the library's double quantization of the same values; `q4_1_dq8` decodes the
+    Q4_1 codes with those 8-bit ``d`` and ``m``."""
+    qe = _quant_error()
+    w = RNG.standard_normal((2, 64, 24)).astype(np.float32)
+    plain = qe.nf4_mse(w, 32, np.array([1.0]))
+    for i in range(2):
+        np.testing.assert_array_equal(plain[i], np_nf4_b32(w[i])[2])
+    best = qe.nf4_mse(w, 32)
+    err = lambda x: ((x - w).reshape(2, 2, 32, 24) ** 2).sum(axis=2)  # noqa: E731
+    assert np.all(err(best) <= err(plain)) and err(best).sum() < 0.95 * err(plain).sum()
+    v = np.abs(RNG.standard_normal(600)).astype(np.float32)  # 3 blocks of 256, the last short
+    k = np.zeros((32, 600), np.float32)
+    k[0] = v  # one block of 32 per output: the block scales are ``v``, in order
+    lib = quant.quantize_array(k, "nf4", block=32, double_quant=True)
+    assert lib.scales.shape == (600,) and lib.scales_scale.shape == (3,)
+    lib_scales = np.asarray(quant._block_scales(lib)).reshape(-1)
+    # equal up to the mean's float32 summation order (jnp.mean there, numpy here)
+    np.testing.assert_allclose(qe.dq8(v), lib_scales, rtol=0, atol=1e-6)
+    assert 0 < np.abs(qe.dq8(v) - v).max() < 0.01 * v.max()
+    w2 = RNG.standard_normal((64, 8)).astype(np.float32)
+    q41 = quant.quantize_array(w2, "q4_1")
+    got = qe.q4_1_dq8(q41)
+    d = np.asarray(q41.scales, np.float32)  # (2, 8)
+    m = np.asarray(q41.mins, np.float32)
+    d8 = qe.dq8(d.T.reshape(-1)).reshape(8, 2).T
+    m8 = qe.dq8(m.T.reshape(-1)).reshape(8, 2).T
+    codes = np.rint((np.asarray(quant.dequantize_array(q41)) - np.repeat(m, 32, 0))
+                    / np.repeat(d, 32, 0))  # fmt: skip
+    np.testing.assert_allclose(got, np.repeat(d8, 32, 0) * codes + np.repeat(m8, 32, 0), atol=1e-6)
+    rel = np.linalg.norm(got - np.asarray(quant.dequantize_array(q41))) / np.linalg.norm(w2)
+    assert 0 < rel < 0.03
