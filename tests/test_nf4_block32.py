@@ -281,3 +281,39 @@ def test_quant_error_references_against_independent_numpy():
     np.testing.assert_allclose(got, np.repeat(d8, 32, 0) * codes + np.repeat(m8, 32, 0), atol=1e-6)
     rel = np.linalg.norm(got - np.asarray(quant.dequantize_array(q41))) / np.linalg.norm(w2)
     assert 0 < rel < 0.03
+
+
+def test_checkpoints_base_through_orbax_and_adapter_without_the_base(tmp_path):
+    """A block-32, double-quantized base saved with orbax comes back with the same codes,
+    scales and static fields (``block`` 32); the adapter on it is saved by `AdapterCheckpointer`
+    (the factors only) and, on the restored base, gives the same output."""
+    import orbax.checkpoint as ocp
+
+    x = jax.random.normal(jax.random.key(1), (4, 96))
+    params = Net().init(jax.random.key(0), x)["params"]
+    qparams = quant.quantize(params, "nf4", block=32, double_quant=True)
+    like = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype), qparams)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "base", qparams)
+        ck.wait_until_finished()
+        back = ck.restore(tmp_path / "base", like)
+    k = back["fc0"]["kernel"]
+    assert quant.is_quantized(k) and k.block == 32 and k.scales.dtype == jnp.uint8
+    jax.tree.map(np.testing.assert_array_equal, back, qparams)
+    cfg = jax_lora.LoraConfig(rank=4, alpha=8)
+    wrapped = jax_lora.wrap(Net(), cfg)
+    lora = jax_lora.init_lora(wrapped, jax.random.key(2), {"params": qparams}, x)
+    lora = jax.tree.map(lambda t: t + 0.05, lora)
+    with jax_lora.AdapterCheckpointer(tmp_path / "adapter") as ck:
+        assert ck.save(1, lora, cfg)
+        ck.wait()
+        restored = ck.restore(lora)
+    restored = getattr(restored, "lora", restored)
+    # the adapter's tree only: the same paths as the factors, no QArray among them
+    assert jax.tree.structure(restored) == jax.tree.structure(lora)
+    assert not quant.has_quantized(restored)
+    assert_close(
+        wrapped.apply({"params": back, "lora": restored}, x),
+        wrapped.apply({"params": qparams, "lora": lora}, x),
+        0,
+    )
