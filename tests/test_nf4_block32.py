@@ -283,10 +283,11 @@ def test_quant_error_references_against_independent_numpy():
     assert 0 < rel < 0.03
 
 
-def test_checkpoints_base_through_orbax_and_adapter_without_the_base(tmp_path):
+def test_base_through_orbax_keeps_codes_scales_and_block(tmp_path):
     """A block-32, double-quantized base saved with orbax comes back with the same codes,
-    scales and static fields (``block`` 32); the adapter on it is saved by `AdapterCheckpointer`
-    (the factors only) and, on the restored base, gives the same output."""
+    scales and static fields (``block`` 32: from the restore target's tree) and gives the same
+    QLoRA output. (`AdapterCheckpointer` saves the factors only, whatever the base:
+    tests/test_checkpoint.py.)"""
     import orbax.checkpoint as ocp
 
     x = jax.random.normal(jax.random.key(1), (4, 96))
@@ -300,20 +301,11 @@ def test_checkpoints_base_through_orbax_and_adapter_without_the_base(tmp_path):
     k = back["fc0"]["kernel"]
     assert quant.is_quantized(k) and k.block == 32 and k.scales.dtype == jnp.uint8
     jax.tree.map(np.testing.assert_array_equal, back, qparams)
-    cfg = jax_lora.LoraConfig(rank=4, alpha=8)
-    wrapped = jax_lora.wrap(Net(), cfg)
+    wrapped = jax_lora.wrap(Net(), jax_lora.LoraConfig(rank=4, alpha=8))
     lora = jax_lora.init_lora(wrapped, jax.random.key(2), {"params": qparams}, x)
     lora = jax.tree.map(lambda t: t + 0.05, lora)
-    with jax_lora.AdapterCheckpointer(tmp_path / "adapter") as ck:
-        assert ck.save(1, lora, cfg)
-        ck.wait()
-        restored = ck.restore(lora)
-    restored = getattr(restored, "lora", restored)
-    # the adapter's tree only: the same paths as the factors, no QArray among them
-    assert jax.tree.structure(restored) == jax.tree.structure(lora)
-    assert not quant.has_quantized(restored)
     assert_close(
-        wrapped.apply({"params": back, "lora": restored}, x),
+        wrapped.apply({"params": back, "lora": lora}, x),
         wrapped.apply({"params": qparams, "lora": lora}, x),
         0,
     )
