@@ -1719,3 +1719,6 @@ from . import dora, multi_adapter, qlora, variants  # noqa: E402, F401
 
 # isort: split
 from . import dora_generic  # noqa: E402, F401  (registers its rows)
+
+# isort: split
+from . import nf4_block  # noqa: E402, F401  (registers its rows)
