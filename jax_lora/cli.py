@@ -40,7 +40,8 @@ TRAIN_HELP = {
     "mesh": "data-parallel over this many devices (the batch is split; weights replicated)",
     "simulate_devices": "CPU only: pretend to have this many devices (XLA host platform)",
     "quant": "QLoRA: keep the frozen base kernels quantized: nf4, nf4_dq (double-quantized "
-    "scales), int4, int8, or gguf (a GGUF model file's own Q4_0/Q4_1/Q8_0 blocks)",
+    "scales), nf4_b32_dq (blocks of 32, double-quantized scales), int4, int8, or gguf (a GGUF "
+    "model file's own Q4_0/Q4_1/Q8_0 blocks)",
     "fine_tune_type": "lora, or dora (a trained magnitude per output: jax_lora use_dora)",
 }
 

