@@ -664,7 +664,10 @@ def test_quant_gguf_keeps_the_files_blocks_and_refuses_a_float_file(files, tmp_p
     status, _, err = _run(
         ["train", "-c", str(cfg), "--model", files["hf"], "--data", files["data"]], capsys
     )
-    assert status == 2 and "--quant 'nf3': expected one of nf4, nf4_dq, nf4_b32_dq, int4, int8, gguf" in err
+    assert (
+        status == 2
+        and "--quant 'nf3': expected one of nf4, nf4_dq, nf4_b32_dq, int4, int8, gguf" in err
+    )
     status, _, err = _run(
         _train_argv(files, str(tmp_path / "r"), *TRAIN, "--quant", "gguf"), capsys
     )

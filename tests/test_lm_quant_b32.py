@@ -38,5 +38,8 @@ def test_nf4_b32_dq_quantizes_every_kernel_in_blocks_of_32_with_double_quant():
         np.testing.assert_array_equal(quant.dequantize_array(y), quant.dequantize_array(ref))
     assert kernels == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert (
-        models.quantize_base(params, "nf4_dq")["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].block == 64
+        models.quantize_base(params, "nf4_dq")["model"]["layers_0"]["mlp"]["up_proj"][
+            "kernel"
+        ].block
+        == 64
     )
