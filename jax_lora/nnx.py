@@ -142,7 +142,11 @@ def _placements(fits: list[tuple[int, ...]]) -> str:
 
 
 def _stacked(
-    geom: factors.Geometry, layer: nnx.Module, path: str, stack_axis: int | None = None
+    geom: factors.Geometry,
+    layer: nnx.Module,
+    path: str,
+    stack_axis: int | None = None,
+    dora: bool = False,
 ) -> tuple[factors.Geometry, int | None]:
     """Layers made under ``nnx.vmap`` (run with ``nnx.scan``) hold kernels with extra (layer)
     axes; the factors get the same axes: ``a: (L, in..., r)``, ``b: (L, r, out...)`` for
@@ -158,7 +162,10 @@ def _stacked(
         return geom, None
     k = stack_axis if stack_axis is not None else pos[0]
     b_ndim = len(geom.lead_shape) + 1 + len(geom.out_shape)
-    for name, ndim in (("a", len(geom.a_shape) + 1), ("b", b_ndim)):
+    shapes = [("a", len(geom.a_shape) + 1), ("b", b_ndim)]
+    if dora:  # DoRA's m: (lead..., out...), the stack among the lead axes
+        shapes.append(("m", b_ndim - 1))
+    for name, ndim in shapes:
         if not -ndim <= k < ndim:
             raise ValueError(
                 f"the kernel at '{path}' has shape {kernel}, stacked along axis {pos[0]}: the "
@@ -763,7 +770,7 @@ def wrap_nnx(
     # Everything is checked before the model changes: a refused wrap leaves it as it was.
     plans = []
     for path, layer in targets:
-        geom, k = _stacked(_init_geometry(layer, path), layer, path, stack_axis)
+        geom, k = _stacked(_init_geometry(layer, path), layer, path, stack_axis, config.use_dora)
         factors.check_rank(geom, config.rank_for(path), path)
         plans.append((path, layer, geom, k))
     wplans = []
