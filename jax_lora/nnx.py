@@ -93,15 +93,50 @@ def _stack_fits(shape: tuple[int, ...], per_layer: tuple[int, ...]) -> list[tupl
     ]
 
 
+def _narrowed(
+    fits: list[tuple[int, ...]], shape: tuple[int, ...], siblings: list[tuple[int, ...]]
+) -> list[tuple[int, ...]]:
+    """``fits`` less the stack axes that the layer's other params (its bias: same module, same
+    ``nnx.vmap``, so the same ``out_axes``) cannot have: a stack of ``L`` along axis ``p`` (or
+    ``p - ndim``, counted from the end) puts ``L`` there in each of them. ``H`` heads of
+    ``(H, hd, d)`` out-projection kernels and ``L == H`` layers: ``(H, H, hd, d)`` fits axes 0
+    and 1, its bias ``(L, d)`` only 0. Unchanged if nothing (or every fit) is ruled out."""
+
+    def fits_sibling(pos: tuple[int, ...], sib: tuple[int, ...]) -> bool:
+        if len(pos) != 1:
+            return True
+        p = pos[0]
+        return any(0 <= o < len(sib) and sib[o] == shape[p] for o in (p, len(sib) + p - len(shape)))
+
+    out = [pos for pos in fits if all(fits_sibling(pos, s) for s in siblings)]
+    return out or fits
+
+
+def _sibling_shapes(module: nnx.Module, name: str) -> list[tuple[int, ...]]:
+    """The shapes of ``module``'s own params other than ``name`` (its bias, norm scales)."""
+    return [
+        tuple(np.shape(v.get_value()))
+        for n, v in vars(module).items()
+        if n != name and isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
+    ]
+
+
 def _stack_position(
-    shape: tuple[int, ...], per_layer: tuple[int, ...], stack_axis: int | None, what: str
+    shape: tuple[int, ...],
+    per_layer: tuple[int, ...],
+    stack_axis: int | None,
+    what: str,
+    siblings: list[tuple[int, ...]] = (),
 ) -> tuple[int, ...]:
     """The positions of the stack axes of a weight of ``shape`` (``()``: not stacked).
 
     ``stack_axis`` (`wrap_nnx`): the single stack axis (``nnx.vmap``'s ``out_axes``), ``0`` also
     for several leading ones; ``None``: read off the shapes, refused when they fit more than one
-    placement (``D`` layers of ``(D, D)`` kernels stacked along axis 0, 1 or 2 look the same)."""
+    placement (``D`` layers of ``(D, D)`` kernels stacked along axis 0, 1 or 2 look the same)
+    after the ``siblings`` (`_narrowed`) have ruled out what they can."""
     fits = _stack_fits(shape, per_layer)
+    if stack_axis is None and len(fits) > 1:
+        fits = _narrowed(fits, shape, list(siblings))
     extra = len(shape) - len(per_layer)
     if extra == 0 and fits:
         return ()
@@ -155,7 +190,9 @@ def _stacked(
     ``k % kernel.ndim``): the factors are stored with their stack axis there."""
     kernel = tuple(layer.kernel.shape)
     per_layer = geom.lead_shape + geom.in_shape + geom.out_shape
-    pos = _stack_position(kernel, per_layer, stack_axis, f"the kernel at '{path}'")
+    pos = _stack_position(
+        kernel, per_layer, stack_axis, f"the kernel at '{path}'", _sibling_shapes(layer, "kernel")
+    )
     lead = tuple(kernel[i] for i in pos)
     geom = dataclasses.replace(geom, lead_shape=lead + geom.lead_shape)
     if pos == tuple(range(len(pos))):
@@ -728,13 +765,16 @@ def wrap_nnx(
                 shape = tuple(np.shape(getattr(module, n).get_value()))
                 seen = found.get(("shape", path, n), shape)
                 stack = shape[: len(shape) - len(seen)]
+                sibs = _sibling_shapes(module, n)
                 fits = _stack_fits(shape, tuple(seen))
+                if stack_axis is None:
+                    fits = _narrowed(fits, shape, sibs)
                 if stack + tuple(seen) != shape or (
                     stack
                     and (stack_axis not in (None, 0) or (stack_axis is None and len(fits) > 1))
                 ):
                     if stack_axis is None and len(fits) > 1:  # the ambiguity error
-                        _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'")
+                        _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'", sibs)
                     raise ValueError(
                         f"the weight '{wpath}' has shape {shape} but its layer's call used it "
                         f"as {seen} (stack axes that fit: {_placements(fits)}): LoRA follows "

@@ -89,3 +89,68 @@ def test_trained_bf16_magnitude_is_not_taken_for_a_fresh_one():
     w = quant.dequantize_array(model.fc.kernel.get_value()).astype(jnp.float32)
     m = jax_lora.lora_state(model)["fc"]["m"].astype(jnp.float32)
     assert_close(m, jnp.linalg.norm(w, axis=0), 2.0**-8)
+
+
+H, HD, DM = 3, 2, 8  # heads, head dim, model dim; L == H layers, as GPT-2 small's 12 and 12
+
+
+class OutProj(nnx.Module):
+    """An attention output projection over heads: kernel ``(H, hd, d)``, as GPT-2/BERT/Llama's."""
+
+    def __init__(self, bias, rngs):
+        self.o = nnx.LinearGeneral((H, HD), DM, axis=(-2, -1), use_bias=bias, rngs=rngs)
+
+    def __call__(self, x):  # (B, d) -> (B, d)
+        return jnp.tanh(self.o(x[:, : H * HD].reshape(-1, H, HD)))
+
+
+class HeadStack(nnx.Module):
+    def __init__(self, axis, bias, rngs):
+        self.axis = axis
+
+        @nnx.split_rngs(splits=H)
+        @nnx.vmap(in_axes=(0,), out_axes=axis)
+        def create(rngs):
+            return OutProj(bias, rngs)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, self.axis), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_heads_equal_to_layers_read_off_the_bias(axis):
+    # regression: with L == H the kernel (3, 3, 2, 8) fits a stack along axis 0 or 1, and every
+    # such model (GPT-2 small, BERT base, Llama 7B with head-shaped kernels) was refused until
+    # `stack_axis=` was given, though the bias, (L, d) for axis 0, (d, L) for 1, tells
+    model = HeadStack(axis, True, nnx.Rngs(0))
+    jax_lora.wrap(model, LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    assert getattr(model.blocks.o, "lora_stack_axis", None) == (None if axis == 0 else 1)
+    lora = jax.tree.map(
+        lambda t: 0.3 * jax.random.normal(jax.random.key(t.size), t.shape),
+        jax_lora.lora_state(model),
+    )
+    assert jax.tree.map(jnp.shape, lora) == {"blocks": {"o": {"a": (H, H, HD, 2), "b": (H, 2, DM)}}}
+    jax_lora.load_lora(model, lora)
+    kernel, bias = model.blocks.o.kernel[...], model.blocks.o.bias[...]
+    x = jax.random.normal(jax.random.key(2), (4, DM))
+    want = x
+    for i in range(H):  # unrolled: layer i taken from axis `axis` of the stored arrays
+        a, b = lora["blocks"]["o"]["a"][i], lora["blocks"]["o"]["b"][i]
+        k = jnp.take(kernel, i, axis=axis) + jnp.einsum("hkr,rd->hkd", a, b)
+        h = want[:, : H * HD].reshape(-1, H, HD)
+        want = jnp.tanh(jnp.einsum("bhk,hkd->bd", h, k) + jnp.take(bias, i, axis=axis)[None])
+    assert_close(model(x), want, TOL)
+
+
+def test_heads_equal_to_layers_without_a_bias_still_refuse_to_guess():
+    model = HeadStack(1, False, nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'blocks/o' has shape \(3, 3, 2, 8\).*axis 0 or axis 1"):
+        jax_lora.wrap(model, LoraConfig(rank=2))
+    jax_lora.wrap(model, LoraConfig(rank=2), stack_axis=1)
+    assert model.blocks.o.lora_a.shape == (H, H, HD, 2)
