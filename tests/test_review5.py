@@ -154,3 +154,25 @@ def test_heads_equal_to_layers_without_a_bias_still_refuse_to_guess():
         jax_lora.wrap(model, LoraConfig(rank=2))
     jax_lora.wrap(model, LoraConfig(rank=2), stack_axis=1)
     assert model.blocks.o.lora_a.shape == (H, H, HD, 2)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_pissa_on_a_non_leading_stack(axis):
+    # bug: init_from_weights read the stored factors (8, 3, 2) as stack-first and refused the
+    # layer ("factors do not fit the kernel"); PiSSA/OLoRA now work per layer, stack-first
+    from test_nnx_stack_axis import Stack
+
+    n, d, r = 3, 8, 2
+    model = Stack(n, d, d, axis, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (5, d))
+    before, w0 = model(x), model.blocks.fc.kernel[...]
+    jax_lora.wrap(model, LoraConfig(rank=r, alpha=4), rngs=nnx.Rngs(1))
+    lora, _ = jax_lora.init_from_weights(model, method="pissa")
+    assert jax.tree.map(jnp.shape, lora) == {"blocks": {"fc": {"a": (n, d, r), "b": (n, r, d)}}}
+    assert_close(model(x), before, TOL)  # W_res + s·a@b = W: the output is unchanged
+    w1 = model.blocks.fc.kernel[...]
+    for i in range(n):  # s·a@b is the best rank-r part of layer i's own kernel (scale 2)
+        ab = 2.0 * lora["blocks"]["fc"]["a"][i] @ lora["blocks"]["fc"]["b"][i]
+        assert_close(jnp.take(w1, i, axis=axis) + ab, jnp.take(w0, i, axis=axis), TOL)
+        want = np.linalg.svd(np.asarray(jnp.take(w0, i, axis=axis)), compute_uv=False)[:r]
+        assert_close(np.linalg.svd(np.asarray(ab), compute_uv=False)[:r], want, 1e-4)
