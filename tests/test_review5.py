@@ -176,3 +176,21 @@ def test_pissa_on_a_non_leading_stack(axis):
         assert_close(jnp.take(w1, i, axis=axis) + ab, jnp.take(w0, i, axis=axis), TOL)
         want = np.linalg.svd(np.asarray(jnp.take(w0, i, axis=axis)), compute_uv=False)[:r]
         assert_close(np.linalg.svd(np.asarray(ab), compute_uv=False)[:r], want, 1e-4)
+
+
+@pytest.mark.parametrize(("bad", "msg"), [(np.nan, "non-finite"), (1e7, "overflow GGUF's float16")])
+def test_gguf_under_jit_checks_like_the_concrete_path(bad, msg):
+    # bug: the pure_callback quantizer skipped the concrete path's checks: under jit a NaN or a
+    # weight past float16's block-scale range quantized silently to inf/NaN scales
+    w = np.ones((64, 8), np.float32)
+    w[5, 1] = bad
+
+    def f(w):
+        return quant.dequantize_array(quant.quantize_array(w, "q8_0", path="blk/w"))
+
+    with pytest.raises(ValueError, match=rf"cannot quantize 'blk/w'.*{msg}"):
+        f(w)
+    with pytest.raises(Exception, match=rf"cannot quantize 'blk/w'.*{msg}"):
+        jax.block_until_ready(jax.jit(f)(w))
+    w[5, 1] = 0.5  # a finite weight: bit for bit the concrete result
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(w)), np.asarray(f(w)))
