@@ -194,3 +194,26 @@ def test_gguf_under_jit_checks_like_the_concrete_path(bad, msg):
         jax.block_until_ready(jax.jit(f)(w))
     w[5, 1] = 0.5  # a finite weight: bit for bit the concrete result
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(w)), np.asarray(f(w)))
+
+
+def test_named_adapters_take_stack_axis_on_an_ambiguous_leading_stack():
+    # regression: D layers of Linear(D, D) (kernel (4, 4, 4)) with nnx.vmap's default axis 0
+    # worked with named adapters; now the wrap of the clone asks for `stack_axis=`, which
+    # `jax_lora.wrap(model, {name: config}, stack_axis=0)` dropped on the way
+    from test_nnx_stack_axis import Stack
+
+    n = d = 4
+    x = jax.random.normal(jax.random.key(2), (3, d))
+    model = Stack(n, d, d, 0, nnx.Rngs(0))
+    base = model(x)
+    cfgs = {"x": LoraConfig(rank=2), "y": LoraConfig(rank=3)}
+    jax_lora.wrap(model, cfgs, rngs=nnx.Rngs(1), stack_axis=0)
+    state = jax_lora.adapters_state(model)
+    assert jax.tree.map(jnp.shape, state) == {
+        "x": {"blocks": {"fc": {"a": (n, d, 2), "b": (n, 2, d)}}},
+        "y": {"blocks": {"fc": {"a": (n, d, 3), "b": (n, 3, d)}}},
+    }
+    assert_close(model(x), base, TOL)  # b = 0: the base's output
+    other = Stack(n, d, d, 1, nnx.Rngs(0))  # a non-leading stack: refused by path
+    with pytest.raises(ValueError, match=r"'blocks/fc' is stacked along axis 1"):
+        jax_lora.wrap(other, cfgs, rngs=nnx.Rngs(1), stack_axis=1)
