@@ -217,3 +217,31 @@ def test_named_adapters_take_stack_axis_on_an_ambiguous_leading_stack():
     other = Stack(n, d, d, 1, nnx.Rngs(0))  # a non-leading stack: refused by path
     with pytest.raises(ValueError, match=r"'blocks/fc' is stacked along axis 1"):
         jax_lora.wrap(other, cfgs, rngs=nnx.Rngs(1), stack_axis=1)
+
+
+def test_adapter_checkpoint_takes_the_lora_param_state(tmp_path):
+    # regression: `nnx.state(model, nnx.LoRAParam)` (factors only, NNX's own idiom) saved and
+    # restored before; the check against the base refused every nnx.State. The whole state is
+    # still refused.
+    cfg = LoraConfig(rank=2)
+    model = jax_lora.wrap(
+        jax_lora.quantize(Bf16Net(nnx.Rngs(0)), "nf4"),
+        LoraConfig(rank=2, param_dtype=jnp.bfloat16),
+        rngs=nnx.Rngs(1),
+    )
+    factors = nnx.state(model, nnx.LoRAParam)
+    factors["fc"]["lora_b"].set_value(jnp.full((2, 64), 0.5, jnp.bfloat16))
+    with jax_lora.AdapterCheckpointer(tmp_path / "ck") as ck:
+        with pytest.raises(ValueError, match=r"not the NNX State"):
+            ck.save(1, nnx.state(model), cfg)
+        assert ck.save(1, factors, cfg)
+        ck.wait()
+        got = ck.restore(factors).lora
+    assert jax.tree.map(jnp.shape, nnx.to_pure_dict(got)) == {
+        "fc": {"lora_a": (64, 2), "lora_b": (2, 64)}
+    }
+    np.testing.assert_array_equal(
+        np.asarray(got["fc"]["lora_b"].get_value(), np.float32), np.full((2, 64), 0.5, np.float32)
+    )
+    files = sorted(p.name for p in (tmp_path / "ck").rglob("*") if p.is_file())
+    assert not [f for f in files if "kernel" in f]
