@@ -193,6 +193,11 @@ def _stacked(
     pos = _stack_position(
         kernel, per_layer, stack_axis, f"the kernel at '{path}'", _sibling_shapes(layer, "kernel")
     )
+    value = layer.kernel.get_value()
+    if quant.is_quantized(value) and pos and value.axis % len(kernel) in pos:
+        from .quant_nnx import _check_not_across_stack
+
+        _check_not_across_stack(f"{path}/kernel", kernel, pos[0], value.axis)
     lead = tuple(kernel[i] for i in pos)
     geom = dataclasses.replace(geom, lead_shape=lead + geom.lead_shape)
     if pos == tuple(range(len(pos))):

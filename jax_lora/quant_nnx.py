@@ -125,6 +125,21 @@ def _check_factor_dtypes(layer: nnx.Module) -> None:
                 )
 
 
+def _check_not_across_stack(where: str, shape: tuple[int, ...], k: int, axis: int) -> None:
+    """Quantization blocks along the stack axis ``k`` of a kernel stacked along a non-leading
+    axis would span layers (and the model's ``nnx.scan`` could not slice them): refused, naming
+    the per-layer contraction axis in the stored kernel's coordinates."""
+    n, kpos = len(shape), k % len(shape)
+    if not -n <= axis < n or axis % n != kpos:
+        return
+    inner = n - 3 if n - 3 < kpos else n - 2  # the per-layer axis -2, stack axis at kpos
+    raise ValueError(
+        f"'{where}' of shape {shape} is a stack of layers along axis {kpos}: quantizing along "
+        f"`axis={axis}` would run its blocks across the layers. Give the contraction axis of "
+        f"the stored kernel, e.g. `axis={inner}` (each layer's input axis)"
+    )
+
+
 def plain_base(cls: type) -> type:
     """The layer class ``cls`` runs on float weights: its base for a quantized-base class."""
     return _QBASES.get(cls, cls)
@@ -294,6 +309,9 @@ def quantize_nnx(
             seen.append(wpath)
             if not quant._target_hit(pats, wpath, value):
                 continue
+            k = getattr(module, "lora_stack_axis", None) if name == "kernel" else None
+            if k is not None:  # a stack along a non-leading axis (`wrap_nnx(stack_axis=)`)
+                _check_not_across_stack(wpath, tuple(np.shape(value)), k, axis)
             q = quant.quantize_array(
                 value, qtype, block=block, axis=axis, double_quant=double_quant, dtype=dtype,
                 path=wpath,

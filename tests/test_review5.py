@@ -245,3 +245,27 @@ def test_adapter_checkpoint_takes_the_lora_param_state(tmp_path):
     )
     files = sorted(p.name for p in (tmp_path / "ck").rglob("*") if p.is_file())
     assert not [f for f in files if "kernel" in f]
+
+
+@pytest.mark.parametrize("order", ["wrap_then_quantize", "quantize_then_wrap"])
+def test_quantizing_across_the_stack_axis_is_refused_by_path(order):
+    # bug: `quantize(model, "int8")` (axis=-2) on a stack along axis 1 (kernel (in, L, out))
+    # ran its per-channel scales / blocks across the layers; the model's scan then failed with
+    # "scan got values with different leading axis sizes: 3, 3, 1, 3, 3"
+    from test_nnx_stack_axis import Stack
+
+    model = Stack(3, 8, 8, 1, nnx.Rngs(0))
+    if order == "quantize_then_wrap":
+        jax_lora.quantize(model, "int8")
+        with pytest.raises(ValueError, match=r"'blocks/fc.*\(8, 3, 8\).*stack.*axis=0"):
+            jax_lora.wrap(model, LoraConfig(rank=2), rngs=nnx.Rngs(1))
+        assert not [k for k in vars(model.blocks.fc) if k.startswith("lora")]
+        return
+    jax_lora.wrap(model, LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"'blocks/fc/kernel'.*\(8, 3, 8\).*stack.*axis=0"):
+        jax_lora.quantize(model, "int8")
+    assert _same(before, _state(model))
+    jax_lora.quantize(model, "int8", axis=0)  # along `in`: each layer its own scales
+    x = jax.random.normal(jax.random.key(2), (5, 8))
+    assert model(x).shape == (5, 8)
