@@ -774,9 +774,10 @@ def wrap_nnx(
                 fits = _stack_fits(shape, tuple(seen))
                 if stack_axis is None:
                     fits = _narrowed(fits, shape, sibs)
+                lead = tuple(range(len(stack)))  # custom weights follow leading stacks only
                 if stack + tuple(seen) != shape or (
                     stack
-                    and (stack_axis not in (None, 0) or (stack_axis is None and len(fits) > 1))
+                    and (stack_axis not in (None, 0) or (stack_axis is None and fits != [lead]))
                 ):
                     if stack_axis is None and len(fits) > 1:  # the ambiguity error
                         _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'", sibs)

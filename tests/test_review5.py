@@ -269,3 +269,41 @@ def test_quantizing_across_the_stack_axis_is_refused_by_path(order):
     jax_lora.quantize(model, "int8", axis=0)  # along `in`: each layer its own scales
     x = jax.random.normal(jax.random.key(2), (5, 8))
     assert model(x).shape == (5, 8)
+
+
+class CustomBias(nnx.Module):
+    """A custom layer: its own ``w (3, 5)`` and bias ``c (5,)``, kept square-free of L = 3."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (3, 5)))
+        self.c = nnx.Param(jnp.zeros((5,)))
+
+    def __call__(self, x):  # (B, 3) -> (B, 3)
+        return jnp.tanh(x @ self.w[...] + self.c[...][None])[:, :3]
+
+
+def test_custom_weight_narrowed_to_a_non_leading_stack_is_refused():
+    # w (3, 5) x 3 layers along axis 1: (3, 3, 5) fits axis 0 or 1; the bias (5, 3) rules out 0.
+    # The custom-weight path follows leading stacks only: the one fit left, axis 1, must be
+    # refused, not taken as a leading stack (this review's own narrowing first let it through)
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=1)
+    def create(rngs):
+        return CustomBias(rngs)
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.layers = create(nnx.Rngs(0))
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 1), out_axes=nnx.Carry)
+            def body(x, layer):
+                return layer(x)
+
+            return body(x, self.layers)
+
+    model = Model()
+    cfg = LoraConfig(rank=2, targets=["layers/w"])
+    with pytest.raises(ValueError, match=r"'layers/w' has shape \(3, 3, 5\).*leading axes only"):
+        jax_lora.wrap(model, cfg, example=(jnp.ones((2, 3)),))
+    assert not [k for k in vars(model.layers) if "lora" in k]
