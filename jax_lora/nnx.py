@@ -94,31 +94,37 @@ def _stack_fits(shape: tuple[int, ...], per_layer: tuple[int, ...]) -> list[tupl
 
 
 def _narrowed(
-    fits: list[tuple[int, ...]], shape: tuple[int, ...], siblings: list[tuple[int, ...]]
+    fits: list[tuple[int, ...]],
+    shape: tuple[int, ...],
+    siblings: list[tuple[tuple[int, ...], tuple[int, ...]]],
 ) -> list[tuple[int, ...]]:
-    """``fits`` less the stack axes that the layer's other params (its bias: same module, same
-    ``nnx.vmap``, so the same ``out_axes``) cannot have: a stack of ``L`` along axis ``p`` (or
-    ``p - ndim``, counted from the end) puts ``L`` there in each of them. ``H`` heads of
-    ``(H, hd, d)`` out-projection kernels and ``L == H`` layers: ``(H, H, hd, d)`` fits axes 0
-    and 1, its bias ``(L, d)`` only 0. Unchanged if nothing (or every fit) is ruled out."""
+    """``fits`` less the stack axes that the layer's bias (same module, same ``nnx.vmap``, so
+    the same ``out_axes``) rules out. ``siblings``: ``(stored shape, one layer's shape)``; a
+    stack of ``L`` along axis ``p`` (or ``p - ndim``, counted from the end) puts ``L`` there and
+    leaves one layer's shape. ``L == H`` layers of ``(H, hd, d)`` out-projection kernels:
+    ``(H, H, hd, d)`` fits axes 0 and 1, its bias ``(L, d)`` only 0. Unchanged where nothing,
+    or every fit, is ruled out (a bias shared by the layers, not stacked, fits none)."""
 
-    def fits_sibling(pos: tuple[int, ...], sib: tuple[int, ...]) -> bool:
+    def fits_sibling(pos: tuple[int, ...], sib: tuple[int, ...], one: tuple[int, ...]) -> bool:
         if len(pos) != 1:
             return True
         p = pos[0]
-        return any(0 <= o < len(sib) and sib[o] == shape[p] for o in (p, len(sib) + p - len(shape)))
+        return any(
+            0 <= o < len(sib) and sib[o] == shape[p] and sib[:o] + sib[o + 1 :] == one
+            for o in (p, len(sib) + p - len(shape))
+        )
 
-    out = [pos for pos in fits if all(fits_sibling(pos, s) for s in siblings)]
+    out = [pos for pos in fits if all(fits_sibling(pos, s, one) for s, one in siblings)]
     return out or fits
 
 
-def _sibling_shapes(module: nnx.Module, name: str) -> list[tuple[int, ...]]:
-    """The shapes of ``module``'s own params other than ``name`` (its bias, norm scales)."""
-    return [
-        tuple(np.shape(v.get_value()))
-        for n, v in vars(module).items()
-        if n != name and isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
-    ]
+def _bias_shapes(layer: nnx.Module, geom: factors.Geometry) -> list:
+    """``[(bias shape, one layer's bias shape)]`` of a Linear/LinearGeneral (``batch + out``,
+    as flax makes it; `_narrowed`), else ``[]``."""
+    bias = getattr(layer, "bias", None)
+    if not isinstance(layer, (nnx.Linear, nnx.LinearGeneral)) or not isinstance(bias, nnx.Param):
+        return []
+    return [(tuple(np.shape(bias.get_value())), geom.lead_shape + geom.out_shape)]
 
 
 def _stack_position(
@@ -126,7 +132,7 @@ def _stack_position(
     per_layer: tuple[int, ...],
     stack_axis: int | None,
     what: str,
-    siblings: list[tuple[int, ...]] = (),
+    siblings: list[tuple[tuple[int, ...], tuple[int, ...]]] = (),
 ) -> tuple[int, ...]:
     """The positions of the stack axes of a weight of ``shape`` (``()``: not stacked).
 
@@ -191,7 +197,7 @@ def _stacked(
     kernel = tuple(layer.kernel.shape)
     per_layer = geom.lead_shape + geom.in_shape + geom.out_shape
     pos = _stack_position(
-        kernel, per_layer, stack_axis, f"the kernel at '{path}'", _sibling_shapes(layer, "kernel")
+        kernel, per_layer, stack_axis, f"the kernel at '{path}'", _bias_shapes(layer, geom)
     )
     value = layer.kernel.get_value()
     if quant.is_quantized(value) and pos and value.axis % len(kernel) in pos:
@@ -770,17 +776,14 @@ def wrap_nnx(
                 shape = tuple(np.shape(getattr(module, n).get_value()))
                 seen = found.get(("shape", path, n), shape)
                 stack = shape[: len(shape) - len(seen)]
-                sibs = _sibling_shapes(module, n)
                 fits = _stack_fits(shape, tuple(seen))
-                if stack_axis is None:
-                    fits = _narrowed(fits, shape, sibs)
                 lead = tuple(range(len(stack)))  # custom weights follow leading stacks only
                 if stack + tuple(seen) != shape or (
                     stack
                     and (stack_axis not in (None, 0) or (stack_axis is None and fits != [lead]))
                 ):
                     if stack_axis is None and len(fits) > 1:  # the ambiguity error
-                        _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'", sibs)
+                        _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'")
                     raise ValueError(
                         f"the weight '{wpath}' has shape {shape} but its layer's call used it "
                         f"as {seen} (stack axes that fit: {_placements(fits)}): LoRA follows "
