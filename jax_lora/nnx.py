@@ -720,7 +720,9 @@ def wrap_nnx(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
-    if stack_axis is not None and not isinstance(stack_axis, (int, np.integer)):
+    if stack_axis is not None and (
+        isinstance(stack_axis, bool) or not isinstance(stack_axis, (int, np.integer))
+    ):
         raise TypeError(
             f"`stack_axis` must be an int (the `out_axes` of the `nnx.vmap` that stacked the "
             f"layers) or None, got {stack_axis!r}"

@@ -308,3 +308,13 @@ def test_custom_weight_narrowed_to_a_non_leading_stack_is_refused():
     with pytest.raises(ValueError, match=r"'layers/w' has shape \(3, 3, 5\).*axis 0 or axis 1"):
         jax_lora.wrap(model, cfg, example=(jnp.ones((2, 3)),))
     assert not [k for k in vars(model.layers) if "lora" in k]
+
+
+def test_stack_axis_true_is_not_axis_1():
+    # bug: `stack_axis=True` passed the int check (bool is an int) and meant axis 1
+    from test_nnx_stack_axis import Stack
+
+    model = Stack(3, 8, 8, 1, nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"`stack_axis` must be an int.*True"):
+        jax_lora.wrap(model, LoraConfig(rank=2), stack_axis=True)
+    assert type(model.blocks.fc) is nnx.Linear
