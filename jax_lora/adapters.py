@@ -437,12 +437,14 @@ def wrap_adapters(
     *,
     name: str | None = None,
     rngs: nnx.Rngs | None = None,
+    stack_axis: int | None = None,
 ) -> Any:
     """Named adapters ``configs`` (``{name: LoraConfig}``, in this order) on ``module``:
     a `MultiLoraWrapped` for a linen module, or an NNX model adapted in place (see
-    `wrap_nnx_adapters`). ``jax_lora.wrap(module, {...})`` calls this."""
+    `wrap_nnx_adapters`; ``stack_axis`` as in `jax_lora.nnx.wrap_nnx`, NNX only).
+    ``jax_lora.wrap(module, {...})`` calls this."""
     if isinstance(module, nnx.Module):
-        return wrap_nnx_adapters(module, configs, rngs=rngs)
+        return wrap_nnx_adapters(module, configs, rngs=rngs, stack_axis=stack_axis)
     if not isinstance(module, nn.Module):
         raise TypeError(
             "named adapters ({name: LoraConfig}) take a flax.linen.Module or an nnx.Module; "
@@ -836,7 +838,11 @@ _MULTI_NNX = {
 
 
 def wrap_nnx_adapters(
-    model: nnx.Module, configs: Mapping[str, LoraConfig], *, rngs: nnx.Rngs | None = None
+    model: nnx.Module,
+    configs: Mapping[str, LoraConfig],
+    *,
+    rngs: nnx.Rngs | None = None,
+    stack_axis: int | None = None,
 ) -> nnx.Module:
     """Named adapters on an initialised NNX model, in place; returns ``model``.
 
@@ -845,7 +851,9 @@ def wrap_nnx_adapters(
     `MultiLinear`/... holding ``lora_adapters = {name: {"a", "b"}}`` (``nnx.LoRAParam``; train
     them with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). Calls use the first adapter
     (`set_active_adapters` picks others); inside ``with jax_lora.adapter_ids(ids):`` row ``i`` uses
-    adapter ``ids[i]``. `adapters_state` gives ``{name: lora tree}``.
+    adapter ``ids[i]``. `adapters_state` gives ``{name: lora tree}``. ``stack_axis``: as in
+    `jax_lora.nnx.wrap_nnx` (``0`` where a leading stack's shape fits several axes); stacks along
+    a non-leading axis are refused.
     """
     from .nnx import _modules, adapted_layers, lora_state, wrap_nnx
 
@@ -858,7 +866,7 @@ def wrap_nnx_adapters(
     trees: dict[str, dict] = {}
     for k, config in pairs:  # everything is checked before the model changes
         clone = nnx.clone(model)
-        wrap_nnx(clone, config, rngs=rngs)
+        wrap_nnx(clone, config, rngs=rngs, stack_axis=stack_axis)
         for path, layer in adapted_layers(clone):
             base = type(modules[path])
             if getattr(layer, "lora_stack_axis", None) is not None:  # (jax_lora.nnx.wrap_nnx)

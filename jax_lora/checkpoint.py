@@ -207,9 +207,14 @@ def _check_factors_only(lora: Any) -> None:
     from .trees import keypath_str
 
     nnx = sys.modules.get("flax.nnx")  # not imported: `lora` cannot be one of its objects
+    if nnx is not None and isinstance(lora, nnx.State):  # `nnx.state(model, nnx.LoRAParam)` is
+        variables = jax.tree.leaves(lora, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        if variables and all(isinstance(v, nnx.LoRAParam) for v in variables):  # factors only
+            return
     if nnx is not None and isinstance(lora, (nnx.Module, nnx.State)):
         raise ValueError(
-            f"pass the factors (`jax_lora.lora_state(model)`), not the NNX "
+            f"pass the factors (`jax_lora.lora_state(model)` or `nnx.state(model, "
+            f"nnx.LoRAParam)`), not the NNX "
             f"{type(lora).__name__}: the frozen base is never written to an adapter checkpoint"
         )
     for kp, x in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_quantized)[0]:

@@ -209,7 +209,8 @@ def delta_kernel(a: Array, b: Array, scale: float, kernel_ndim: int) -> Array:
     batch axes; their count follows from ``kernel_ndim``.
     """
     n_lead = a.ndim + b.ndim - 2 - kernel_ndim
-    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    # numpy's promotion: jnp's refuses bf16 + fp32 under strict dtype promotion (bf16 DoRA)
+    dtype = np.promote_types(np.promote_types(a.dtype, b.dtype), np.float32)
     a, b = a.astype(dtype), b.astype(dtype)
     lead = tuple(range(n_lead))
     d = lax.dot_general(

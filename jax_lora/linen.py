@@ -826,7 +826,7 @@ def wrap(
     if isinstance(config, Mapping):
         from .adapters import wrap_adapters  # named adapters: {name: LoraConfig}
 
-        return wrap_adapters(module, config, name=name, rngs=rngs)
+        return wrap_adapters(module, config, name=name, rngs=rngs, stack_axis=stack_axis)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jax_lora.LoraConfig, got {type(config).__name__}")
     from flax import nnx

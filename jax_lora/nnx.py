@@ -93,15 +93,56 @@ def _stack_fits(shape: tuple[int, ...], per_layer: tuple[int, ...]) -> list[tupl
     ]
 
 
+def _narrowed(
+    fits: list[tuple[int, ...]],
+    shape: tuple[int, ...],
+    siblings: list[tuple[tuple[int, ...], tuple[int, ...]]],
+) -> list[tuple[int, ...]]:
+    """``fits`` less the stack axes that the layer's bias (same module, same ``nnx.vmap``, so
+    the same ``out_axes``) rules out. ``siblings``: ``(stored shape, one layer's shape)``; a
+    stack of ``L`` along axis ``p`` (or ``p - ndim``, counted from the end) puts ``L`` there and
+    leaves one layer's shape. ``L == H`` layers of ``(H, hd, d)`` out-projection kernels:
+    ``(H, H, hd, d)`` fits axes 0 and 1, its bias ``(L, d)`` only 0. Unchanged where nothing,
+    or every fit, is ruled out (a bias shared by the layers, not stacked, fits none)."""
+
+    def fits_sibling(pos: tuple[int, ...], sib: tuple[int, ...], one: tuple[int, ...]) -> bool:
+        if len(pos) != 1:
+            return True
+        p = pos[0]
+        return any(
+            0 <= o < len(sib) and sib[o] == shape[p] and sib[:o] + sib[o + 1 :] == one
+            for o in (p, len(sib) + p - len(shape))
+        )
+
+    out = [pos for pos in fits if all(fits_sibling(pos, s, one) for s, one in siblings)]
+    return out or fits
+
+
+def _bias_shapes(layer: nnx.Module, geom: factors.Geometry) -> list:
+    """``[(bias shape, one layer's bias shape)]`` of a Linear/LinearGeneral (``batch + out``,
+    as flax makes it; `_narrowed`), else ``[]``."""
+    bias = getattr(layer, "bias", None)
+    if not isinstance(layer, (nnx.Linear, nnx.LinearGeneral)) or not isinstance(bias, nnx.Param):
+        return []
+    return [(tuple(np.shape(bias.get_value())), geom.lead_shape + geom.out_shape)]
+
+
 def _stack_position(
-    shape: tuple[int, ...], per_layer: tuple[int, ...], stack_axis: int | None, what: str
+    shape: tuple[int, ...],
+    per_layer: tuple[int, ...],
+    stack_axis: int | None,
+    what: str,
+    siblings: list[tuple[tuple[int, ...], tuple[int, ...]]] = (),
 ) -> tuple[int, ...]:
     """The positions of the stack axes of a weight of ``shape`` (``()``: not stacked).
 
     ``stack_axis`` (`wrap_nnx`): the single stack axis (``nnx.vmap``'s ``out_axes``), ``0`` also
     for several leading ones; ``None``: read off the shapes, refused when they fit more than one
-    placement (``D`` layers of ``(D, D)`` kernels stacked along axis 0, 1 or 2 look the same)."""
+    placement (``D`` layers of ``(D, D)`` kernels stacked along axis 0, 1 or 2 look the same)
+    after the ``siblings`` (`_narrowed`) have ruled out what they can."""
     fits = _stack_fits(shape, per_layer)
+    if stack_axis is None and len(fits) > 1:
+        fits = _narrowed(fits, shape, list(siblings))
     extra = len(shape) - len(per_layer)
     if extra == 0 and fits:
         return ()
@@ -142,7 +183,11 @@ def _placements(fits: list[tuple[int, ...]]) -> str:
 
 
 def _stacked(
-    geom: factors.Geometry, layer: nnx.Module, path: str, stack_axis: int | None = None
+    geom: factors.Geometry,
+    layer: nnx.Module,
+    path: str,
+    stack_axis: int | None = None,
+    dora: bool = False,
 ) -> tuple[factors.Geometry, int | None]:
     """Layers made under ``nnx.vmap`` (run with ``nnx.scan``) hold kernels with extra (layer)
     axes; the factors get the same axes: ``a: (L, in..., r)``, ``b: (L, r, out...)`` for
@@ -151,14 +196,24 @@ def _stacked(
     ``k % kernel.ndim``): the factors are stored with their stack axis there."""
     kernel = tuple(layer.kernel.shape)
     per_layer = geom.lead_shape + geom.in_shape + geom.out_shape
-    pos = _stack_position(kernel, per_layer, stack_axis, f"the kernel at '{path}'")
+    pos = _stack_position(
+        kernel, per_layer, stack_axis, f"the kernel at '{path}'", _bias_shapes(layer, geom)
+    )
+    value = layer.kernel.get_value()
+    if quant.is_quantized(value) and pos and value.axis % len(kernel) in pos:
+        from .quant_nnx import _check_not_across_stack
+
+        _check_not_across_stack(f"{path}/kernel", kernel, pos[0], value.axis)
     lead = tuple(kernel[i] for i in pos)
     geom = dataclasses.replace(geom, lead_shape=lead + geom.lead_shape)
     if pos == tuple(range(len(pos))):
         return geom, None
     k = stack_axis if stack_axis is not None else pos[0]
     b_ndim = len(geom.lead_shape) + 1 + len(geom.out_shape)
-    for name, ndim in (("a", len(geom.a_shape) + 1), ("b", b_ndim)):
+    shapes = [("a", len(geom.a_shape) + 1), ("b", b_ndim)]
+    if dora:  # DoRA's m: (lead..., out...), the stack among the lead axes
+        shapes.append(("m", b_ndim - 1))
+    for name, ndim in shapes:
         if not -ndim <= k < ndim:
             raise ValueError(
                 f"the kernel at '{path}' has shape {kernel}, stacked along axis {pos[0]}: the "
@@ -665,7 +720,9 @@ def wrap_nnx(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expected an nnx.Module, got {type(model).__name__}")
-    if stack_axis is not None and not isinstance(stack_axis, (int, np.integer)):
+    if stack_axis is not None and (
+        isinstance(stack_axis, bool) or not isinstance(stack_axis, (int, np.integer))
+    ):
         raise TypeError(
             f"`stack_axis` must be an int (the `out_axes` of the `nnx.vmap` that stacked the "
             f"layers) or None, got {stack_axis!r}"
@@ -722,9 +779,10 @@ def wrap_nnx(
                 seen = found.get(("shape", path, n), shape)
                 stack = shape[: len(shape) - len(seen)]
                 fits = _stack_fits(shape, tuple(seen))
+                lead = tuple(range(len(stack)))  # custom weights follow leading stacks only
                 if stack + tuple(seen) != shape or (
                     stack
-                    and (stack_axis not in (None, 0) or (stack_axis is None and len(fits) > 1))
+                    and (stack_axis not in (None, 0) or (stack_axis is None and fits != [lead]))
                 ):
                     if stack_axis is None and len(fits) > 1:  # the ambiguity error
                         _stack_position(shape, tuple(seen), None, f"the weight '{wpath}'")
@@ -763,7 +821,7 @@ def wrap_nnx(
     # Everything is checked before the model changes: a refused wrap leaves it as it was.
     plans = []
     for path, layer in targets:
-        geom, k = _stacked(_init_geometry(layer, path), layer, path, stack_axis)
+        geom, k = _stacked(_init_geometry(layer, path), layer, path, stack_axis, config.use_dora)
         factors.check_rank(geom, config.rank_for(path), path)
         plans.append((path, layer, geom, k))
     wplans = []

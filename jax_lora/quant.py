@@ -341,7 +341,7 @@ def quantize_array(
         )
     out_dtype = np.dtype(w_dtype if dtype is None else dtype)
     if isinstance(w, jax.core.Tracer) and qtype in _GGUF_BYTES:  # gguf's numpy encoder
-        return _quantize_gguf_traced(jnp.asarray(w, jnp.float32), qtype, axis, out_dtype)
+        return _quantize_gguf_traced(jnp.asarray(w, jnp.float32), qtype, axis, out_dtype, path)
     if isinstance(w, jax.core.Tracer):  # under a transformation: jax ops
         return _quantize(jnp.asarray(w, jnp.float32), qtype, block, axis, double_quant, out_dtype)
     # a concrete array: numpy (each eager jax op would compile and keep an XLA kernel per shape)
@@ -391,9 +391,12 @@ def _check_fp16_scales(q: QArray, path: str) -> None:
             )
 
 
-def _quantize_gguf_traced(w: jax.Array, qtype: str, axis: int, out_dtype) -> QArray:
+def _quantize_gguf_traced(
+    w: jax.Array, qtype: str, axis: int, out_dtype, path: str = "<array>"
+) -> QArray:
     """`_quantize_gguf` of a traced array (under ``jax.jit``, ``vmap``, ``eval_shape``): gguf's
-    numpy encoder through ``jax.pure_callback``, bit for bit the concrete result."""
+    numpy encoder through ``jax.pure_callback``, bit for bit the concrete result, with its
+    checks (NaN/inf, float16 overflow) on the host: raised when the computation runs."""
     shape = list(w.shape)
     ax = len(shape) + axis
     codes_shape, scales_shape = list(shape), list(shape)
@@ -408,7 +411,10 @@ def _quantize_gguf_traced(w: jax.Array, qtype: str, axis: int, out_dtype) -> QAr
         out.append(jax.ShapeDtypeStruct(tuple(scales_shape), np.float16))
 
     def host(x):
-        q = _quantize_gguf(np.asarray(x, np.float32), qtype, axis, out_dtype)
+        x = np.asarray(x, np.float32)
+        _check_finite(x, path)
+        q = _quantize_gguf(x, qtype, axis, out_dtype)
+        _check_fp16_scales(q, path)
         return tuple(np.asarray(a) for a in (q.codes, q.scales, q.mins) if a is not None)
 
     res = jax.pure_callback(host, tuple(out), w, vmap_method="sequential")

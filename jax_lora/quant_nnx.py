@@ -125,6 +125,21 @@ def _check_factor_dtypes(layer: nnx.Module) -> None:
                 )
 
 
+def _check_not_across_stack(where: str, shape: tuple[int, ...], k: int, axis: int) -> None:
+    """Quantization blocks along the stack axis ``k`` of a kernel stacked along a non-leading
+    axis would span layers (and the model's ``nnx.scan`` could not slice them): refused, naming
+    the per-layer contraction axis in the stored kernel's coordinates."""
+    n, kpos = len(shape), k % len(shape)
+    if not -n <= axis < n or axis % n != kpos:
+        return
+    inner = n - 3 if n - 3 < kpos else n - 2  # the per-layer axis -2, stack axis at kpos
+    raise ValueError(
+        f"'{where}' of shape {shape} is a stack of layers along axis {kpos}: quantizing along "
+        f"`axis={axis}` would run its blocks across the layers. Give the contraction axis of "
+        f"the stored kernel, e.g. `axis={inner}` (each layer's input axis)"
+    )
+
+
 def plain_base(cls: type) -> type:
     """The layer class ``cls`` runs on float weights: its base for a quantized-base class."""
     return _QBASES.get(cls, cls)
@@ -294,6 +309,9 @@ def quantize_nnx(
             seen.append(wpath)
             if not quant._target_hit(pats, wpath, value):
                 continue
+            k = getattr(module, "lora_stack_axis", None) if name == "kernel" else None
+            if k is not None:  # a stack along a non-leading axis (`wrap_nnx(stack_axis=)`)
+                _check_not_across_stack(wpath, tuple(np.shape(value)), k, axis)
             q = quant.quantize_array(
                 value, qtype, block=block, axis=axis, double_quant=double_quant, dtype=dtype,
                 path=wpath,
@@ -354,9 +372,11 @@ def _fresh_magnitude(module: nnx.Module, var: nnx.Param, q: quant.QArray) -> Any
         def store(t):
             return _stored(t, k)
 
-    old = norm(var.get_value()).astype(m.dtype)
-    eps = float(jax.numpy.finfo(m.dtype).eps)
-    if not bool(jax.numpy.all(jax.numpy.abs(m - old) <= 4 * eps * jax.numpy.abs(old))):
+    # fresh: m is the fp32 norm rounded to m's dtype (half an ulp of it), up to fp32 rounding
+    # differences (4 ulp); 4 ulp of a bf16 m (3 %) would take a trained m for a fresh one
+    old = norm(var.get_value()).astype(jnp.float32)
+    tol = 0.5 * float(jnp.finfo(m.dtype).eps) + 4 * float(jnp.finfo(jnp.float32).eps)
+    if not bool(jnp.all(jnp.abs(m.astype(jnp.float32) - old) <= tol * jnp.abs(old))):
         return None
     return mvar, store(norm(quant.dequantize_array(q)).astype(m.dtype))
 

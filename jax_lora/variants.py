@@ -117,7 +117,7 @@ def _norm(w: jax.Array, geom: weights.WeightGeometry, a: Any) -> jax.Array:
 
 def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None) -> dict:
     """`init_from_weights` for an adapted NNX model: in place; returns the initial factors."""
-    from .nnx import _by_weight, adapted_layers, lora_state
+    from .nnx import _by_weight, _factors_lead_first, _stored, adapted_layers, lora_state
 
     layers = adapted_layers(model)
     if not layers:
@@ -136,15 +136,21 @@ def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None)
         w = getattr(layer, name)[...]
         _check_float(w, method, where)
         a0, b0 = getattr(layer, prefix + "a")[...], getattr(layer, prefix + "b")[...]
+        k = kpos = None  # a stack along a non-leading axis (`wrap_nnx(stack_axis=)`): stack-first
+        if geom is None and getattr(layer, "lora_stack_axis", None) is not None:
+            a0, b0, _, kpos = _factors_lead_first(layer)
+            k, w = layer.lora_stack_axis, jnp.moveaxis(w, kpos, 0)
         if geom is None:
             geom = _geometry(tuple(w.shape), a0, b0, generic=False, known=None, where=where)
-        k = next(keys) if keys is not None else None
-        a, b = _factors(method, _matrices(w, geom), a0.shape[-1], scale, niter, k)
+        key_ = next(keys) if keys is not None else None
+        a, b = _factors(method, _matrices(w, geom), a0.shape[-1], scale, niter, key_)
         a, b = a.reshape(a0.shape).astype(a0.dtype), b.reshape(b0.shape).astype(b0.dtype)
         d = weights.delta(geom, a, b, -scale)
         m = getattr(layer, prefix + "m", None)  # DoRA: m = ‖W‖ = ‖W_res + s·a@b‖ (as PEFT)
-        m = None if m is None else _norm(w, geom, a0).astype(m[...].dtype)
-        writes.append((layer, name, prefix, (w.astype(d.dtype) + d).astype(w.dtype), a, b, m))
+        m = None if m is None else _stored(_norm(w, geom, a0).astype(m[...].dtype), k)
+        res = (w.astype(d.dtype) + d).astype(w.dtype)
+        res = res if kpos is None else jnp.moveaxis(res, 0, kpos)
+        writes.append((layer, name, prefix, res, _stored(a, k), _stored(b, k), m))
     for layer, name, prefix, w, a, b, m in writes:
         getattr(layer, name)[...] = w
         getattr(layer, prefix + "a")[...] = a
