@@ -263,9 +263,16 @@ def _lead_first(x: Any, kpos: int | None) -> Any:
     return x if kpos is None else jnp.moveaxis(x, kpos, 0)
 
 
-def _stored(t: jax.Array, k: int | None) -> jax.Array:
-    """A stack-first factor as the layer stores it: its stack axis moved to ``k``."""
-    return t if k is None else jnp.moveaxis(t, 0, k)
+def _stored(t: Any, k: int | None) -> Any:
+    """A stack-first array as the layer stores it: its stack axis moved to ``k`` (the inverse
+    of `_lead_first`; ``None`` stays ``None``)."""
+    return t if k is None or t is None else jnp.moveaxis(t, 0, k)
+
+
+def _stack_axis_of(layer: Any) -> int | None:
+    """The axis a Linear/LinearGeneral/Einsum's factors are stacked along when it is not the
+    leading one (`wrap_nnx(stack_axis=)`), else ``None``."""
+    return None if _by_weight(layer) else getattr(layer, "lora_stack_axis", None)
 
 
 def _factors_lead_first(layer: Any) -> tuple[jax.Array, jax.Array, jax.Array | None, int | None]:
@@ -276,7 +283,7 @@ def _factors_lead_first(layer: Any) -> tuple[jax.Array, jax.Array, jax.Array | N
     k = getattr(layer, "lora_stack_axis", None)
     if k is None:
         return a, b, m, None
-    a, b, m = (None if t is None else jnp.moveaxis(t, k, 0) for t in (a, b, m))
+    a, b, m = (None if t is None else _lead_first(t, k) for t in (a, b, m))
     return a, b, m, k % layer.kernel.ndim
 
 
@@ -858,7 +865,7 @@ def wrap_nnx(
                 for key, v in meta_b.items()
             }
         if k is not None:  # stored as `nnx.vmap(out_axes=k)` would have made them
-            a, b, m = (None if t is None else jnp.moveaxis(t, 0, k) for t in (a, b, m))
+            a, b, m = (_stored(t, k) for t in (a, b, m))
             meta_a, meta_b, meta_m = (_names_at(t, k) for t in (meta_a, meta_b, meta_m))
             layer.lora_stack_axis = k
             injected.append("lora_stack_axis")
@@ -991,18 +998,16 @@ def lora_state(model: nnx.Module) -> dict[str, Any]:
     Einsum, at the weight path for other layers (``{"emb": {"embedding": {"a", "b"}}}``)."""
     out: dict[str, Any] = {}
     for path, layer in adapted_layers(model):
+        k = _stack_axis_of(layer)  # a stack along a non-leading axis: stored there
         for where, a, b in _factor_slots(layer, path):
             node = out
             for part in where.split("/") if where else []:
                 node = node.setdefault(part, {})
-            va, vb = getattr(layer, a)[...], getattr(layer, b)[...]
+            node.update(a=_lead_first(getattr(layer, a)[...], k))
+            node.update(b=_lead_first(getattr(layer, b)[...], k))
             m_name = a[: -len("a")] + "m"  # lora_m / <weight>_lora_m (DoRA)
-            vm = getattr(layer, m_name)[...] if hasattr(layer, m_name) else None
-            if not _by_weight(layer):  # a stack along a non-leading axis: stored there
-                va, vb, vm, _ = _factors_lead_first(layer)
-            node.update(a=va, b=vb)
-            if vm is not None:
-                node[dora.MAGNITUDE] = vm
+            if hasattr(layer, m_name):
+                node[dora.MAGNITUDE] = _lead_first(getattr(layer, m_name)[...], k)
     return out
 
 
@@ -1013,7 +1018,7 @@ def load_lora(model: nnx.Module, lora: Mapping[str, Any]) -> None:
     check_same_layout(lora, lora_state(model), "`lora` tree")
     flat = {path_str(p): n for p, n in factors.factor_nodes(lora)}
     for path, layer in adapted_layers(model):
-        k = None if _by_weight(layer) else getattr(layer, "lora_stack_axis", None)
+        k = _stack_axis_of(layer)
         for where, a, b in _factor_slots(layer, path):
             va, vb = getattr(layer, a), getattr(layer, b)
             va[...] = _stored(jnp.asarray(flat[where]["a"], va[...].dtype), k)
@@ -1054,7 +1059,7 @@ def _fold(model: nnx.Module, sign: float, source: nnx.Module | None = None) -> n
             else:
                 norm = dora.weight_norm(_lead_first(f.kernel[...], kpos), a, b, s)
                 w = dora.unmerge_kernel(w, a, b, m, norm, s)
-            layer.kernel[...] = w if kpos is None else jnp.moveaxis(w, 0, kpos)
+            layer.kernel[...] = _stored(w, kpos)
         if is_adapted(layer):
             for name in layer.lora_injected:
                 delattr(layer, name)

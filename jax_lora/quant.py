@@ -931,16 +931,24 @@ def _check_factor_dtypes(module: Any, collection: str) -> None:
     """LoRA factors narrower than the quantized base's compute dtype lose the update's bits."""
     qs = [q for q in module.variables.get("params", {}).values() if is_quantized(q)]
     factors = module.variables.get(collection, {})
+    path = "/".join(map(str, module.path))
     for name, f in jax.tree_util.tree_flatten_with_path(factors)[0]:
-        for q in qs:
-            f_dtype = np.dtype(getattr(f, "dtype", np.float32))
-            if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
-                path = "/".join(map(str, module.path))
-                raise ValueError(
-                    f"the LoRA factor '{path}/{keypath_str(name)}' is {f_dtype}, narrower than "
-                    f"the compute dtype {np.dtype(q.dtype).name} of the quantized base there; "
-                    "keep the factors in float32 (`LoraConfig(param_dtype=jnp.float32)`)"
-                )
+        _check_factor_dtype(f"{path}/{keypath_str(name)}", f, qs)
+
+
+def _check_factor_dtype(where: str, factor: Any, qs: Sequence[QArray]) -> None:
+    """Refuse a LoRA factor at ``where`` narrower than the compute dtype of a quantized base
+    weight ``qs`` of its layer (the update would lose its bits); linen and NNX."""
+    f_dtype = np.dtype(getattr(factor, "dtype", np.float32))
+    if not jnp.issubdtype(f_dtype, jnp.floating):
+        return
+    for q in qs:
+        if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
+            raise ValueError(
+                f"the LoRA factor '{where}' is {f_dtype}, narrower than the compute dtype "
+                f"{np.dtype(q.dtype).name} of the quantized base there; keep the factors in "
+                "float32 (`LoraConfig(param_dtype=jnp.float32)`)"
+            )
 
 
 def frozen_codes(tree: Any, zero: jax.Array) -> Any:

@@ -109,20 +109,10 @@ def _check_factor_dtypes(layer: nnx.Module) -> None:
     """As linen (`quant._check_factor_dtypes`): LoRA factors narrower than the quantized base's
     compute dtype lose the update's bits."""
     qs = [v.get_value() for _, v in _own_params(layer) if quant.is_quantized(v.get_value())]
+    path = getattr(layer, "lora_path", type(layer).__name__)
     for name, f in vars(layer).items():
-        if not isinstance(f, nnx.LoRAParam):
-            continue
-        f_dtype = np.dtype(getattr(f.get_value(), "dtype", np.float32))
-        if not jnp.issubdtype(f_dtype, jnp.floating):
-            continue
-        for q in qs:
-            if jnp.finfo(f_dtype).bits < jnp.finfo(np.dtype(q.dtype)).bits:
-                path = getattr(layer, "lora_path", type(layer).__name__)
-                raise ValueError(
-                    f"the LoRA factor '{path}/{name}' is {f_dtype}, narrower than the compute "
-                    f"dtype {np.dtype(q.dtype).name} of the quantized base there; keep the "
-                    "factors in float32 (`LoraConfig(param_dtype=jnp.float32)`)"
-                )
+        if isinstance(f, nnx.LoRAParam):
+            quant._check_factor_dtype(f"{path}/{name}", f.get_value(), qs)
 
 
 def _check_not_across_stack(where: str, shape: tuple[int, ...], k: int, axis: int) -> None:
@@ -339,7 +329,7 @@ def _fresh_magnitude(module: nnx.Module, var: nnx.Param, q: quant.QArray) -> Any
     so a fresh adapter keeps the quantized model's outputs. A trained ``m`` is the adapter's:
     kept (its direction is then the quantized weight's). ``None`` otherwise."""
     from . import dora
-    from .nnx import _by_weight, _factors_lead_first, _stored, is_adapted
+    from .nnx import _by_weight, _factors_lead_first, _lead_first, _stored, is_adapted
 
     if not is_adapted(module):
         return None
@@ -351,13 +341,11 @@ def _fresh_magnitude(module: nnx.Module, var: nnx.Param, q: quant.QArray) -> Any
             return None
         a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
         s, geom = dict(module.lora_scale)[name], geoms[name]
-        m = mvar[...]
+        m, k = mvar[...], None
 
         def norm(w):
             return dora.weight_norm_stored(w, a, b, s, geom)
 
-        def store(t):
-            return t
     else:
         mvar = getattr(module, "lora_m", None)
         if name != "kernel" or mvar is None:
@@ -366,11 +354,7 @@ def _fresh_magnitude(module: nnx.Module, var: nnx.Param, q: quant.QArray) -> Any
         k = getattr(module, "lora_stack_axis", None)
 
         def norm(w):
-            w = w if kpos is None else jax.numpy.moveaxis(w, kpos, 0)
-            return dora.init_magnitude(w, a, b, module.lora_scale)
-
-        def store(t):
-            return _stored(t, k)
+            return dora.init_magnitude(_lead_first(w, kpos), a, b, module.lora_scale)
 
     # fresh: m is the fp32 norm rounded to m's dtype (half an ulp of it), up to fp32 rounding
     # differences (4 ulp); 4 ulp of a bf16 m (3 %) would take a trained m for a fresh one
@@ -378,7 +362,7 @@ def _fresh_magnitude(module: nnx.Module, var: nnx.Param, q: quant.QArray) -> Any
     tol = 0.5 * float(jnp.finfo(m.dtype).eps) + 4 * float(jnp.finfo(jnp.float32).eps)
     if not bool(jnp.all(jnp.abs(m.astype(jnp.float32) - old) <= tol * jnp.abs(old))):
         return None
-    return mvar, store(norm(quant.dequantize_array(q)).astype(m.dtype))
+    return mvar, _stored(norm(quant.dequantize_array(q)).astype(m.dtype), k)
 
 
 def dequantize_nnx(model: nnx.Module) -> nnx.Module:

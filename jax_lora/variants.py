@@ -117,7 +117,14 @@ def _norm(w: jax.Array, geom: weights.WeightGeometry, a: Any) -> jax.Array:
 
 def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None) -> dict:
     """`init_from_weights` for an adapted NNX model: in place; returns the initial factors."""
-    from .nnx import _by_weight, _factors_lead_first, _stored, adapted_layers, lora_state
+    from .nnx import (
+        _by_weight,
+        _factors_lead_first,
+        _lead_first,
+        _stored,
+        adapted_layers,
+        lora_state,
+    )
 
     layers = adapted_layers(model)
     if not layers:
@@ -139,7 +146,7 @@ def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None)
         k = kpos = None  # a stack along a non-leading axis (`wrap_nnx(stack_axis=)`): stack-first
         if geom is None and getattr(layer, "lora_stack_axis", None) is not None:
             a0, b0, _, kpos = _factors_lead_first(layer)
-            k, w = layer.lora_stack_axis, jnp.moveaxis(w, kpos, 0)
+            k, w = layer.lora_stack_axis, _lead_first(w, kpos)
         if geom is None:
             geom = _geometry(tuple(w.shape), a0, b0, generic=False, known=None, where=where)
         key_ = next(keys) if keys is not None else None
@@ -148,8 +155,7 @@ def _init_nnx(model: Any, method: str, niter: int | None, key: jax.Array | None)
         d = weights.delta(geom, a, b, -scale)
         m = getattr(layer, prefix + "m", None)  # DoRA: m = ‖W‖ = ‖W_res + s·a@b‖ (as PEFT)
         m = None if m is None else _stored(_norm(w, geom, a0).astype(m[...].dtype), k)
-        res = (w.astype(d.dtype) + d).astype(w.dtype)
-        res = res if kpos is None else jnp.moveaxis(res, 0, kpos)
+        res = _stored((w.astype(d.dtype) + d).astype(w.dtype), kpos)
         writes.append((layer, name, prefix, res, _stored(a, k), _stored(b, k), m))
     for layer, name, prefix, w, a, b, m in writes:
         getattr(layer, name)[...] = w
